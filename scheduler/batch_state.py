@@ -1,0 +1,176 @@
+"""The persistent, slot-indexed batch: per-row parameter tensors and token history, written once when a row joins.
+
+Rows occupy slots 0..B-1 in the order of `rows`. A row that leaves is replaced by the last row (see `compact`),
+so every per-step computation works on the `[:B]` prefix of these tensors and nothing is rebuilt per step.
+Host-side facts that select code paths (which rows sample, which have seeds) are recomputed only when the
+composition changes, so the hot loop never asks the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.request import Sequence
+
+
+@dataclass
+class MultiTokenBans:
+    """Banned sequences longer than one token, flattened across rows: ban `last_token` when `prefix` just occurred."""
+
+    row: torch.Tensor  # [P] row index
+    prefix: torch.Tensor  # [P, K] right-aligned, padded with -1
+    prefix_length: torch.Tensor  # [P]
+    last_token: torch.Tensor  # [P]
+
+
+class BatchState:
+    def __init__(self, max_rows: int, vocab_size: int, capacity: int, device: torch.device) -> None:
+        self.max_rows = max_rows
+        self.vocab_size = vocab_size
+        self.device = device
+        self.rows: list[Sequence] = []
+        self.generators: list[torch.Generator | None] = []
+
+        def zeros(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+            return torch.zeros((max_rows, *shape), dtype=dtype, device=device)
+
+        self.temperature = zeros(torch.float32)
+        self.top_k = zeros(torch.long)
+        # Stored as HF compares it, (1 - top_p) rounded once, so borderline tokens fall on the same side.
+        self.top_p_cutoff = zeros(torch.float32)
+        self.min_p = zeros(torch.float32)
+        self.typical_p = zeros(torch.float32)
+        self.repetition_penalty = zeros(torch.float32)
+        self.no_repeat_ngram_size = zeros(torch.long)
+        self.min_new_tokens = zeros(torch.long)
+        self.max_new_tokens = zeros(torch.long)
+        self.prompt_length = zeros(torch.long)
+        self.stops_on_eos = zeros(torch.bool)
+        self.seq_length = zeros(torch.long)  # prompt + generated tokens in `history`
+        self.eos_mask = zeros(torch.bool, vocab_size)
+        self.single_token_bans = zeros(torch.bool, vocab_size)
+        self.token_counts = zeros(torch.int32, vocab_size)
+        self.history = zeros(torch.long, capacity)
+        self._slot_tensors = [
+            self.temperature, self.top_k, self.top_p_cutoff, self.min_p, self.typical_p, self.repetition_penalty,
+            self.no_repeat_ngram_size, self.min_new_tokens, self.max_new_tokens, self.prompt_length,
+            self.stops_on_eos, self.seq_length, self.eos_mask, self.single_token_bans, self.token_counts,
+        ]  # fmt: skip
+        self.refresh_composition()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def ensure_capacity(self, num_positions: int) -> None:
+        if num_positions > self.history.shape[1]:
+            grown = torch.zeros((self.max_rows, num_positions), dtype=torch.long, device=self.device)
+            grown[:, : self.history.shape[1]] = self.history
+            self.history = grown
+
+    def add_row(self, seq: Sequence) -> int:
+        slot = len(self.rows)
+        params = seq.params
+        self.temperature[slot] = params.temperature
+        self.top_k[slot] = params.top_k
+        self.top_p_cutoff[slot] = 1.0 - params.top_p
+        self.min_p[slot] = params.min_p or 0.0
+        self.typical_p[slot] = params.typical_p
+        self.repetition_penalty[slot] = params.repetition_penalty
+        self.no_repeat_ngram_size[slot] = params.no_repeat_ngram_size
+        self.min_new_tokens[slot] = params.min_new_tokens
+        self.max_new_tokens[slot] = params.max_new_tokens
+        self.prompt_length[slot] = seq.num_prompt_tokens
+        self.stops_on_eos[slot] = not params.ignore_eos
+        tokens = seq.prompt_ids + seq.generated_ids
+        self.seq_length[slot] = len(tokens)
+        self.ensure_capacity(len(tokens) + 1)
+        token_tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        self.history[slot, : len(tokens)] = token_tensor
+        self.token_counts[slot] = torch.bincount(token_tensor, minlength=self.vocab_size).to(torch.int32)
+        self.eos_mask[slot] = False
+        self.eos_mask[slot, list(params.eos_token_id)] = True
+        self.single_token_bans[slot] = False
+        self.single_token_bans[slot, _single_token_bans(seq)] = True
+        self.rows.append(seq)
+        self.generators.append(_seeded_generator(params.seed, self.device))
+        return slot
+
+    def remove_rows(self, leaving: set[int]) -> tuple[list[int], list[int]]:
+        """Drop rows, filling holes with the last rows; returns the (sources, destinations) slot moves made."""
+        survivors = [i for i in range(self.num_rows) if i not in leaving]
+        new_count = len(survivors)
+        holes = [i for i in range(new_count) if i in leaving]
+        movers = [i for i in survivors if i >= new_count]
+        order = list(range(self.num_rows))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.rows = [self.rows[i] for i in order[:new_count]]
+        self.generators = [self.generators[i] for i in order[:new_count]]
+        if movers:
+            sources = torch.tensor(movers, device=self.device)
+            destinations = torch.tensor(holes, device=self.device)
+            for tensor in [*self._slot_tensors, self.history]:
+                tensor[destinations] = tensor[sources]
+        return movers, holes
+
+    def record_tokens(self, next_tokens: torch.Tensor) -> None:
+        """Append each row's new token to its history and counts (device-side, no sync)."""
+        num_rows = next_tokens.shape[0]
+        row_index = torch.arange(num_rows, device=self.device)
+        self.history[row_index, self.seq_length[:num_rows]] = next_tokens
+        self.token_counts[:num_rows].index_put_(
+            (row_index, next_tokens), torch.ones(num_rows, dtype=torch.int32, device=self.device), accumulate=True
+        )
+        self.seq_length[:num_rows] += 1
+
+    def refresh_composition(self) -> None:
+        """Recompute the host-side selectors of code paths; called only when rows join or leave."""
+        params = [seq.params for seq in self.rows]
+        self.sampling_rows = [i for i, p in enumerate(params) if p.is_sampling]
+        self.sampling_index = torch.tensor(self.sampling_rows, dtype=torch.long, device=self.device)
+        self.uses_repetition_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.ngram_sizes = sorted({p.no_repeat_ngram_size for p in params if p.no_repeat_ngram_size > 0})
+        self.uses_single_token_bans = any(len(b) == 1 for p in params for b in p.bad_words_ids)
+        self.uses_min_new_tokens = any(p.min_new_tokens > 0 for p in params)
+        self.multi_token_bans = _multi_token_bans(self.rows, self.device)
+        sampled = [params[i] for i in self.sampling_rows]
+        self.uses_temperature = any(p.temperature != 1.0 for p in sampled)
+        self.max_top_k = max((p.top_k for p in sampled), default=0)
+        self.uses_top_p = any(p.top_p < 1.0 for p in sampled)
+        self.uses_min_p = any(p.min_p is not None for p in sampled)
+        self.uses_typical_p = any(p.typical_p < 1.0 for p in sampled)
+
+
+def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _bad_words(seq: Sequence) -> list[tuple[int, ...]]:
+    # HF's NoBadWordsLogitsProcessor drops a banned sequence that is just an eos token.
+    eos = seq.params.eos_token_id
+    return [b for b in seq.params.bad_words_ids if not (len(b) == 1 and b[0] in eos)]
+
+
+def _single_token_bans(seq: Sequence) -> list[int]:
+    return [b[0] for b in _bad_words(seq) if len(b) == 1]
+
+
+def _multi_token_bans(rows: list[Sequence], device: torch.device) -> MultiTokenBans | None:
+    entries = [(i, b) for i, seq in enumerate(rows) for b in _bad_words(seq) if len(b) > 1]
+    if not entries:
+        return None
+    width = max(len(b) - 1 for _, b in entries)
+    prefixes = [[-1] * (width - len(b) + 1) + list(b[:-1]) for _, b in entries]
+    return MultiTokenBans(
+        row=torch.tensor([i for i, _ in entries], device=device),
+        prefix=torch.tensor(prefixes, dtype=torch.long, device=device),
+        prefix_length=torch.tensor([len(b) - 1 for _, b in entries], device=device),
+        last_token=torch.tensor([b[-1] for _, b in entries], device=device),
+    )

@@ -1,0 +1,177 @@
+"""The engine: a thread that loops admit -> step -> report, between the scheduler and the model runner.
+
+Callers on any thread `submit()` (validated at once: a bad request or a full queue raises right there) and
+`cancel()`; both only touch thread-safe structures and wake the loop. After every step the engine hands the
+step's `TokenEvent`s, all at once, to the `on_events` callback (the async front end forwards them to its loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.model_loader import LoadedModel
+from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
+from scheduler.request import FinishReason, Sequence, TokenEvent
+from scheduler.runner import ModelRunner, StopCode
+from scheduler.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+_STOP_REASONS = {StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN, StopCode.LENGTH: FinishReason.LENGTH}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    num_prefilled: int
+    num_rows: int
+    seconds: float
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: SchedulerConfig = SchedulerConfig(), seed: int = 0) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.runner = ModelRunner(loaded.model, config.max_running, config.max_context, seed=seed)
+        self.scheduler = Scheduler(config)
+        self.model_defaults = model_generation_defaults(loaded.model.generation_config)
+        self.on_events: Callable[[list[TokenEvent]], None] = lambda events: None
+        self.on_step: Callable[[StepStats], None] = lambda stats: None
+        self._cancels: list[tuple[str, FinishReason]] = []
+        self._cancel_lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def num_running(self) -> int:
+        return self.runner.num_rows
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    def make_parameters(self, **overrides: object) -> GenerationParameters:
+        """Request overrides on top of the model's generation_config, validated against this model."""
+        params = GenerationParameters.resolve(self.model_defaults, overrides)
+        params.validate_for_model(self.vocab_size)
+        return params
+
+    def submit(self, prompt_ids: list[int], params: GenerationParameters, request_id: str | None = None) -> Sequence:
+        if not prompt_ids:
+            raise ValidationError("input", "the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValidationError("input_ids", f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if len(prompt_ids) >= self.config.max_context:
+            raise ValidationError(
+                "input", f"the prompt has {len(prompt_ids)} tokens; the context holds {self.config.max_context}"
+            )
+        if len(prompt_ids) + params.max_new_tokens > self.config.max_context:
+            room = self.config.max_context - len(prompt_ids)
+            raise ValidationError(
+                "max_new_tokens",
+                f"{params.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
+                f"{self.config.max_context} (at most {room} fit)",
+            )
+        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        self.scheduler.add(seq)
+        self._wakeup.set()
+        return seq
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        with self._cancel_lock:
+            self._cancels.append((request_id, reason))
+        self._wakeup.set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="genserve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            if not self.step():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+    def step(self) -> bool:
+        """One scheduling round and one model step; False when there was nothing to do."""
+        events = self._apply_cancels()
+        admitted = self.scheduler.admit(self.num_running)
+        if not admitted and not self.num_running:
+            self._emit(events)
+            return False
+        started = time.monotonic()
+        for seq in admitted:
+            seq.start_time = started
+        try:
+            results = self.runner.step(admitted)
+        except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
+            log.exception("engine step failed; failing the %d requests in it", self.num_running + len(admitted))
+            self._emit(events + self._fail_all(admitted, f"{type(error).__name__}: {error}"))
+            return True
+        now = time.monotonic()
+        leaving: set[int] = set()
+        for row, (seq, result) in enumerate(zip(self.runner.rows, results)):
+            seq.generated_ids.append(result.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if result.stop in _STOP_REASONS:
+                seq.finish(_STOP_REASONS[result.stop])
+            elif seq.params.max_time is not None and now - seq.start_time > seq.params.max_time:
+                seq.finish(FinishReason.TIME_LIMIT)
+            if seq.is_finished:
+                leaving.add(row)
+            events.append(TokenEvent(seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens))
+        self.runner.release(leaving)
+        self._emit(events)
+        self.on_step(StepStats(len(admitted), len(results), now - started))
+        return True
+
+    def _apply_cancels(self) -> list[TokenEvent]:
+        with self._cancel_lock:
+            cancels, self._cancels = self._cancels, []
+        if not cancels:
+            return []
+        events = []
+        rows = {seq.request_id: row for row, seq in enumerate(self.runner.rows)}
+        leaving = set()
+        for request_id, reason in cancels:
+            seq = self.scheduler.remove(request_id)
+            if seq is None and request_id in rows:
+                leaving.add(rows[request_id])
+                seq = self.runner.rows[rows[request_id]]
+            if seq is None or seq.is_finished:
+                continue  # already ended: a cancel racing a natural finish is a no-op
+            seq.finish(reason)
+            events.append(TokenEvent(seq.request_id, (), reason, seq.num_prompt_tokens))
+        self.runner.release(leaving)
+        return events
+
+    def _fail_all(self, admitted: list[Sequence], message: str) -> list[TokenEvent]:
+        failed = {id(seq): seq for seq in [*self.runner.rows, *admitted]}.values()
+        self.runner.release(set(range(self.num_running)))
+        return [TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message) for seq in failed]
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        if events:
+            self.on_events(events)

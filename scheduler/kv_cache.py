@@ -1,0 +1,106 @@
+"""A slot-per-row KV cache that HF attention layers write into through the `cache.update(...)` hook.
+
+Running rows always occupy slots 0..B-1, so a decode step reads one contiguous prefix of the slot dimension and
+never gathers rows; a leaving row's slot is filled by moving the last row into it (one small copy per layer).
+Each row's tokens start at position 0 of its slot: no padding lives in the cache, the attention mask only hides
+positions past each row's own length. Capacity along the token axis grows by doubling, so a step never allocates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Pass:
+    """Where the current forward pass writes: prefill of rows [first_row, first_row+n), or decode of rows [0, n)."""
+
+    is_prefill: bool
+    first_row: int
+    num_rows: int
+    positions: torch.Tensor | None = None  # decode: the per-row write position
+    read_length: int = 0  # decode: how many positions attention reads
+
+
+class SlotKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_context: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        initial_capacity: int = 256,
+    ) -> None:
+        self.num_layers = num_layers
+        self.max_rows = max_rows
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_context = max_context
+        self.dtype = dtype
+        self.device = device
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._pass: _Pass | None = None
+        self.ensure_capacity(min(initial_capacity, max_context))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def ensure_capacity(self, num_positions: int) -> None:
+        if num_positions <= self.capacity:
+            return
+        new_capacity = max(self.capacity, 1)
+        while new_capacity < num_positions:
+            new_capacity *= 2
+        new_capacity = min(new_capacity, self.max_context)
+        shape = (self.max_rows, self.num_kv_heads, new_capacity, self.head_dim)
+        for layer_caches in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if layer_caches and self.capacity:
+                    grown[:, :, : self.capacity] = layer_caches[layer]
+                if len(layer_caches) > layer:
+                    layer_caches[layer] = grown
+                else:
+                    layer_caches.append(grown)
+        self.capacity = new_capacity
+
+    def begin_prefill(self, first_row: int, num_rows: int) -> None:
+        self._pass = _Pass(is_prefill=True, first_row=first_row, num_rows=num_rows)
+
+    def begin_decode(self, positions: torch.Tensor, read_length: int) -> None:
+        self._pass = _Pass(
+            is_prefill=False, first_row=0, num_rows=positions.shape[0], positions=positions, read_length=read_length
+        )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook HF attention calls with this layer's new keys/values; returns what attention should read."""
+        current = self._pass
+        if current is None:
+            raise RuntimeError("cache.update() outside a pass started by begin_prefill() or begin_decode()")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if current.is_prefill:
+            rows = slice(current.first_row, current.first_row + current.num_rows)
+            length = key_states.shape[2]
+            keys[rows, :, :length] = key_states
+            values[rows, :, :length] = value_states
+            # New rows have no earlier context: attention reads exactly what was just computed.
+            return key_states, value_states
+        row_index = torch.arange(current.num_rows, device=self.device)
+        keys[row_index, :, current.positions] = key_states[:, :, 0]
+        values[row_index, :, current.positions] = value_states[:, :, 0]
+        return keys[: current.num_rows, :, : current.read_length], values[: current.num_rows, :, : current.read_length]
+
+    def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        for layer_caches in (self.keys, self.values):
+            for cache in layer_caches:
+                cache[destinations] = cache[sources]

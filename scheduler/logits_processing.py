@@ -1,0 +1,130 @@
+"""Batched, per-row logits processing with the semantics and order of `transformers`' LogitsProcessorList.
+
+Every function takes the whole batch with per-row parameter tensors from `BatchState`; rows that don't use a
+processor pass through unchanged, and a processor no running row needs is skipped. Order (as in
+`GenerationMixin._get_logits_processor`): repetition penalty, no-repeat n-gram, bad words, min_new_tokens; then,
+for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scheduler.batch_state import BatchState
+
+NEG_INF = float("-inf")
+
+
+def process_logits(scores: torch.Tensor, state: BatchState, max_seq_length: int) -> torch.Tensor:
+    """Processors that apply to every row (greedy and sampling alike). `scores` is [B, V] float32."""
+    num_rows = scores.shape[0]
+    if state.uses_repetition_penalty:
+        scores = apply_repetition_penalty(scores, state.token_counts[:num_rows], state.repetition_penalty[:num_rows])
+    for ngram_size in state.ngram_sizes:
+        scores = apply_no_repeat_ngram(scores, state, ngram_size, max_seq_length)
+    if state.uses_single_token_bans:
+        scores = scores.masked_fill(state.single_token_bans[:num_rows], NEG_INF)
+    if state.multi_token_bans is not None:
+        scores = apply_multi_token_bans(scores, state)
+    if state.uses_min_new_tokens:
+        generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows]
+        too_early = (generated < state.min_new_tokens[:num_rows]).unsqueeze(1)
+        scores = scores.masked_fill(too_early & state.eos_mask[:num_rows], NEG_INF)
+    return scores
+
+
+def warp_for_sampling(scores: torch.Tensor, state: BatchState, rows: torch.Tensor) -> torch.Tensor:
+    """Warpers for the sampling rows `rows` (their scores given as `scores`, [S, V])."""
+    if state.uses_temperature:
+        scores = scores / state.temperature[rows].unsqueeze(1)
+    if state.max_top_k > 0:
+        scores = apply_top_k(scores, state.top_k[rows], state.max_top_k)
+    if state.uses_top_p:
+        scores = apply_top_p(scores, state.top_p_cutoff[rows])
+    if state.uses_min_p:
+        scores = apply_min_p(scores, state.min_p[rows])
+    if state.uses_typical_p:
+        scores = apply_typical_p(scores, state.typical_p[rows])
+    return scores
+
+
+def apply_repetition_penalty(scores: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Every token already in the sequence (prompt included) is penalised once; penalty 1.0 is the identity."""
+    penalty = penalty.unsqueeze(1)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(counts > 0, penalised, scores)
+
+
+def apply_no_repeat_ngram(scores: torch.Tensor, state: BatchState, ngram_size: int, max_seq_length: int) -> torch.Tensor:
+    """Ban each token that would complete an n-gram already present, for rows whose no_repeat_ngram_size is n."""
+    num_rows = scores.shape[0]
+    if max_seq_length < ngram_size:
+        return scores
+    history = state.history[:num_rows, :max_seq_length]
+    lengths = state.seq_length[:num_rows]
+    windows = history.unfold(1, ngram_size, 1)  # [B, W, n]: every n-gram start
+    prefix_len = ngram_size - 1
+    prefix_positions = (lengths.unsqueeze(1) - prefix_len + torch.arange(prefix_len, device=scores.device)).clamp(min=0)
+    current_prefix = history.gather(1, prefix_positions)  # the last n-1 tokens of each row
+    matches = (windows[:, :, :prefix_len] == current_prefix.unsqueeze(1)).all(dim=2)
+    starts = torch.arange(windows.shape[1], device=scores.device)
+    inside = starts.unsqueeze(0) + ngram_size <= lengths.unsqueeze(1)
+    applies = (state.no_repeat_ngram_size[:num_rows] == ngram_size).unsqueeze(1)
+    hits = (matches & inside & applies).to(torch.int32)
+    banned = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, windows[:, :, prefix_len], hits)
+    return scores.masked_fill(banned > 0, NEG_INF)
+
+
+def apply_multi_token_bans(scores: torch.Tensor, state: BatchState) -> torch.Tensor:
+    """Ban the last token of a banned sequence when the tokens before it end the row's sequence."""
+    bans = state.multi_token_bans
+    width = bans.prefix.shape[1]
+    lengths = state.seq_length[bans.row]
+    positions = (lengths.unsqueeze(1) - width + torch.arange(width, device=scores.device)).clamp(min=0)
+    tails = state.history[bans.row].gather(1, positions)
+    matches = ((tails == bans.prefix) | (bans.prefix < 0)).all(dim=1) & (lengths > bans.prefix_length)
+    banned = torch.zeros_like(scores).index_put_((bans.row, bans.last_token), matches.to(scores.dtype), accumulate=True)
+    return scores.masked_fill(banned > 0, NEG_INF)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep the k best tokens per row; k = 0 disables it for that row."""
+    largest = torch.topk(scores, min(max_top_k, scores.shape[1]), dim=1).values
+    kth_index = (top_k.clamp(min=1, max=largest.shape[1]) - 1).unsqueeze(1)
+    threshold = largest.gather(1, kth_index)
+    remove = (scores < threshold) & (top_k > 0).unsqueeze(1)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def apply_top_p(scores: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering; `cutoff` is 1 - top_p per row (0 disables it)."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= cutoff.unsqueeze(1)
+    remove_sorted[:, -1] = False  # min_tokens_to_keep = 1
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the best token's probability; min_p = 0 keeps every token."""
+    probs = torch.softmax(scores, dim=-1)
+    top_probs = probs.amax(dim=-1, keepdim=True)
+    remove = probs < min_p.unsqueeze(1) * top_probs
+    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def apply_typical_p(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling; mass 1.0 disables it for that row."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    probs = torch.exp(normalized)
+    entropy = -(normalized * probs).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - entropy)
+    sorted_shifted, sorted_indices = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
+    last_index = (cumulative < mass.unsqueeze(1)).sum(dim=1).clamp(max=sorted_shifted.shape[-1] - 1)
+    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last_index.view(-1, 1))
+    remove_sorted[:, :1] = False  # min_tokens_to_keep = 1
+    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted) & (mass < 1.0).unsqueeze(1)
+    return scores.masked_fill(remove, NEG_INF)

@@ -1,0 +1,64 @@
+"""One `Sequence` per request: its ids, parameters, status and finish reason.
+
+Counts (`num_generated`, `is_finished`) are derived from the ids and the finish reason, never tracked twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from scheduler.params import GenerationParameters
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_STRING = "stop_string"
+    TIME_LIMIT = "time_limit"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: GenerationParameters
+    arrival_time: float = field(default_factory=time.monotonic)
+    generated_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    # Set when the row is prefilled; max_time counts from here, like HF's MaxTimeCriteria counts from generate().
+    start_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_generated
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What the engine thread reports for one request after one step: its new token and, at the end, why it ended."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    error: str | None = None  # the step failed for this request; it has ended without a finish reason

@@ -1,0 +1,144 @@
+"""The model runner: owns every tensor (KV cache, slot-indexed batch state) and runs one step for the engine.
+
+A step prefills the rows admitted this step and decodes the rows already running, then processes all their
+logits together, picks the next tokens and decides stops on the device. Exactly one device-to-host copy
+happens per step: the (next token, stop code) pairs the engine needs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from scheduler.batch_state import BatchState
+from scheduler.kv_cache import SlotKVCache
+from scheduler.logits_processing import process_logits
+from scheduler.request import Sequence
+from scheduler.sampling import select_tokens
+
+
+class StopCode(enum.IntEnum):
+    RUNNING = 0
+    EOS_TOKEN = 1
+    LENGTH = 2
+
+
+@dataclass(frozen=True)
+class RowResult:
+    token_id: int
+    stop: StopCode
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, max_rows: int, max_context: int, seed: int = 0) -> None:
+        config = model.config.get_text_config()
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_rows = max_rows
+        self.max_context = max_context
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        num_heads = config.num_attention_heads
+        self.cache = SlotKVCache(
+            num_layers=config.num_hidden_layers,
+            max_rows=max_rows,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            max_context=max_context,
+            dtype=next(model.parameters()).dtype,
+            device=self.device,
+        )
+        self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
+        self.shared_generator = torch.Generator(device=self.device)
+        self.shared_generator.manual_seed(seed)
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return self.state.rows
+
+    @property
+    def num_rows(self) -> int:
+        return self.state.num_rows
+
+    def kv_usage_ratio(self) -> float:
+        used = sum(seq.num_tokens for seq in self.rows)
+        return used / (self.max_rows * self.max_context)
+
+    @torch.inference_mode()
+    def step(self, admitted: list[Sequence]) -> list[RowResult]:
+        """Prefill `admitted` into new rows, decode the others; one result per row, in row order."""
+        num_running = self.num_rows
+        logits = []
+        if num_running:
+            logits.append(self._decode(num_running))
+        if admitted:
+            logits.append(self._prefill(admitted))
+            self.state.refresh_composition()
+        scores = torch.cat(logits).float() if len(logits) > 1 else logits[0].float()
+        if self.logit_softcap:
+            scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        max_seq_length = max(seq.num_tokens for seq in self.rows)
+        scores = process_logits(scores, self.state, max_seq_length)
+        next_tokens = select_tokens(scores, self.state, self.shared_generator)
+        stops = self._stop_codes(next_tokens)
+        self.state.record_tokens(next_tokens)
+        # The one device-to-host copy of the step.
+        tokens, codes = torch.stack([next_tokens, stops]).tolist()
+        return [RowResult(token, StopCode(code)) for token, code in zip(tokens, codes)]
+
+    def release(self, leaving: set[int]) -> None:
+        """Free the rows at these indices; the last rows move into the holes so rows stay at 0..B-1."""
+        if not leaving:
+            return
+        sources, destinations = self.state.remove_rows(leaving)
+        if sources:
+            self.cache.move_rows(torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device))
+        self.state.refresh_composition()
+
+    def _stop_codes(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        state, num_rows = self.state, next_tokens.shape[0]
+        hits_eos = state.eos_mask[:num_rows].gather(1, next_tokens.unsqueeze(1)).squeeze(1) & state.stops_on_eos[:num_rows]
+        generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows] + 1
+        hits_length = (generated >= state.max_new_tokens[:num_rows]) | (state.seq_length[:num_rows] + 1 >= self.max_context)
+        return torch.where(hits_eos, int(StopCode.EOS_TOKEN), torch.where(hits_length, int(StopCode.LENGTH), int(StopCode.RUNNING)))
+
+    def _decode(self, num_rows: int) -> torch.Tensor:
+        state = self.state
+        read_length = max(seq.num_tokens for seq in self.rows)
+        self.cache.ensure_capacity(read_length)
+        lengths = state.seq_length[:num_rows]
+        positions = lengths - 1  # the newest token is in the history but not yet in the cache
+        last_tokens = state.history[torch.arange(num_rows, device=self.device), positions]
+        mask = torch.arange(read_length, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        self.cache.begin_decode(positions, read_length)
+        hidden = self._forward(last_tokens.unsqueeze(1), positions.unsqueeze(1), mask[:, None, None, :])
+        return self.lm_head(hidden[:, -1])
+
+    def _prefill(self, admitted: list[Sequence]) -> torch.Tensor:
+        first_row = self.num_rows
+        lengths = torch.tensor([seq.num_tokens for seq in admitted], device=self.device)
+        width = int(max(seq.num_tokens for seq in admitted))
+        self.cache.ensure_capacity(width + 1)
+        input_ids = torch.zeros((len(admitted), width), dtype=torch.long, device=self.device)
+        for i, seq in enumerate(admitted):
+            input_ids[i, : seq.num_tokens] = torch.tensor(seq.prompt_ids + seq.generated_ids, device=self.device)
+            self.state.add_row(seq)
+        positions = torch.arange(width, device=self.device)
+        causal = positions.unsqueeze(0) <= positions.unsqueeze(1)  # [query, key]
+        real_keys = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [row, key]
+        mask = causal.unsqueeze(0) & real_keys.unsqueeze(1)
+        self.cache.begin_prefill(first_row, len(admitted))
+        hidden = self._forward(input_ids, positions.expand(len(admitted), -1), mask.unsqueeze(1))
+        last_hidden = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]
+        return self.lm_head(last_hidden)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        output = self.decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
+        )
+        return output.last_hidden_state

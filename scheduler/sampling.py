@@ -1,0 +1,31 @@
+"""Choosing each row's next token: argmax for greedy rows, a multinomial draw for sampling rows.
+
+A seeded request draws from its own `torch.Generator`, one draw per step exactly like `generate()` after
+`torch.manual_seed(seed)`, so its tokens don't depend on who shares the batch. Unseeded rows are drawn together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scheduler.batch_state import BatchState
+from scheduler.logits_processing import warp_for_sampling
+
+
+def select_tokens(scores: torch.Tensor, state: BatchState, shared_generator: torch.Generator) -> torch.Tensor:
+    next_tokens = torch.argmax(scores, dim=-1)
+    if not state.sampling_rows:
+        return next_tokens
+    rows = state.sampling_index
+    probs = torch.softmax(warp_for_sampling(scores[rows], state, rows), dim=-1)
+    generators = [state.generators[row] for row in state.sampling_rows]
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    sampled = torch.empty(len(generators), dtype=torch.long, device=scores.device)
+    if unseeded:
+        index = torch.tensor(unseeded, device=scores.device)
+        sampled[index] = torch.multinomial(probs[index], num_samples=1, generator=shared_generator).squeeze(1)
+    for i in seeded:
+        sampled[i] = torch.multinomial(probs[i : i + 1], num_samples=1, generator=generators[i]).squeeze(1)
+    next_tokens[rows] = sampled
+    return next_tokens
