@@ -7,6 +7,7 @@ step's `TokenEvent`s, all at once, to the `on_events` callback (the async front 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -61,10 +62,17 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
-    def make_parameters(self, **overrides: object) -> GenerationParameters:
-        """Request overrides on top of the model's generation_config, validated against this model."""
+    def make_parameters(self, prompt_length: int | None = None, **overrides: object) -> GenerationParameters:
+        """Request overrides on top of the model's generation_config, validated against this model.
+
+        When the request leaves max_new_tokens unset, the default is capped to what fits after the prompt, so
+        a long prompt is not refused for a limit the client never asked for."""
         params = GenerationParameters.resolve(self.model_defaults, overrides)
         params.validate_for_model(self.vocab_size)
+        if prompt_length is not None and overrides.get("max_new_tokens") is None:
+            room = self.config.max_context - prompt_length
+            if 1 <= room < params.max_new_tokens:
+                params = dataclasses.replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
         return params
 
     def submit(self, prompt_ids: list[int], params: GenerationParameters, request_id: str | None = None) -> Sequence:

@@ -100,6 +100,14 @@ class SlotKVCache:
         values[row_index, :, current.positions] = value_states[:, :, 0]
         return keys[: current.num_rows, :, : current.read_length], values[: current.num_rows, :, : current.read_length]
 
+    # The two queries HF's mask builder asks a cache. Only prefill passes leave the mask to HF (decode passes bring
+    # their own 4D mask), and a prefilled row starts empty: pure causal attention, which HF runs as `is_causal`.
+    def get_query_offset(self, layer_idx: int) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return query_length, 0
+
     def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         for layer_caches in (self.keys, self.values):
             for cache in layer_caches:

@@ -83,6 +83,7 @@ class ModelRunner:
         if self.logit_softcap:
             scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
         max_seq_length = max(seq.num_tokens for seq in self.rows)
+        self.state.ensure_capacity(max_seq_length + 1)
         scores = process_logits(scores, self.state, max_seq_length)
         next_tokens = select_tokens(scores, self.state, self.shared_generator)
         stops = self._stop_codes(next_tokens)
@@ -91,6 +92,7 @@ class ModelRunner:
         tokens, codes = torch.stack([next_tokens, stops]).tolist()
         return [RowResult(token, StopCode(code)) for token, code in zip(tokens, codes)]
 
+    @torch.inference_mode()
     def release(self, leaving: set[int]) -> None:
         """Free the rows at these indices; the last rows move into the holes so rows stay at 0..B-1."""
         if not leaving:
@@ -120,24 +122,20 @@ class ModelRunner:
         return self.lm_head(hidden[:, -1])
 
     def _prefill(self, admitted: list[Sequence]) -> torch.Tensor:
-        first_row = self.num_rows
-        lengths = torch.tensor([seq.num_tokens for seq in admitted], device=self.device)
-        width = int(max(seq.num_tokens for seq in admitted))
-        self.cache.ensure_capacity(width + 1)
-        input_ids = torch.zeros((len(admitted), width), dtype=torch.long, device=self.device)
-        for i, seq in enumerate(admitted):
-            input_ids[i, : seq.num_tokens] = torch.tensor(seq.prompt_ids + seq.generated_ids, device=self.device)
-            self.state.add_row(seq)
-        positions = torch.arange(width, device=self.device)
-        causal = positions.unsqueeze(0) <= positions.unsqueeze(1)  # [query, key]
-        real_keys = positions.unsqueeze(0) < lengths.unsqueeze(1)  # [row, key]
-        mask = causal.unsqueeze(0) & real_keys.unsqueeze(1)
-        self.cache.begin_prefill(first_row, len(admitted))
-        hidden = self._forward(input_ids, positions.expand(len(admitted), -1), mask.unsqueeze(1))
-        last_hidden = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]
-        return self.lm_head(last_hidden)
+        """One forward per new row, unpadded: prefill is compute-bound here, so padding would be pure waste, and
+        each row then runs exactly the computation `generate()` runs for it alone (causal kernel, no mask)."""
+        last_hidden = []
+        for seq in admitted:
+            tokens = seq.prompt_ids + seq.generated_ids
+            self.cache.ensure_capacity(len(tokens) + 1)
+            row = self.state.add_row(seq)
+            self.cache.begin_prefill(row, 1)
+            input_ids = torch.tensor([tokens], device=self.device)
+            positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
+            last_hidden.append(self._forward(input_ids, positions, None)[:, -1])
+        return self.lm_head(torch.cat(last_hidden))
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         output = self.decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
         )

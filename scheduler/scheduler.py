@@ -2,8 +2,8 @@
 
 Design: requests wait in a FIFO queue (bounded: a full queue refuses at once, so the caller can answer
 RESOURCE_EXHAUSTED instead of letting latency grow without bound). Between decode steps the scheduler admits
-waiting requests into free rows, first come first served, as long as the padded prefill stays within the
-per-step token budget; the first admitted request is always taken even if it alone exceeds the budget, so a
+waiting requests into free rows, first come first served, as long as their prompt tokens stay within the
+per-step prefill budget; the first admitted request is always taken even if it alone exceeds the budget, so a
 long prompt cannot starve. It needs no torch and is unit-tested on its own.
 """
 
@@ -61,13 +61,11 @@ class Scheduler:
     def admit(self, num_running: int) -> list[Sequence]:
         """Pop the requests to prefill this step, given how many rows are already running."""
         admitted: list[Sequence] = []
-        longest = 0
+        budget = self.config.max_prefill_tokens
         with self._lock:
             while self._waiting and num_running + len(admitted) < self.config.max_running:
-                candidate = self._waiting[0]
-                padded = max(longest, candidate.num_tokens) * (len(admitted) + 1)
-                if admitted and padded > self.config.max_prefill_tokens:
+                if admitted and self._waiting[0].num_tokens > budget:
                     break
-                longest = max(longest, candidate.num_tokens)
+                budget -= self._waiting[0].num_tokens
                 admitted.append(self._waiting.popleft())
         return admitted

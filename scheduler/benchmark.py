@@ -1,0 +1,241 @@
+"""`genserve bench`: one workload through genserve and, in the same run, through Hugging Face's own ways to serve it.
+
+Baselines: `generate()` one request at a time, `generate()` on static batches of the engine's max batch size
+(left-padded; a batch runs until its longest request is done), and transformers' continuous batching manager
+(the engine behind `generate_batch`, given each request's own max_new_tokens). Throughput counts only useful
+tokens: each request's tokens up to its own max_new_tokens or eos. The ceiling is a bare decode step (a plain
+forward pass with HF's DynamicCache) at the same batch size: the best any scheduler around this model could do.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, GenerationConfig
+
+from scheduler.engine import Engine
+from scheduler.model_loader import LoadedModel
+from scheduler.request import TokenEvent
+from scheduler.scheduler import SchedulerConfig
+
+_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short poem about autumn leaves.",
+    "Explain how a refrigerator keeps food cold.",
+    "Give me three tips for learning a new language.",
+    "What causes the seasons on Earth?",
+    "Summarize the plot of a detective story in a few sentences.",
+    "How do I make a cup of green tea?",
+    "Why is the sky blue?",
+    "Describe a busy market in the morning.",
+    "What are the benefits of regular exercise?",
+    "Explain what a prime number is, with examples.",
+    "Write a friendly email inviting a colleague to lunch.",
+]
+_CONTEXT = (
+    "Background notes: the city council met on Tuesday to discuss the new park, the library hours, the bus routes "
+    "and the budget for street lighting. Residents asked many questions and the meeting ran late. "
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    name: str
+    seconds: float
+    generated_tokens: int
+    outputs: list[list[int]] | None = None  # per request, in workload order
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds
+
+
+def default_workload(
+    loaded: LoadedModel, num_prompts: int = 64, min_new_tokens: int = 16, max_new_tokens: int = 256, seed: int = 0
+) -> Workload:
+    """Chat prompts of mixed lengths (0 to 6 paragraphs of context), max_new_tokens uniform in [min, max]."""
+    rng = random.Random(seed)
+    tokenizer = loaded.tokenizer
+    prompts, budgets = [], []
+    for i in range(num_prompts):
+        content = _CONTEXT * rng.randint(0, 6) + _QUESTIONS[i % len(_QUESTIONS)]
+        if tokenizer is not None and tokenizer.chat_template:
+            messages = [{"role": "user", "content": content}]
+            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        elif tokenizer is not None:
+            ids = tokenizer.encode(content)
+        else:
+            ids = [rng.randrange(loaded.model.config.vocab_size) for _ in range(rng.randint(16, 160))]
+        prompts.append(ids)
+        budgets.append(rng.randint(min_new_tokens, max_new_tokens))
+    return Workload(prompts, budgets)
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    return set([eos] if isinstance(eos, int) else eos or [])
+
+
+def _useful(tokens: list[int], budget: int, eos: set[int]) -> list[int]:
+    """A request's own output inside a longer batched run: up to its max_new_tokens, and up to its first eos."""
+    tokens = tokens[:budget]
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def run_genserve(loaded: LoadedModel, workload: Workload, max_batch_size: int) -> BenchResult:
+    engine = Engine(loaded, SchedulerConfig(max_running=max_batch_size, max_queue=len(workload.prompts) + 1))
+    outputs: dict[str, list[int]] = {}
+
+    def collect(events: list[TokenEvent]) -> None:
+        for event in events:
+            outputs.setdefault(event.request_id, []).extend(event.token_ids)
+
+    engine.on_events = collect
+    started = time.perf_counter()
+    for i, (prompt, budget) in enumerate(zip(workload.prompts, workload.max_new_tokens)):
+        engine.submit(prompt, engine.make_parameters(max_new_tokens=budget), request_id=str(i))
+    with tqdm(total=len(workload.prompts), desc="genserve", unit="req", leave=False) as bar:
+        while engine.step():
+            bar.n = len(workload.prompts) - engine.num_running - engine.num_waiting
+            bar.refresh()
+    seconds = time.perf_counter() - started
+    ordered = [outputs[str(i)] for i in range(len(workload.prompts))]
+    return BenchResult("genserve", seconds, sum(map(len, ordered)), ordered)
+
+
+@torch.inference_mode()
+def run_hf_sequential(loaded: LoadedModel, workload: Workload) -> BenchResult:
+    model, outputs = loaded.model, []
+    started = time.perf_counter()
+    for prompt, budget in tqdm(list(zip(workload.prompts, workload.max_new_tokens)), desc="HF one at a time", leave=False):
+        ids = torch.tensor([prompt], device=model.device)
+        outputs.append(model.generate(ids, max_new_tokens=budget, do_sample=False)[0, len(prompt) :].tolist())
+    seconds = time.perf_counter() - started
+    return BenchResult("HF generate(), one at a time", seconds, sum(map(len, outputs)), outputs)
+
+
+@torch.inference_mode()
+def run_hf_static(loaded: LoadedModel, workload: Workload, batch_size: int) -> BenchResult:
+    model, eos, outputs = loaded.model, _eos_ids(loaded), []
+    pad_id = model.generation_config.pad_token_id
+    pad_id = pad_id if pad_id is not None else min(eos, default=0)
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(workload.prompts), batch_size), desc="HF static batches", leave=False):
+        prompts = workload.prompts[start : start + batch_size]
+        budgets = workload.max_new_tokens[start : start + batch_size]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        generated = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max(budgets), do_sample=False, pad_token_id=pad_id
+        )[:, width:]
+        outputs += [_useful(row, budget, eos) for row, budget in zip(generated.tolist(), budgets)]
+    seconds = time.perf_counter() - started
+    return BenchResult(f"HF generate(), static batches of {batch_size}", seconds, sum(map(len, outputs)), outputs)
+
+
+@torch.inference_mode()
+def run_hf_continuous(loaded: LoadedModel, workload: Workload, max_batch_size: int) -> BenchResult:
+    model, results = loaded.model, {}
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max(workload.max_new_tokens),
+        eos_token_id=sorted(_eos_ids(loaded)),
+        pad_token_id=model.generation_config.pad_token_id,
+    )
+    started = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5) as manager:
+        for i, (prompt, budget) in enumerate(zip(workload.prompts, workload.max_new_tokens)):
+            manager.add_request(prompt, request_id=str(i), max_new_tokens=budget)
+        with tqdm(total=len(workload.prompts), desc="HF continuous batching", leave=False) as bar:
+            while len(results) < len(workload.prompts):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    results[result.request_id] = list(result.generated_tokens)
+                    bar.update(1)
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("transformers' continuous batching manager stopped early")
+    seconds = time.perf_counter() - started
+    outputs = [results[str(i)] for i in range(len(workload.prompts))]
+    return BenchResult("HF continuous batching (generate_batch)", seconds, sum(map(len, outputs)), outputs)
+
+
+@torch.inference_mode()
+def decode_ceiling(loaded: LoadedModel, batch_size: int, context: int, steps: int = 16) -> float:
+    """Tokens/s of bare decode forward passes (HF DynamicCache, no sampling, no scheduling) at this batch size."""
+    model = loaded.model
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, context), device=model.device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    next_ids = ids[:, -1:]
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits
+        next_ids = logits[:, -1:].argmax(-1)
+    next_ids.tolist()
+    return batch_size * steps / (time.perf_counter() - started)
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    workload: Workload,
+    max_batch_size: int,
+    baselines: tuple[str, ...] = ("sequential", "static", "continuous"),
+    log: Callable[[str], None] = print,
+) -> tuple[list[BenchResult], float]:
+    # Warm-up: first calls pay one-off costs (allocator, kernels) that belong to nobody's throughput.
+    warm = Workload(workload.prompts[:2], [4, 4])
+    run_genserve(loaded, warm, max_batch_size)
+    run_hf_sequential(loaded, warm)
+    results = [run_genserve(loaded, workload, max_batch_size)]
+    log(f"genserve: {results[0].tokens_per_second:.1f} tokens/s")
+    runners = {
+        "sequential": lambda: run_hf_sequential(loaded, workload),
+        "static": lambda: run_hf_static(loaded, workload, max_batch_size),
+        "continuous": lambda: run_hf_continuous(loaded, workload, max_batch_size),
+    }
+    for name in baselines:
+        result = runners[name]()
+        results.append(result)
+        log(f"{result.name}: {result.tokens_per_second:.1f} tokens/s")
+    mean_context = sum(map(len, workload.prompts)) // len(workload.prompts) + sum(workload.max_new_tokens) // (
+        2 * len(workload.prompts)
+    )
+    ceiling = decode_ceiling(loaded, max_batch_size, mean_context)
+    return results, ceiling
+
+
+def format_report(results: list[BenchResult], ceiling: float, max_batch_size: int) -> str:
+    ours = results[0]
+    lines = [
+        f"| system | tokens | seconds | tokens/s | genserve speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        lines.append(
+            f"| {result.name} | {result.generated_tokens} | {result.seconds:.1f} | {result.tokens_per_second:.1f} "
+            f"| {ours.tokens_per_second / result.tokens_per_second:.2f}x |"
+        )
+    lines.append(
+        f"\nbare decode-step ceiling at batch {max_batch_size}: {ceiling:.1f} tokens/s; "
+        f"genserve reaches {ours.tokens_per_second / ceiling:.0%} of it"
+    )
+    sequential = next((r for r in results if r.name.startswith("HF generate(), one")), None)
+    if sequential is not None and ours.outputs and sequential.outputs:
+        same = sum(a == b for a, b in zip(ours.outputs, sequential.outputs))
+        lines.append(f"greedy outputs identical to generate(): {same}/{len(ours.outputs)} requests")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""The `genserve` command: serve the model over gRPC, benchmark the engine, or talk to a running server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _env(name: str, default: str) -> str:
+    """Flags default to GENSERVE_* environment variables, so a container is configured without a command line."""
+    return os.environ.get(f"GENSERVE_{name.upper()}", default)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=_env("model", "default"),
+        help="'default' (SmolLM2-135M-Instruct, bundled), a local Hugging Face model folder, or a .gguf file",
+    )
+    group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
+    group.add_argument("--device", default=_env("device", "auto"), help="auto (CUDA when present), cpu, cuda, cuda:N")
+    group.add_argument(
+        "--load-format",
+        default=_env("load_format", "auto"),
+        choices=["auto", "dummy"],
+        help="dummy: random weights from the model's config, for benchmarks where the weights can't go",
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine limits")
+    group.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", "32")), help="most rows decoded together")
+    group.add_argument(
+        "--max-prefill-tokens", type=int, default=int(_env("max_prefill_tokens", "4096")), help="prompt tokens prefilled per step"
+    )
+    group.add_argument("--max-queue", type=int, default=int(_env("max_queue", "1024")), help="waiting requests before RESOURCE_EXHAUSTED")
+    group.add_argument(
+        "--max-context", type=int, default=int(_env("max_context", "2048")), help="prompt + new tokens per request"
+    )
+
+
+def _scheduler_config(args: argparse.Namespace):  # noqa: ANN202 - keeps torch-free imports lazy
+    from scheduler.scheduler import SchedulerConfig
+
+    return SchedulerConfig(
+        max_running=args.max_batch_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+    )
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from scheduler.model_loader import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from scheduler.benchmark import default_workload, format_report, run_benchmark
+
+    loaded = _load(args)
+    workload = default_workload(
+        loaded, num_prompts=args.num_prompts, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )  # fmt: skip
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    results, ceiling = run_benchmark(loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr))
+    print(format_report(results, ceiling, args.max_batch_size))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from scheduler.engine import Engine
+    from service.server import GenerationServer
+
+    loaded = _load(args)
+    server = GenerationServer(Engine(loaded, _scheduler_config(args)), args.host, args.port, args.drain_seconds)
+    asyncio.run(server.serve_until_signal())
+    return 0
+
+
+def _client_request(args: argparse.Namespace, messages: list[dict[str, str]] | None = None):  # noqa: ANN202
+    from service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+    parameters = pb.GenerationParameters()
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(parameters, name, value)
+    # A CLI user who sets a temperature wants sampling (generate() would need do_sample=True as well).
+    parameters.do_sample = bool(args.temperature) or args.do_sample
+    parameters.stop_strings.extend(args.stop)
+    if messages is not None:
+        chat = pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        return pb.GenerateRequest(messages=chat, parameters=parameters)
+    return pb.GenerateRequest(text=args.prompt, parameters=parameters)
+
+
+def _stub(target: str):  # noqa: ANN202
+    import grpc
+
+    from service.proto_gen.genserve.v1 import generate_pb2_grpc
+
+    return generate_pb2_grpc.TextGenerationStub(grpc.insecure_channel(target))
+
+
+def _stream_to_stdout(stub, request) -> str:  # noqa: ANN001
+    import grpc
+
+    text = []
+    try:
+        for message in stub.GenerateStream(request):
+            print(message.text, end="", flush=True)
+            text.append(message.text)
+    except grpc.RpcError as error:
+        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print()
+    return "".join(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    stub = _stub(args.target)
+    request = _client_request(args)
+    if args.stream:
+        _stream_to_stdout(stub, request)
+        return 0
+    try:
+        response = stub.Generate(request)
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(response.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    stub = _stub(args.target)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("genserve chat: type a message, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _stream_to_stdout(stub, _client_request(args, messages))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=_env("target", "localhost:50051"), help="server address host:port")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="> 0 turns sampling on")
+    parser.add_argument("--do-sample", action="store_true", help="sample even at the default temperature")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genserve",
+        description="Text generation with continuous batching and the exact semantics of transformers' generate().",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "bench",
+        help="engine throughput against HF generate() baselines, in one run",
+        description="Runs one workload through genserve's engine (no gRPC) and, in the same run, through HF "
+        "generate() one request at a time, HF static batches and transformers' continuous batching; prints "
+        "tokens/s, the ratios, and how close genserve comes to a bare decode step at the same batch size.",
+    )
+    add_model_arguments(bench)
+    bench.add_argument("--max-batch-size", type=int, default=32, help="engine rows, and the HF static batch size")
+    bench.add_argument("--num-prompts", type=int, default=64)
+    bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")
+    bench.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_argument("--seed", type=int, default=0, help="workload seed")
+    bench.add_argument(
+        "--baselines",
+        default="sequential,static,continuous",
+        help="comma-separated subset of: sequential, static, continuous",
+    )
+    bench.set_defaults(handler=cmd_bench)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over gRPC",
+        description="Loads the model, warms it up, then serves genserve.v1.TextGeneration, grpc.health.v1 and "
+        "server reflection. SIGTERM drains: health turns NOT_SERVING, new requests are refused and running ones "
+        "finish within --drain-seconds. Every flag also reads GENSERVE_<FLAG> from the environment.",
+    )
+    add_model_arguments(serve)
+    add_engine_arguments(serve)
+    serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=int(_env("port", "50051")))
+    serve.add_argument(
+        "--drain-seconds", type=float, default=float(_env("drain_seconds", "30")), help="grace period on SIGTERM"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    generate = commands.add_parser("generate", help="one generation from a running server")
+    generate.add_argument("prompt", help="the prompt text (sent as is, no chat template)")
+    generate.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_client_arguments(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive streaming chat with a running server (chat template applied)")
+    chat.add_argument("--system", default="", help="a system message to start the conversation with")
+    _add_client_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("GENSERVE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Conversions between the protobuf messages and the engine's types, at the service edge only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.params import GenerationParameters, ValidationError
+from scheduler.request import FinishReason
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+_SCALAR_FIELDS = (
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty", "no_repeat_ngram_size", "max_time", "seed", "ignore_eos",
+)  # fmt: skip
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.EOS_TOKEN: pb.EOS_TOKEN,
+    FinishReason.STOP_STRING: pb.STOP_STRING,
+    FinishReason.TIME_LIMIT: pb.TIME_LIMIT,
+    FinishReason.CANCELLED: pb.CANCELLED,
+}
+
+
+def parameter_overrides(message: pb.GenerationParameters) -> dict[str, Any]:
+    """Only the fields the client set: unset means "the model's default", as with generate(**kwargs)."""
+    overrides: dict[str, Any] = {name: getattr(message, name) for name in _SCALAR_FIELDS if message.HasField(name)}
+    if message.bad_words_ids:
+        overrides["bad_words_ids"] = [list(sequence.ids) for sequence in message.bad_words_ids]
+    if message.eos_token_id:
+        overrides["eos_token_id"] = list(message.eos_token_id)
+    if message.stop_strings:
+        overrides["stop_strings"] = list(message.stop_strings)
+    return overrides
+
+
+def parameters_to_proto(params: GenerationParameters) -> pb.GenerationParameters:
+    message = pb.GenerationParameters(
+        bad_words_ids=[pb.TokenIds(ids=list(b)) for b in params.bad_words_ids],
+        eos_token_id=list(params.eos_token_id),
+        stop_strings=list(params.stop_strings),
+    )
+    for name in _SCALAR_FIELDS:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def chat_messages(message: pb.ChatMessages, allowed_roles: frozenset[str]) -> list[dict[str, str]]:
+    if not message.messages:
+        raise ValidationError("messages", "at least one message is required")
+    for i, item in enumerate(message.messages):
+        if item.role not in allowed_roles:
+            roles = ", ".join(sorted(allowed_roles))
+            raise ValidationError(f"messages[{i}].role", f"unknown role {item.role!r}; expected one of {roles}")
+    return [{"role": item.role, "content": item.content} for item in message.messages]

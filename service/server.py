@@ -1,0 +1,273 @@
+"""The grpc.aio front end: TextGeneration, standard health and reflection, error mapping, graceful drain.
+
+Handlers only validate, submit and await the engine's per-request stream; the model runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
+from scheduler.engine import Engine
+from scheduler.params import GenerationParameters, ValidationError
+from scheduler.scheduler import QueueFullError
+from service.convert import FINISH_REASONS, chat_messages, parameter_overrides, parameters_to_proto
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from service.proto_gen.genserve.v1 import generate_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+log = logging.getLogger(__name__)
+
+
+class DrainingError(RuntimeError):
+    """The server is shutting down and takes no new requests; maps to UNAVAILABLE."""
+
+
+_STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DrainingError, grpc.StatusCode.UNAVAILABLE),
+    (RequestFailedError, grpc.StatusCode.INTERNAL),
+]
+
+
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext) -> None:
+    for error_type, code in _STATUS_FOR_ERROR:
+        if isinstance(error, error_type):
+            await context.abort(code, str(error))
+    log.exception("unexpected error in a request", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
+                try:
+                    return await inner_unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
+                    await _abort_for(error, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):  # noqa: ANN001, ANN202
+                try:
+                    async for response in inner_stream(request, context):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:  # noqa: BLE001
+                    await _abort_for(error, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
+@dataclass
+class PreparedRequest:
+    prompt_ids: list[int]
+    params: GenerationParameters
+    prompt_text: str
+
+
+class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.draining = False
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            if not request.text:
+                raise ValidationError("text", "the prompt text is empty")
+            return self.engine.encode_text(request.text)
+        if kind == "input_ids":
+            return list(request.input_ids.ids)
+        if kind == "messages":
+            return self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES))
+        raise ValidationError("input", "set one of text, input_ids or messages")
+
+    def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+        if self.draining:
+            raise DrainingError("the server is draining for shutdown; retry on another replica")
+        prompt_ids = self._prompt_ids(request)
+        if request.HasField("truncate_prompt_tokens"):
+            keep = request.truncate_prompt_tokens
+            if keep < 1:
+                raise ValidationError("truncate_prompt_tokens", f"must be >= 1, got {keep}")
+            prompt_ids = prompt_ids[-keep:]
+        overrides = parameter_overrides(request.parameters)
+        params = self.engine.engine.make_parameters(prompt_length=len(prompt_ids), **overrides)
+        prompt_text = ""
+        if request.echo_prompt and self.engine.tokenizer is not None:
+            prompt_text = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        return PreparedRequest(prompt_ids, params, prompt_text)
+
+    def _outputs(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> AsyncIterator[GenerationOutput]:
+        return self.engine.generate(prepared.prompt_ids, prepared.params, request.request_id or None)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        prepared = self._prepare(request)
+        text, token_ids = [prepared.prompt_text], []
+        last: GenerationOutput | None = None
+        async for output in self._outputs(prepared, request):
+            text.append(output.text)
+            token_ids.extend(output.token_ids)
+            last = output
+        return pb.GenerateResponse(
+            request_id=last.request_id,
+            text="".join(text),
+            token_ids=token_ids if request.return_token_ids else [],
+            finish_reason=FINISH_REASONS[last.finish_reason],
+            stop_string=last.stop_string or "",
+            usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, generated_tokens=last.num_generated_tokens),
+        )
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        prepared = self._prepare(request)
+        first = True
+        async for output in self._outputs(prepared, request):
+            message = pb.GenerateStreamResponse(
+                request_id=output.request_id,
+                text=(prepared.prompt_text if first else "") + output.text,
+                token_ids=list(output.token_ids) if request.return_token_ids else [],
+            )
+            if first:
+                message.prompt_tokens = output.num_prompt_tokens
+                first = False
+            if output.finish_reason is not None:
+                message.finish_reason = FINISH_REASONS[output.finish_reason]
+                message.stop_string = output.stop_string or ""
+                message.usage.CopyFrom(
+                    pb.Usage(prompt_tokens=output.num_prompt_tokens, generated_tokens=output.num_generated_tokens)
+                )
+            yield message
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        kind = request.WhichOneof("input")
+        if kind == "messages":
+            return pb.TokenizeResponse(token_ids=self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES)))
+        if kind != "text":
+            raise ValidationError("input", "set one of text or messages")
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValidationError("text", "this model has no tokenizer")
+        encoding = tokenizer(request.text, return_offsets_mapping=request.return_offsets)
+        response = pb.TokenizeResponse(token_ids=encoding["input_ids"])
+        if request.return_offsets:
+            response.offsets.extend(pb.TokenOffset(start=s, end=e) for s, e in encoding["offset_mapping"])
+        return response
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        engine = self.engine.engine
+        defaults = engine.make_parameters()
+        config = engine.config
+        return pb.ModelInfoResponse(
+            model_name=engine.loaded.name,
+            vocab_size=engine.vocab_size,
+            max_context=config.max_context,
+            eos_token_ids=list(defaults.eos_token_id),
+            default_parameters=parameters_to_proto(defaults),
+            limits=pb.Limits(
+                max_batch_size=config.max_running,
+                max_queue=config.max_queue,
+                max_context=config.max_context,
+                max_prefill_tokens=config.max_prefill_tokens,
+            ),
+            has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
+        )
+
+
+class GenerationServer:
+    """Owns the grpc.aio server, the health status and the drain sequence."""
+
+    def __init__(self, engine: Engine, host: str, port: int, grace_seconds: float = 30.0) -> None:
+        self.async_engine = AsyncEngine(engine)
+        self.service = TextGenerationService(self.async_engine)
+        self.address = f"{host}:{port}"
+        self.grace_seconds = grace_seconds
+        self.port = 0  # the bound port, known after start() (port 0 asks for a free one)
+        self.health: health.aio.HealthServicer | None = None
+        self.server: grpc.aio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def _build(self) -> None:
+        """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        generate_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.address)
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        self._build()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self.async_engine.start()
+        await self._warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d", self.async_engine.engine.loaded.name, self.port)
+
+    async def _warm_up(self) -> None:
+        """One tiny generation, so the first client doesn't pay one-off costs and SERVING means ready."""
+        params = self.async_engine.engine.make_parameters(max_new_tokens=2)
+        async for _ in self.async_engine.generate([0], params, request_id="warm-up"):
+            pass
+
+    async def drain(self) -> None:
+        """Stop admission, let running requests finish within the grace period, then stop the engine."""
+        if self.service.draining:
+            return
+        log.info("draining: no new requests; waiting up to %.0f s for running ones", self.grace_seconds)
+        self.service.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.grace_seconds)
+        self.async_engine.stop()
+        self._stopped.set()
+
+    async def serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+        await self.start()
+        await self._stopped.wait()

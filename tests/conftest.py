@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random-weights Llama built from a config, and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from scheduler.engine import Engine
+from scheduler.model_loader import LoadedModel, load_model
+from scheduler.params import GenerationParameters
+from scheduler.request import FinishReason, TokenEvent
+from scheduler.scheduler import SchedulerConfig
+
+TINY_VOCAB = 320
+TINY_EOS = 2
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=TINY_EOS, pad_token_id=0, bos_token_id=1,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return LoadedModel(model=tiny_model(), tokenizer=None, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    return load_model("default")
+
+
+def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationParameters) -> list[int]:
+    """The reference: `model.generate()` on this request alone, with the same parameters."""
+    kwargs = dict(
+        max_new_tokens=params.max_new_tokens, do_sample=params.is_sampling, eos_token_id=list(params.eos_token_id),
+        pad_token_id=model.generation_config.pad_token_id or 0,
+    )  # fmt: skip
+    if params.min_new_tokens:
+        kwargs["min_new_tokens"] = params.min_new_tokens
+    if params.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = params.no_repeat_ngram_size
+    if params.bad_words_ids:
+        kwargs["bad_words_ids"] = [list(b) for b in params.bad_words_ids]
+    if params.is_sampling:
+        kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, typical_p=params.typical_p)
+        if params.min_p is not None:
+            kwargs["min_p"] = params.min_p
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([prompt], device=model.device), **kwargs)
+    return output[0, len(prompt) :].tolist()
+
+
+class StepDriver:
+    """Drives an Engine step by step in the test's thread, recording every event per request."""
+
+    def __init__(self, loaded: LoadedModel, **config: int) -> None:
+        self.engine = Engine(loaded, SchedulerConfig(**config))
+        self.tokens: dict[str, list[int]] = {}
+        self.finish: dict[str, FinishReason | None] = {}
+        self.errors: dict[str, str] = {}
+        self.engine.on_events = self._record
+
+    def _record(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            self.tokens.setdefault(event.request_id, []).extend(event.token_ids)
+            if event.finish_reason is not None:
+                self.finish[event.request_id] = event.finish_reason
+            if event.error is not None:
+                self.errors[event.request_id] = event.error
+
+    def submit(self, request_id: str, prompt: list[int], **overrides: object) -> GenerationParameters:
+        params = self.engine.make_parameters(**overrides)
+        self.engine.submit(prompt, params, request_id)
+        return params
+
+    def run(self, schedule: dict[int, list[tuple[str, list[int], dict]]] | None = None, max_steps: int = 10_000) -> None:
+        """Step until idle; `schedule` maps a step number to the requests submitted just before it."""
+        schedule = dict(schedule or {})
+        for step in range(max_steps):
+            for request_id, prompt, overrides in schedule.pop(step, []):
+                self.submit(request_id, prompt, **overrides)
+            if not self.engine.step() and not schedule:
+                return
+        raise AssertionError("engine did not become idle")

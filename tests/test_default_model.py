@@ -1,0 +1,119 @@
+"""The real default model (SmolLM2-135M-Instruct) served through the threaded engine and its asyncio API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.async_engine import AsyncEngine, GenerationOutput
+from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler.engine import Engine
+from scheduler.request import FinishReason
+from scheduler.scheduler import SchedulerConfig
+from tests.conftest import hf_generate
+
+pytestmark = pytest.mark.default_model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips for sleeping better, with a sentence of explanation for each tip.",
+    "List three prime numbers.",
+    "Explain gravity to a child.",
+    "Why do cats purr? Answer in one paragraph.",
+    "Describe the color blue to someone who cannot see.",
+]
+PARAMETERS = [
+    {"max_new_tokens": 40},
+    {"max_new_tokens": 36, "repetition_penalty": 1.3},
+    {"max_new_tokens": 40, "no_repeat_ngram_size": 2},
+    {"max_new_tokens": 30, "min_new_tokens": 25},
+    {"max_new_tokens": 32, "bad_words_ids": [[330], [28, 216]]},
+    {"max_new_tokens": 40, "eos_token_id": [2, 30]},  # 30 is "?"-ish punctuation: a second eos id
+    {"max_new_tokens": 12},
+]
+
+
+async def _collect(engine: AsyncEngine, prompt: list[int], params, delay: float) -> list[GenerationOutput]:
+    await asyncio.sleep(delay)
+    return [out async for out in engine.generate(prompt, params)]
+
+
+def _serve(loaded, jobs, max_running: int = 4) -> list[list[GenerationOutput]]:
+    async def main() -> list[list[GenerationOutput]]:
+        engine = AsyncEngine(Engine(loaded, SchedulerConfig(max_running=max_running)))
+        engine.start()
+        try:
+            return await asyncio.gather(*[_collect(engine, p, params, delay) for p, params, delay in jobs])
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+def _chat(loaded, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return list(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
+def test_concurrent_mixed_requests_equal_generate(default_model) -> None:
+    engine = Engine(default_model)
+    jobs = []
+    for i, (question, overrides) in enumerate(zip(QUESTIONS, PARAMETERS)):
+        jobs.append((_chat(default_model, question), engine.make_parameters(**overrides), 0.15 * i))
+    results = _serve(default_model, jobs)
+    for (prompt, params, _), outputs in zip(jobs, results):
+        tokens = [t for out in outputs for t in out.token_ids]
+        assert tokens == hf_generate(default_model.model, prompt, params), params
+        text = "".join(out.text for out in outputs)
+        assert text == default_model.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert outputs[-1].finish_reason in (FinishReason.EOS_TOKEN, FinishReason.LENGTH)
+        assert outputs[-1].num_generated_tokens == len(tokens)
+
+
+def test_chinese_and_emoji_stream_is_valid_and_joins_to_full_text(default_model) -> None:
+    engine = Engine(default_model)
+    prompt = _chat(default_model, "请用中文介绍一下你自己，并在每句话后面加一个表情符号 😀🎉")
+    params = engine.make_parameters(max_new_tokens=60, do_sample=True, temperature=1.0, seed=3)
+    outputs = _serve(default_model, [(prompt, params, 0.0)])[0]
+    tokens = [t for out in outputs for t in out.token_ids]
+    deltas = [out.text for out in outputs]
+    full = default_model.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert "".join(deltas) == full
+    assert all("\ufffd" not in delta for delta in deltas)  # no half characters
+    assert any(ord(ch) > 0x2E80 for ch in full), "the sample should contain CJK or emoji to test anything"
+    byte_level_splits = [t for t in tokens if "\ufffd" in default_model.tokenizer.decode([t])]
+    assert byte_level_splits, "some character must span several tokens for this test to bite"
+
+
+def test_stop_string_ends_text_before_it_and_never_leaks(default_model) -> None:
+    engine = Engine(default_model)
+    prompt = _chat(default_model, QUESTIONS[2])
+    free = _serve(default_model, [(prompt, engine.make_parameters(max_new_tokens=60), 0.0)])[0]
+    full_text = "".join(out.text for out in free)
+    stop = full_text[25:31]  # a stop string from the middle of the answer, likely spanning tokens
+    params = engine.make_parameters(max_new_tokens=60, stop_strings=[stop, "zzzzqqq"])
+    outputs = _serve(default_model, [(prompt, params, 0.0)])[0]
+    text = "".join(out.text for out in outputs)
+    assert text == full_text[: full_text.index(stop)]
+    assert outputs[-1].finish_reason is FinishReason.STOP_STRING and outputs[-1].stop_string == stop
+    streamed = ""
+    for out in outputs:
+        streamed += out.text
+        assert full_text.startswith(streamed) and stop not in streamed
+
+
+def test_detokenizer_holds_back_a_possible_stop_string(default_model) -> None:
+    tokenizer = default_model.tokenizer
+    ids = tokenizer.encode("The answer is forty-two, my friend.")
+    detokenizer = IncrementalDetokenizer(tokenizer, stop_strings=("forty-two",))
+    emitted, hit = "", None
+    for token_id in ids:
+        delta = detokenizer.push(token_id)
+        emitted += delta.text
+        assert "forty" not in emitted
+        if delta.stop_string:
+            hit = delta.stop_string
+            break
+    assert hit == "forty-two" and emitted == "The answer is "

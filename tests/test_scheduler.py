@@ -1,0 +1,51 @@
+"""The scheduler alone: no model, no torch tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.params import GenerationParameters
+from scheduler.request import Sequence
+from scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
+
+
+def _seq(request_id: str, length: int) -> Sequence:
+    return Sequence(request_id, list(range(length)), GenerationParameters())
+
+
+def test_full_queue_refuses() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_queue=2))
+    scheduler.add(_seq("a", 3))
+    scheduler.add(_seq("b", 3))
+    with pytest.raises(QueueFullError):
+        scheduler.add(_seq("c", 3))
+    assert scheduler.num_waiting == 2
+
+
+def test_admission_is_fifo_and_bounded_by_free_rows() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=4))
+    for name in "abcdef":
+        scheduler.add(_seq(name, 3))
+    assert [s.request_id for s in scheduler.admit(num_running=1)] == ["a", "b", "c"]
+    assert scheduler.admit(num_running=4) == []
+    assert [s.request_id for s in scheduler.admit(num_running=2)] == ["d", "e"]
+
+
+def test_prefill_budget_counts_prompt_tokens_but_always_admits_one() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=8, max_prefill_tokens=100))
+    scheduler.add(_seq("huge", 300))
+    scheduler.add(_seq("small", 10))
+    scheduler.add(_seq("medium", 40))
+    scheduler.add(_seq("more", 60))
+    assert [s.request_id for s in scheduler.admit(0)] == ["huge"]
+    assert [s.request_id for s in scheduler.admit(1)] == ["small", "medium"]  # + 60 would make 110 > 100
+    assert [s.request_id for s in scheduler.admit(3)] == ["more"]
+
+
+def test_remove_takes_a_waiting_request_out() -> None:
+    scheduler = Scheduler(SchedulerConfig())
+    scheduler.add(_seq("a", 3))
+    scheduler.add(_seq("b", 3))
+    assert scheduler.remove("a").request_id == "a"
+    assert scheduler.remove("zzz") is None
+    assert [s.request_id for s in scheduler.admit(0)] == ["b"]
