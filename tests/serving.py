@@ -1,0 +1,39 @@
+"""A real genserve gRPC server on a free local port, run in a background thread for tests that use real channels."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+
+from scheduler.engine import Engine
+from scheduler.model_loader import LoadedModel
+from scheduler.scheduler import SchedulerConfig
+from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from service.server import GenerationServer
+
+
+class ServerThread:
+    def __init__(self, loaded: LoadedModel, grace_seconds: float = 10.0, **config: int) -> None:
+        self.engine = Engine(loaded, SchedulerConfig(**config))
+        self.server = GenerationServer(self.engine, "127.0.0.1", 0, grace_seconds=grace_seconds)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
+        self._thread.start()
+        self.call(self.server.start())
+        self.target = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = generate_pb2_grpc.TextGenerationStub(self.channel)
+
+    def call(self, coroutine, timeout: float = 120.0):  # noqa: ANN001, ANN201 - any coroutine, its result
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def drain_in_background(self):  # noqa: ANN201 - a concurrent.futures.Future
+        return asyncio.run_coroutine_threadsafe(self.server.drain(), self.loop)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.call(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

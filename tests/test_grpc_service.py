@@ -1,0 +1,202 @@
+"""The gRPC service over real channels on a free local port, with the tiny model (token ids in, token ids out)."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.proto_build import is_stale
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from tests.conftest import TINY_EOS, TINY_VOCAB, hf_generate
+from tests.serving import ServerThread
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    running = ServerThread(tiny, max_running=8, max_queue=64)
+    yield running
+    running.close()
+
+
+def _request(prompt: list[int], **parameters) -> pb.GenerateRequest:
+    bad_words = parameters.pop("bad_words_ids", [])
+    message = pb.GenerationParameters(**parameters)
+    message.bad_words_ids.extend(pb.TokenIds(ids=b) for b in bad_words)
+    return pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=message, return_token_ids=True)
+
+
+def _prompt(rng: random.Random) -> list[int]:
+    return [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 40))]
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_generated_code_is_fresh() -> None:
+    assert not is_stale(), "service/proto_gen is stale: run `make proto`"
+
+
+def test_unary_and_stream_equal_generate(server, tiny) -> None:
+    prompt = [5, 9, 33, 70, 2, 101]
+    request = _request(prompt, max_new_tokens=25, repetition_penalty=1.2)
+    expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=25, repetition_penalty=1.2))
+    response = server.stub.Generate(request)
+    assert list(response.token_ids) == expected
+    assert response.usage.prompt_tokens == len(prompt) and response.usage.generated_tokens == len(expected)
+    assert response.finish_reason in (pb.LENGTH, pb.EOS_TOKEN)
+    chunks = list(server.stub.GenerateStream(request))
+    assert [t for c in chunks for t in c.token_ids] == expected
+    assert chunks[0].HasField("prompt_tokens") and chunks[0].prompt_tokens == len(prompt)
+    assert chunks[-1].finish_reason == response.finish_reason
+    assert chunks[-1].usage.generated_tokens == len(expected)
+    assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+
+
+def test_32_concurrent_streams_with_mixed_parameters(server, tiny) -> None:
+    rng = random.Random(3)
+    variants = [
+        {"max_new_tokens": 20},
+        {"max_new_tokens": 15, "no_repeat_ngram_size": 2},
+        {"max_new_tokens": 18, "min_new_tokens": 10},
+        {"max_new_tokens": 12, "bad_words_ids": [[7], [8, 9]]},
+        {"max_new_tokens": 22, "repetition_penalty": 1.4},
+        {"max_new_tokens": 16, "eos_token_id": [TINY_EOS, 11, 12]},
+    ]
+    jobs = [(_prompt(rng), variants[i % len(variants)]) for i in range(32)]
+
+    def run(job):  # noqa: ANN001, ANN202
+        prompt, params = job
+        time.sleep(rng.random() * 0.2)  # arrivals spread over the first steps
+        return [t for chunk in server.stub.GenerateStream(_request(prompt, **params)) for t in chunk.token_ids]
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        outputs = list(pool.map(run, jobs))
+    for (prompt, params), output in zip(jobs, outputs):
+        assert output == hf_generate(tiny.model, prompt, server.engine.make_parameters(**params)), params
+    assert _wait_for(lambda: server.engine.num_running == 0)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 100_000}, "max_new_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"eos_token_id": [TINY_VOCAB + 5]}, "eos_token_id"),
+    ],
+)
+def test_bad_parameters_are_invalid_argument_naming_the_field(server, parameters: dict, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(_request([5, 6, 7], **parameters))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+    assert server.stub.Generate(_request([5, 6, 7], max_new_tokens=3)).usage.generated_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("request_message", "field"),
+    [
+        (pb.GenerateRequest(), "input"),
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[])), "input"),
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, TINY_VOCAB])), "input_ids"),
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, -1])), "input_ids"),
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5] * 3000)), "input"),
+        (pb.GenerateRequest(text="hello"), "text"),  # the tiny model has no tokenizer
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5]), truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    ],
+)
+def test_bad_inputs_are_invalid_argument(server, request_message: pb.GenerateRequest, field: str) -> None:
+    for call in (server.stub.Generate, lambda r: list(server.stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as error:
+            call(request_message)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+        assert field in error.value.details()
+
+
+def test_truncate_prompt_tokens_keeps_the_end(server) -> None:
+    request = _request([7 + i % 300 for i in range(3000)], max_new_tokens=2)
+    request.truncate_prompt_tokens = 100
+    assert server.stub.Generate(request).usage.prompt_tokens == 100
+
+
+def test_deadline_frees_the_row(server) -> None:
+    request = _request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(request, timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0)
+
+
+def test_client_cancel_frees_the_row(server) -> None:
+    stream = server.stub.GenerateStream(_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True))
+    for _, _chunk in zip(range(5), stream):
+        pass
+    assert server.engine.num_running == 1
+    stream.cancel()
+    assert _wait_for(lambda: server.engine.num_running == 0)
+
+
+def test_full_queue_is_resource_exhausted_and_others_finish(tiny) -> None:
+    small = ServerThread(tiny, max_running=1, max_queue=1)
+    try:
+        long_request = _request([5, 6, 7], max_new_tokens=400, ignore_eos=True)
+        running = small.stub.Generate.future(long_request)
+        assert _wait_for(lambda: small.engine.num_running == 1)
+        queued = small.stub.Generate.future(_request([8, 9], max_new_tokens=5))
+        assert _wait_for(lambda: small.engine.num_waiting == 1)
+        with pytest.raises(grpc.RpcError) as error:
+            small.stub.Generate(_request([10, 11], max_new_tokens=5))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert running.result(timeout=60).usage.generated_tokens == 400
+        assert queued.result(timeout=60).usage.generated_tokens >= 1
+    finally:
+        small.close()
+
+
+def test_health_serving_then_not_serving_on_drain(tiny) -> None:
+    draining = ServerThread(tiny, max_running=2, grace_seconds=30)
+    health_stub = health_pb2_grpc.HealthStub(draining.channel)
+    status = health_stub.Check(health_pb2.HealthCheckRequest(service="genserve.v1.TextGeneration")).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    stream = draining.stub.GenerateStream(_request([5, 6, 7], max_new_tokens=300, ignore_eos=True))
+    first = next(stream)
+    drained = draining.drain_in_background()
+    assert _wait_for(lambda: draining.server.service.draining)
+    with pytest.raises(grpc.RpcError) as error:
+        draining.stub.Generate(_request([5, 6], max_new_tokens=2))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = list(stream)  # the in-flight stream runs to completion
+    assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 300
+    assert rest[-1].finish_reason == pb.LENGTH
+    drained.result(timeout=30)
+    draining.close()
+
+
+def test_reflection_lists_the_service(server) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {service.name for response in responses for service in response.list_services_response.service}
+    assert {"genserve.v1.TextGeneration", "grpc.health.v1.Health"} <= names
+
+
+def test_model_info(server) -> None:
+    info = server.stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.vocab_size == TINY_VOCAB and info.model_name == "tiny-llama"
+    assert list(info.eos_token_ids) == [TINY_EOS]
+    assert info.default_parameters.top_k == 50 and info.limits.max_batch_size == 8
