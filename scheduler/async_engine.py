@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import FinishReason, TokenEvent
+from scheduler.request import FinishReason, TokenEvent, TokenLogprob
 
 
 class RequestFailedError(RuntimeError):
@@ -32,6 +32,7 @@ class GenerationOutput:
     num_generated_tokens: int  # so far, this chunk included
     finish_reason: FinishReason | None = None
     stop_string: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in this chunk, when asked
 
 
 class AsyncEngine:
@@ -60,12 +61,16 @@ class AsyncEngine:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
     async def generate(
-        self, prompt_ids: list[int], params: GenerationParameters, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        request_id: str | None = None,
+        top_logprobs: int | None = None,
     ) -> AsyncIterator[GenerationOutput]:
         if request_id is not None and request_id in self._queues:
             raise ValidationError("request_id", f"request {request_id!r} is already running")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.engine.submit(prompt_ids, params, request_id)
+        seq = self.engine.submit(prompt_ids, params, request_id, top_logprobs)
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0
@@ -91,7 +96,7 @@ class AsyncEngine:
                 finished = finish_reason is not None
                 yield GenerationOutput(
                     seq.request_id, event.token_ids, text, event.num_prompt_tokens, num_generated, finish_reason,
-                    stop_string,
+                    stop_string, event.logprobs,
                 )  # fmt: skip
         finally:
             del self._queues[seq.request_id]

@@ -135,6 +135,7 @@ class BatchState:
         self.ngram_sizes = sorted({p.no_repeat_ngram_size for p in params if p.no_repeat_ngram_size > 0})
         self.uses_single_token_bans = any(len(b) == 1 for p in params for b in p.bad_words_ids)
         self.uses_min_new_tokens = any(p.min_new_tokens > 0 for p in params)
+        self.max_top_logprobs = max((s.top_logprobs for s in self.rows if s.top_logprobs is not None), default=-1)
         self.multi_token_bans = _multi_token_bans(self.rows, self.device)
         sampled = [params[i] for i in self.sampling_rows]
         self.uses_temperature = any(p.temperature != 1.0 for p in sampled)

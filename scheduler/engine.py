@@ -25,6 +25,7 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
+MAX_TOP_LOGPROBS = 20
 _STOP_REASONS = {StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN, StopCode.LENGTH: FinishReason.LENGTH}
 
 
@@ -75,7 +76,15 @@ class Engine:
                 params = dataclasses.replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
         return params
 
-    def submit(self, prompt_ids: list[int], params: GenerationParameters, request_id: str | None = None) -> Sequence:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        request_id: str | None = None,
+        top_logprobs: int | None = None,
+    ) -> Sequence:
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValidationError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         if not prompt_ids:
             raise ValidationError("input", "the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
@@ -92,7 +101,7 @@ class Engine:
                 f"{params.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
                 f"{self.config.max_context} (at most {room} fit)",
             )
-        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt_ids), params, top_logprobs=top_logprobs)
         self.scheduler.add(seq)
         self._wakeup.set()
         return seq
@@ -149,7 +158,10 @@ class Engine:
                 seq.finish(FinishReason.TIME_LIMIT)
             if seq.is_finished:
                 leaving.add(row)
-            events.append(TokenEvent(seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens))
+            logprobs = (result.logprob,) if result.logprob is not None else ()
+            events.append(
+                TokenEvent(seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs)
+            )
         self.runner.release(leaving)
         self._emit(events)
         self.on_step(StepStats(len(admitted), len(results), now - started))

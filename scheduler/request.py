@@ -31,6 +31,8 @@ class Sequence:
     # Set when the row is prefilled; max_time counts from here, like HF's MaxTimeCriteria counts from generate().
     start_time: float | None = None
     first_token_time: float | None = None
+    # None: no logprobs; n >= 0: the chosen token's logprob and the n most likely alternatives, per step.
+    top_logprobs: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -54,6 +56,15 @@ class Sequence:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability under the raw model distribution, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What the engine thread reports for one request after one step: its new token and, at the end, why it ended."""
 
@@ -62,3 +73,4 @@ class TokenEvent:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     error: str | None = None  # the step failed for this request; it has ended without a finish reason
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from scheduler.batch_state import BatchState
 from scheduler.kv_cache import SlotKVCache
 from scheduler.logits_processing import process_logits
-from scheduler.request import Sequence
+from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
 
 
@@ -30,6 +30,7 @@ class StopCode(enum.IntEnum):
 class RowResult:
     token_id: int
     stop: StopCode
+    logprob: TokenLogprob | None = None
 
 
 class ModelRunner:
@@ -84,13 +85,36 @@ class ModelRunner:
             scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
         max_seq_length = max(seq.num_tokens for seq in self.rows)
         self.state.ensure_capacity(max_seq_length + 1)
+        raw_scores = scores
         scores = process_logits(scores, self.state, max_seq_length)
         next_tokens = select_tokens(scores, self.state, self.shared_generator)
         stops = self._stop_codes(next_tokens)
         self.state.record_tokens(next_tokens)
-        # The one device-to-host copy of the step.
-        tokens, codes = torch.stack([next_tokens, stops]).tolist()
-        return [RowResult(token, StopCode(code)) for token, code in zip(tokens, codes)]
+        columns = [next_tokens.double().unsqueeze(1), stops.double().unsqueeze(1)]
+        num_top = self.state.max_top_logprobs
+        if num_top >= 0:
+            columns += self._logprob_columns(raw_scores, next_tokens, num_top)
+        # The one device-to-host copy of the step (token ids are exact in float64).
+        host_rows = torch.cat(columns, dim=1).tolist()
+        return [self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)]
+
+    @staticmethod
+    def _logprob_columns(raw_scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:
+        logprobs = torch.log_softmax(raw_scores, dim=-1)
+        chosen = logprobs.gather(1, next_tokens.unsqueeze(1))
+        if num_top == 0:
+            return [chosen.double()]
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)
+        return [chosen.double(), top_ids.double(), top_values.double()]
+
+    @staticmethod
+    def _row_result(seq: Sequence, values: list[float], num_top: int) -> RowResult:
+        token, code = int(values[0]), StopCode(int(values[1]))
+        if seq.top_logprobs is None:
+            return RowResult(token, code)
+        ids, logprobs = values[3 : 3 + num_top], values[3 + num_top :]
+        top = tuple((int(i), lp) for i, lp in zip(ids[: seq.top_logprobs], logprobs[: seq.top_logprobs]))
+        return RowResult(token, code, TokenLogprob(token, values[2], top))
 
     @torch.inference_mode()
     def release(self, leaving: set[int]) -> None:

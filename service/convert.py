@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import FinishReason
+from scheduler.request import FinishReason, TokenLogprob
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 
 _SCALAR_FIELDS = (
@@ -55,3 +55,14 @@ def chat_messages(message: pb.ChatMessages, allowed_roles: frozenset[str]) -> li
             roles = ", ".join(sorted(allowed_roles))
             raise ValidationError(f"messages[{i}].role", f"unknown role {item.role!r}; expected one of {roles}")
     return [{"role": item.role, "content": item.content} for item in message.messages]
+
+
+def logprobs_to_proto(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=item.token_id,
+            logprob=item.logprob,
+            top=[pb.TopLogprob(token_id=token_id, logprob=logprob) for token_id, logprob in item.top],
+        )
+        for item in logprobs
+    ]

@@ -19,7 +19,7 @@ from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedE
 from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.scheduler import QueueFullError
-from service.convert import FINISH_REASONS, chat_messages, parameter_overrides, parameters_to_proto
+from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 
@@ -97,6 +97,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: GenerationParameters
     prompt_text: str
+    top_logprobs: int | None
 
 
 class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
@@ -130,18 +131,22 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         prompt_text = ""
         if request.echo_prompt and self.engine.tokenizer is not None:
             prompt_text = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        return PreparedRequest(prompt_ids, params, prompt_text)
+        wants_logprobs = request.return_logprobs or request.top_logprobs > 0
+        return PreparedRequest(prompt_ids, params, prompt_text, request.top_logprobs if wants_logprobs else None)
 
     def _outputs(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> AsyncIterator[GenerationOutput]:
-        return self.engine.generate(prepared.prompt_ids, prepared.params, request.request_id or None)
+        return self.engine.generate(
+            prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs
+        )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         prepared = self._prepare(request)
-        text, token_ids = [prepared.prompt_text], []
+        text, token_ids, logprobs = [prepared.prompt_text], [], []
         last: GenerationOutput | None = None
         async for output in self._outputs(prepared, request):
             text.append(output.text)
             token_ids.extend(output.token_ids)
+            logprobs.extend(output.logprobs)
             last = output
         return pb.GenerateResponse(
             request_id=last.request_id,
@@ -150,6 +155,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             finish_reason=FINISH_REASONS[last.finish_reason],
             stop_string=last.stop_string or "",
             usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, generated_tokens=last.num_generated_tokens),
+            logprobs=logprobs_to_proto(tuple(logprobs)),
         )
 
     async def GenerateStream(
@@ -162,6 +168,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 request_id=output.request_id,
                 text=(prepared.prompt_text if first else "") + output.text,
                 token_ids=list(output.token_ids) if request.return_token_ids else [],
+                logprobs=logprobs_to_proto(output.logprobs),
             )
             if first:
                 message.prompt_tokens = output.num_prompt_tokens

@@ -200,3 +200,37 @@ def test_model_info(server) -> None:
     assert info.vocab_size == TINY_VOCAB and info.model_name == "tiny-llama"
     assert list(info.eos_token_ids) == [TINY_EOS]
     assert info.default_parameters.top_k == 50 and info.limits.max_batch_size == 8
+
+
+def test_logprobs_equal_log_softmax_of_hf_logits(server, tiny) -> None:
+    import torch
+
+    prompt = [11, 12, 13, 14, 15]
+    request = _request(prompt, max_new_tokens=12)
+    request.top_logprobs = 5
+    plain = server.stub.Generate.future(_request([20, 21, 22], max_new_tokens=12))  # a batch-mate without logprobs
+    response = server.stub.Generate(request)
+    with torch.inference_mode():
+        reference = tiny.model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    expected = torch.log_softmax(torch.cat(reference.logits).float(), dim=-1)
+    assert len(response.logprobs) == len(response.token_ids) == expected.shape[0]
+    for step, (item, token_id) in enumerate(zip(response.logprobs, response.token_ids)):
+        assert item.token_id == token_id
+        assert abs(item.logprob - expected[step, token_id].item()) < 1e-4
+        top_values, top_ids = expected[step].topk(5)
+        assert [t.token_id for t in item.top] == top_ids.tolist()
+        assert max(abs(t.logprob - v) for t, v in zip(item.top, top_values.tolist())) < 1e-4
+    assert not plain.result(timeout=30).logprobs
+    streamed = [lp for chunk in server.stub.GenerateStream(request) for lp in chunk.logprobs]
+    assert [lp.token_id for lp in streamed] == [lp.token_id for lp in response.logprobs]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(streamed, response.logprobs)) < 1e-5
+
+
+def test_too_many_top_logprobs_is_invalid(server) -> None:
+    request = _request([5, 6], max_new_tokens=2)
+    request.top_logprobs = 21
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in error.value.details()
