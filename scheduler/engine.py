@@ -34,6 +34,7 @@ class StepStats:
     num_prefilled: int
     num_rows: int
     seconds: float
+    queue_waits: tuple[float, ...]  # arrival to prefill, for each request admitted this step
 
 
 class Engine:
@@ -164,7 +165,8 @@ class Engine:
             )
         self.runner.release(leaving)
         self._emit(events)
-        self.on_step(StepStats(len(admitted), len(results), now - started))
+        waits = tuple(started - seq.arrival_time for seq in admitted)
+        self.on_step(StepStats(len(admitted), len(results), now - started, waits))
         return True
 
     def _apply_cancels(self) -> list[TokenEvent]:

@@ -80,7 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import GenerationServer
 
     loaded = _load(args)
-    server = GenerationServer(Engine(loaded, _scheduler_config(args)), args.host, args.port, args.drain_seconds)
+    server = GenerationServer(
+        Engine(loaded, _scheduler_config(args)), args.host, args.port, args.drain_seconds, args.metrics_port
+    )
     asyncio.run(server.serve_until_signal())
     return 0
 
@@ -209,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(serve)
     serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=int(_env("port", "50051")))
+    serve.add_argument(
+        "--metrics-port", type=int, default=int(_env("metrics_port", "9464")), help="Prometheus /metrics port"
+    )
     serve.add_argument(
         "--drain-seconds", type=float, default=float(_env("drain_seconds", "30")), help="grace period on SIGTERM"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from scheduler.params import GenerationParameters, ValidationError
 from scheduler.scheduler import QueueFullError
 from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from service.metrics import Metrics
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
@@ -52,6 +54,9 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext) -> Non
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike."""
 
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -69,6 +74,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
+                    self._count_error(details.method, error)
                     await _abort_for(error, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -84,12 +90,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:  # noqa: BLE001
+                    self._count_error(details.method, error)
                     await _abort_for(error, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
         return handler
+
+    def _count_error(self, method: str, error: Exception) -> None:
+        code = next((c for t, c in _STATUS_FOR_ERROR if isinstance(error, t)), grpc.StatusCode.INTERNAL)
+        self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()
 
 
 @dataclass
@@ -101,8 +112,9 @@ class PreparedRequest:
 
 
 class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: Metrics) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.draining = False
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
@@ -134,16 +146,45 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         wants_logprobs = request.return_logprobs or request.top_logprobs > 0
         return PreparedRequest(prompt_ids, params, prompt_text, request.top_logprobs if wants_logprobs else None)
 
-    def _outputs(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> AsyncIterator[GenerationOutput]:
-        return self.engine.generate(
-            prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs
-        )
+    async def _outputs(
+        self, method: str, prepared: PreparedRequest, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs for this request, timed into the metrics on the way through."""
+        started = previous = time.monotonic()
+        last: GenerationOutput | None = None
+        code = "OK"
+        try:
+            async for output in self.engine.generate(
+                prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs
+            ):
+                now = time.monotonic()
+                if output.token_ids:
+                    if last is None or not last.num_generated_tokens:
+                        self.metrics.time_to_first_token.observe(now - started)
+                    else:
+                        self.metrics.inter_token_latency.observe(now - previous)
+                    previous = now
+                last = output
+                yield output
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except RequestFailedError:
+            code = "INTERNAL"
+            raise
+        finally:
+            finish = last.finish_reason.value if last is not None and last.finish_reason is not None else ""
+            self.metrics.record_request(
+                method, code, finish, time.monotonic() - started, len(prepared.prompt_ids),
+                last.num_generated_tokens if last is not None else 0,
+            )  # fmt: skip
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         prepared = self._prepare(request)
         text, token_ids, logprobs = [prepared.prompt_text], [], []
         last: GenerationOutput | None = None
-        async for output in self._outputs(prepared, request):
+        async for output in self._outputs("Generate", prepared, request, context):
             text.append(output.text)
             token_ids.extend(output.token_ids)
             logprobs.extend(output.logprobs)
@@ -163,7 +204,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         prepared = self._prepare(request)
         first = True
-        async for output in self._outputs(prepared, request):
+        async for output in self._outputs("GenerateStream", prepared, request, context):
             message = pb.GenerateStreamResponse(
                 request_id=output.request_id,
                 text=(prepared.prompt_text if first else "") + output.text,
@@ -219,9 +260,14 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
 class GenerationServer:
     """Owns the grpc.aio server, the health status and the drain sequence."""
 
-    def __init__(self, engine: Engine, host: str, port: int, grace_seconds: float = 30.0) -> None:
+    def __init__(
+        self, engine: Engine, host: str, port: int, grace_seconds: float = 30.0, metrics_port: int | None = None
+    ) -> None:
         self.async_engine = AsyncEngine(engine)
-        self.service = TextGenerationService(self.async_engine)
+        self.metrics = Metrics(engine)
+        self.metrics_port = metrics_port
+        self.service = TextGenerationService(self.async_engine, self.metrics)
+        self.host = host
         self.address = f"{host}:{port}"
         self.grace_seconds = grace_seconds
         self.port = 0  # the bound port, known after start() (port 0 asks for a free one)
@@ -232,7 +278,7 @@ class GenerationServer:
     def _build(self) -> None:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
         generate_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -252,6 +298,9 @@ class GenerationServer:
         await self.server.start()
         self.async_engine.start()
         await self._warm_up()
+        if self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+            log.info("metrics on port %d at /metrics", self.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", self.async_engine.engine.loaded.name, self.port)
 

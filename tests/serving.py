@@ -15,9 +15,11 @@ from service.server import GenerationServer
 
 
 class ServerThread:
-    def __init__(self, loaded: LoadedModel, grace_seconds: float = 10.0, **config: int) -> None:
+    def __init__(self, loaded: LoadedModel, grace_seconds: float = 10.0, metrics: bool = False, **config: int) -> None:
         self.engine = Engine(loaded, SchedulerConfig(**config))
-        self.server = GenerationServer(self.engine, "127.0.0.1", 0, grace_seconds=grace_seconds)
+        self.server = GenerationServer(
+            self.engine, "127.0.0.1", 0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None
+        )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
         self._thread.start()

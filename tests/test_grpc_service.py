@@ -234,3 +234,40 @@ def test_too_many_top_logprobs_is_invalid(server) -> None:
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Generate(request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in error.value.details()
+
+
+def test_metrics_count_requests_tokens_and_errors(tiny) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metered = ServerThread(tiny, max_running=4, metrics=True)
+    try:
+        for _ in range(3):
+            metered.stub.Generate(_request([5, 6, 7], max_new_tokens=6, ignore_eos=True))
+        list(metered.stub.GenerateStream(_request([5, 6], max_new_tokens=4, ignore_eos=True)))
+        with pytest.raises(grpc.RpcError):
+            metered.stub.Generate(_request([5], temperature=-1.0))
+        url = f"http://127.0.0.1:{metered.server.metrics_port}/metrics"
+        samples = {}
+        for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    finally:
+        metered.close()
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("genserve_requests_total", method="Generate", finish_reason="length", code="OK") == 3
+    assert value("genserve_requests_total", method="GenerateStream", finish_reason="length", code="OK") == 1
+    assert value("genserve_requests_total", method="Generate", finish_reason="", code="INVALID_ARGUMENT") == 1
+    # The warm-up request counts in the engine's generated tokens but not in the service's request metrics.
+    assert value("genserve_generated_tokens_total") == 3 * 6 + 4
+    assert value("genserve_prompt_tokens_total") == 3 * 3 + 2
+    assert value("genserve_time_to_first_token_seconds_count") == 4
+    assert value("genserve_inter_token_latency_seconds_count") == 3 * 5 + 3
+    assert value("genserve_model_info", model="tiny-llama") == 1
+    assert value("genserve_running_requests") == 0 and value("genserve_queue_size") == 0
+    assert value("genserve_step_duration_seconds_count", phase="prefill") >= 1
+    assert value("genserve_queue_wait_seconds_count") >= 4

@@ -18,7 +18,8 @@ from tests.conftest import tiny_model
 
 def _start(model_dir: Path) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", "0", "--drain-seconds", "60"],
+        [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
+         "--drain-seconds", "60"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
