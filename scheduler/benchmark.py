@@ -180,11 +180,11 @@ def decode_ceiling(loaded: LoadedModel, batch_size: int, context: int, steps: in
     model = loaded.model
     ids = torch.randint(0, model.config.vocab_size, (batch_size, context), device=model.device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     next_ids = ids[:, -1:]
     started = time.perf_counter()
     for _ in range(steps):
-        logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=next_ids, cache=cache, use_cache=True).logits
         next_ids = logits[:, -1:].argmax(-1)
     next_ids.tolist()
     return batch_size * steps / (time.perf_counter() - started)
