@@ -161,6 +161,45 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    return int(low), int(high or low)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from service.loadtest import SLO, WorkloadSpec, format_summary, plot, run_load, summarize
+
+    spec = WorkloadSpec(
+        num_requests=args.num_requests, arrival=args.arrival, rate=args.rate, concurrency=args.concurrency,
+        prompt_words=_range(args.prompt_words), max_new_tokens=_range(args.max_new_tokens),
+        prompt_mode=args.prompt_mode, jsonl=args.jsonl, seed=args.seed,
+    )  # fmt: skip
+    slo = SLO(args.slo_ttft, args.slo_itl)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
+    reports = []
+    for rate in rates:
+        run_spec = replace(spec, rate=rate, arrival="poisson") if rate is not None else spec
+        records, seconds = asyncio.run(run_load(args.target, run_spec))
+        report = summarize(records, seconds, slo)
+        reports.append((rate, report))
+        print((f"offered load {rate:g} req/s\n" if rate is not None else "") + format_summary(report))
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    result = {"target": args.target, "workload": vars(args) | {"handler": None}, "runs": [
+        {"offered_rate": rate, **{k: v for k, v in report.items() if k != "raw"}} for rate, report in reports
+    ]}  # fmt: skip
+    (output / "loadtest.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for path in plot(reports, output):
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {output / 'loadtest.json'}", file=sys.stderr)
+    return 0 if all(set(r["codes"]) <= {"OK"} for _, r in reports) else 1
+
+
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=_env("target", "localhost:50051"), help="server address host:port")
     parser.add_argument("--max-new-tokens", type=int)
@@ -229,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default="", help="a system message to start the conversation with")
     _add_client_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
+
+    load = commands.add_parser(
+        "loadtest",
+        help="seeded load against a running server: latency percentiles, goodput, plots",
+        description="Sends a seeded workload of streaming requests and reports throughput, time to first token, "
+        "inter-token latency and end-to-end latency (p50/p90/p99), errors by gRPC code, and goodput under the "
+        "SLOs. Writes loadtest.json and PNG plots (latency CDFs; with --rates, throughput and TTFT against "
+        "offered load) to --output. Exits 1 if any request failed.",
+    )
+    load.add_argument("--target", default=_env("target", "localhost:50051"))
+    load.add_argument("--num-requests", type=int, default=100)
+    load.add_argument("--arrival", choices=["poisson", "burst", "closed"], default="poisson")
+    load.add_argument("--rate", type=float, default=4.0, help="requests/s for poisson arrivals")
+    load.add_argument("--rates", default="", help="comma-separated rates: one poisson run each (a load sweep)")
+    load.add_argument("--concurrency", type=int, default=8, help="clients for --arrival closed")
+    load.add_argument("--prompt-words", default="8,64", help="MIN,MAX words per synthetic prompt")
+    load.add_argument("--max-new-tokens", default="16,128", help="MIN,MAX max_new_tokens per request")
+    load.add_argument("--prompt-mode", choices=["text", "ids"], default="text", help="ids: random token ids")
+    load.add_argument("--jsonl", help='prompts from a file: one {"prompt": ..., "max_new_tokens": ...} per line')
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--slo-ttft", type=float, default=2.0, help="seconds; goodput counts requests within both SLOs")
+    load.add_argument("--slo-itl", type=float, default=0.5, help="seconds, on each request's median token gap")
+    load.add_argument("--output", default="loadtest-results", help="folder for loadtest.json and the plots")
+    load.set_defaults(handler=cmd_loadtest)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""`genserve loadtest`: a seeded workload against a running server, with latency percentiles, goodput and plots.
+
+Arrivals are Poisson at a rate, a burst (everything at once), or a closed loop of N concurrent clients. Every
+request streams, so time to first token and inter-token latency are measured as a client sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from service.proto_gen.genserve.v1 import generate_pb2_grpc
+
+_WORDS = (
+    "the river city market morning light engine garden winter music window letter answer question simple "
+    "careful bright quiet story number mountain paper travel people history science ocean forest evening"
+).split()
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    num_requests: int = 100
+    arrival: str = "poisson"  # poisson | burst | closed
+    rate: float = 4.0  # requests/s, for poisson
+    concurrency: int = 8  # clients, for closed
+    prompt_words: tuple[int, int] = (8, 64)
+    max_new_tokens: tuple[int, int] = (16, 128)
+    prompt_mode: str = "text"  # text | ids (random token ids, for models without a tokenizer)
+    jsonl: str | None = None  # {"prompt": ..., "max_new_tokens": ...} per line, instead of synthetic prompts
+    seed: int = 0
+
+
+@dataclass
+class RequestRecord:
+    sent: float
+    code: str = "OK"
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    done: float | None = None
+    num_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_seconds: float = 2.0
+    itl_seconds: float = 0.5
+
+
+def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[pb.GenerateRequest]:
+    rng = random.Random(spec.seed)
+    if spec.jsonl:
+        lines = [json.loads(line) for line in Path(spec.jsonl).read_text().splitlines() if line.strip()]
+        items = [(lines[i % len(lines)]["prompt"], lines[i % len(lines)].get("max_new_tokens", 64)) for i in range(spec.num_requests)]
+    else:
+        items = [
+            (" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*spec.prompt_words))), rng.randint(*spec.max_new_tokens))
+            for _ in range(spec.num_requests)
+        ]
+    requests = []
+    for prompt, budget in items:
+        # ignore_eos makes the offered load exactly what the spec says, whatever the model answers.
+        parameters = pb.GenerationParameters(max_new_tokens=budget, ignore_eos=True)
+        if spec.prompt_mode == "ids":
+            ids = [rng.randrange(vocab_size) for _ in range(max(1, len(prompt.split())))]
+            requests.append(pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), parameters=parameters, return_token_ids=True))
+        else:
+            requests.append(pb.GenerateRequest(text=prompt, parameters=parameters, return_token_ids=True))
+    return requests
+
+
+async def _send(stub: generate_pb2_grpc.TextGenerationStub, request: pb.GenerateRequest, record: RequestRecord) -> None:
+    try:
+        async for chunk in stub.GenerateStream(request):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                record.first_token = record.first_token or now
+                record.token_times.append(now)
+                record.num_tokens += len(chunk.token_ids)
+    except grpc.aio.AioRpcError as error:
+        record.code = error.code().name
+    record.done = time.perf_counter()
+
+
+async def run_load(target: str, spec: WorkloadSpec, progress: bool = True) -> tuple[list[RequestRecord], float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generate_pb2_grpc.TextGenerationStub(channel)
+        info = await stub.ModelInfo(pb.ModelInfoRequest())
+        requests = build_requests(spec, info.vocab_size)
+        rng = random.Random(spec.seed + 1)
+        records: list[RequestRecord] = []
+        bar = tqdm(total=len(requests), desc=f"loadtest {spec.arrival}", unit="req", disable=not progress)
+        started = time.perf_counter()
+
+        async def one(request: pb.GenerateRequest) -> None:
+            record = RequestRecord(sent=time.perf_counter())
+            records.append(record)
+            await _send(stub, request, record)
+            bar.update(1)
+
+        if spec.arrival == "closed":
+            queue = list(requests)
+
+            async def client() -> None:
+                while queue:
+                    await one(queue.pop())
+
+            await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+        else:
+            tasks = []
+            for request in requests:
+                tasks.append(asyncio.create_task(one(request)))
+                if spec.arrival == "poisson":
+                    await asyncio.sleep(rng.expovariate(spec.rate))
+            await asyncio.gather(*tasks)
+        bar.close()
+        return records, time.perf_counter() - started
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def summarize(records: list[RequestRecord], seconds: float, slo: SLO) -> dict:
+    ok = [r for r in records if r.code == "OK"]
+    ttft = [r.first_token - r.sent for r in ok if r.first_token is not None]
+    gaps_by_request = [[b - a for a, b in zip(r.token_times, r.token_times[1:])] for r in ok]
+    itl = [gap for gaps in gaps_by_request for gap in gaps]
+    e2e = [r.done - r.sent for r in ok]
+    meets_slo = [
+        r for r, gaps in zip(ok, gaps_by_request)
+        if r.first_token is not None and r.first_token - r.sent <= slo.ttft_seconds
+        and (not gaps or sorted(gaps)[len(gaps) // 2] <= slo.itl_seconds)
+    ]  # fmt: skip
+    tokens = sum(r.num_tokens for r in records)
+    return {
+        "requests": len(records),
+        "seconds": seconds,
+        "codes": dict(Counter(r.code for r in records)),
+        "generated_tokens": tokens,
+        "throughput_tokens_per_s": tokens / seconds,
+        "throughput_requests_per_s": len(ok) / seconds,
+        "ttft_seconds": _percentiles(ttft),
+        "inter_token_latency_seconds": _percentiles(itl),
+        "end_to_end_seconds": _percentiles(e2e),
+        "slo": asdict(slo),
+        "goodput_requests_per_s": len(meets_slo) / seconds,
+        "slo_attainment": len(meets_slo) / len(records) if records else 0.0,
+        "raw": {"ttft": ttft, "itl": itl, "e2e": e2e},
+    }
+
+
+def plot(reports: list[tuple[float | None, dict]], output_dir: Path) -> list[Path]:
+    """Latency CDFs per run; with several offered rates, throughput and TTFT against the offered load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for rate, report in reports:
+        label = f"{rate:g} req/s" if rate is not None else "run"
+        for axis, key, title in zip(axes, ("ttft", "itl", "e2e"), ("time to first token", "inter-token latency", "end to end")):
+            values = sorted(report["raw"][key])
+            if values:
+                axis.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
+            axis.set_title(title)
+            axis.set_xlabel("seconds")
+            axis.set_ylabel("fraction of requests" if key != "itl" else "fraction of token gaps")
+            axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    written.append(output_dir / "latency_cdf.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    if len(reports) > 1 and all(rate is not None for rate, _ in reports):
+        rates = [rate for rate, _ in reports]
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        left.plot(rates, [r["throughput_tokens_per_s"] for _, r in reports], marker="o")
+        left.set_title("throughput vs offered load")
+        left.set_xlabel("offered load (req/s)")
+        left.set_ylabel("generated tokens/s")
+        for quantile in ("p50", "p90", "p99"):
+            right.plot(rates, [r["ttft_seconds"][quantile] for _, r in reports], marker="o", label=quantile)
+        right.set_title("time to first token vs offered load")
+        right.set_xlabel("offered load (req/s)")
+        right.set_ylabel("seconds")
+        right.legend()
+        for axis in (left, right):
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        written.append(output_dir / "load_sweep.png")
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+    return written
+
+
+def format_summary(report: dict) -> str:
+    def row(name: str, values: dict) -> str:
+        cells = " | ".join("-" if v is None else f"{v * 1000:.0f} ms" for v in values.values())
+        return f"| {name} | {cells} |"
+
+    return "\n".join([
+        f"{report['requests']} requests in {report['seconds']:.1f} s, codes {report['codes']}",
+        f"throughput: {report['throughput_tokens_per_s']:.1f} tokens/s, {report['throughput_requests_per_s']:.2f} req/s; "
+        f"goodput {report['goodput_requests_per_s']:.2f} req/s ({report['slo_attainment']:.0%} within "
+        f"TTFT <= {report['slo']['ttft_seconds']} s and median ITL <= {report['slo']['itl_seconds']} s)",
+        "| latency | p50 | p90 | p99 |",
+        "|---|---:|---:|---:|",
+        row("time to first token", report["ttft_seconds"]),
+        row("inter-token latency", report["inter_token_latency_seconds"]),
+        row("end to end", report["end_to_end_seconds"]),
+    ])  # fmt: skip

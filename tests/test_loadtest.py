@@ -1,0 +1,45 @@
+"""A short loadtest against a live server: its report agrees with what the server's metrics counted."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.cli import main
+from tests.serving import ServerThread
+
+
+def _metrics(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_loadtest_report_matches_server_metrics(tiny, tmp_path: Path) -> None:
+    server = ServerThread(tiny, max_running=4, metrics=True)
+    try:
+        code = main([
+            "loadtest", "--target", server.target, "--num-requests", "24", "--rates", "20,60",
+            "--prompt-mode", "ids", "--max-new-tokens", "4,12", "--output", str(tmp_path),
+        ])  # fmt: skip
+        metrics = _metrics(server.server.metrics_port)
+    finally:
+        server.close()
+    assert code == 0
+    report = json.loads((tmp_path / "loadtest.json").read_text())
+    runs = report["runs"]
+    assert [run["offered_rate"] for run in runs] == [20.0, 60.0]
+    assert all(run["codes"] == {"OK": 24} for run in runs)
+    served = metrics[("genserve_requests_total", (("code", "OK"), ("finish_reason", "length"), ("method", "GenerateStream")))]
+    assert served == sum(run["requests"] for run in runs)
+    assert metrics[("genserve_generated_tokens_total", ())] == sum(run["generated_tokens"] for run in runs)
+    for run in runs:
+        assert 0 < run["ttft_seconds"]["p50"] <= run["ttft_seconds"]["p99"] <= run["end_to_end_seconds"]["p99"]
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 10_000
+    assert (tmp_path / "load_sweep.png").stat().st_size > 10_000
