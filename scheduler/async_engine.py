@@ -42,6 +42,11 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def num_streams(self) -> int:
+        """Requests with a live output stream (a leak shows up here)."""
+        return len(self._queues)
+
     def start(self) -> None:
         """Bind to the running event loop and start the engine thread."""
         self._loop = asyncio.get_running_loop()
@@ -66,11 +71,12 @@ class AsyncEngine:
         params: GenerationParameters,
         request_id: str | None = None,
         top_logprobs: int | None = None,
+        client_id: str = "",
     ) -> AsyncIterator[GenerationOutput]:
         if request_id is not None and request_id in self._queues:
             raise ValidationError("request_id", f"request {request_id!r} is already running")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.engine.submit(prompt_ids, params, request_id, top_logprobs)
+        seq = self.engine.submit(prompt_ids, params, request_id, top_logprobs, client_id)
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0
@@ -95,9 +101,15 @@ class AsyncEngine:
                     text += detokenizer.flush()
                 finished = finish_reason is not None
                 yield GenerationOutput(
-                    seq.request_id, event.token_ids, text, event.num_prompt_tokens, num_generated, finish_reason,
-                    stop_string, event.logprobs,
-                )  # fmt: skip
+                    seq.request_id,
+                    event.token_ids,
+                    text,
+                    event.num_prompt_tokens,
+                    num_generated,
+                    finish_reason,
+                    stop_string,
+                    event.logprobs,
+                )
         finally:
             del self._queues[seq.request_id]
             if not finished:

@@ -54,10 +54,22 @@ class BatchState:
         self.token_counts = zeros(torch.int32, vocab_size)
         self.history = zeros(torch.long, capacity)
         self._slot_tensors = [
-            self.temperature, self.top_k, self.top_p_cutoff, self.min_p, self.typical_p, self.repetition_penalty,
-            self.no_repeat_ngram_size, self.min_new_tokens, self.max_new_tokens, self.prompt_length,
-            self.stops_on_eos, self.seq_length, self.eos_mask, self.single_token_bans, self.token_counts,
-        ]  # fmt: skip
+            self.temperature,
+            self.top_k,
+            self.top_p_cutoff,
+            self.min_p,
+            self.typical_p,
+            self.repetition_penalty,
+            self.no_repeat_ngram_size,
+            self.min_new_tokens,
+            self.max_new_tokens,
+            self.prompt_length,
+            self.stops_on_eos,
+            self.seq_length,
+            self.eos_mask,
+            self.single_token_bans,
+            self.token_counts,
+        ]
         self.refresh_composition()
 
     @property

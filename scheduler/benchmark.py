@@ -121,7 +121,9 @@ def run_genserve(loaded: LoadedModel, workload: Workload, max_batch_size: int) -
 def run_hf_sequential(loaded: LoadedModel, workload: Workload) -> BenchResult:
     model, outputs = loaded.model, []
     started = time.perf_counter()
-    for prompt, budget in tqdm(list(zip(workload.prompts, workload.max_new_tokens)), desc="HF one at a time", leave=False):
+    for prompt, budget in tqdm(
+        list(zip(workload.prompts, workload.max_new_tokens)), desc="HF one at a time", leave=False
+    ):
         ids = torch.tensor([prompt], device=model.device)
         outputs.append(model.generate(ids, max_new_tokens=budget, do_sample=False)[0, len(prompt) :].tolist())
     seconds = time.perf_counter() - started
@@ -222,7 +224,7 @@ def run_benchmark(
 def format_report(results: list[BenchResult], ceiling: float, max_batch_size: int) -> str:
     ours = results[0]
     lines = [
-        f"| system | tokens | seconds | tokens/s | genserve speed-up |",
+        "| system | tokens | seconds | tokens/s | genserve speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
     for result in results:

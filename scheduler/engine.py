@@ -20,12 +20,14 @@ import torch
 from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
 from scheduler.request import FinishReason, Sequence, TokenEvent
-from scheduler.runner import ModelRunner, StopCode
+from scheduler.runner import ModelRunner, StopCode, is_out_of_memory
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
+# After an out-of-memory the row limit shrinks; it grows back by one row per this many clean steps.
+STEPS_TO_REGROW_ONE_ROW = 200
 _STOP_REASONS = {StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN, StopCode.LENGTH: FinishReason.LENGTH}
 
 
@@ -51,6 +53,8 @@ class Engine:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.row_limit = config.max_running  # lowered after an out-of-memory, regrown slowly
+        self._clean_steps = 0
 
     @property
     def vocab_size(self) -> int:
@@ -74,7 +78,9 @@ class Engine:
         if prompt_length is not None and overrides.get("max_new_tokens") is None:
             room = self.config.max_context - prompt_length
             if 1 <= room < params.max_new_tokens:
-                params = dataclasses.replace(params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room))
+                params = dataclasses.replace(
+                    params, max_new_tokens=room, min_new_tokens=min(params.min_new_tokens, room)
+                )
         return params
 
     def submit(
@@ -83,6 +89,7 @@ class Engine:
         params: GenerationParameters,
         request_id: str | None = None,
         top_logprobs: int | None = None,
+        client_id: str = "",
     ) -> Sequence:
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValidationError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
@@ -102,7 +109,9 @@ class Engine:
                 f"{params.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
                 f"{self.config.max_context} (at most {room} fit)",
             )
-        seq = Sequence(request_id or uuid.uuid4().hex, list(prompt_ids), params, top_logprobs=top_logprobs)
+        seq = Sequence(
+            request_id or uuid.uuid4().hex, list(prompt_ids), params, client_id=client_id, top_logprobs=top_logprobs
+        )
         self.scheduler.add(seq)
         self._wakeup.set()
         return seq
@@ -134,7 +143,7 @@ class Engine:
     def step(self) -> bool:
         """One scheduling round and one model step; False when there was nothing to do."""
         events = self._apply_cancels()
-        admitted = self.scheduler.admit(self.num_running)
+        admitted = self.scheduler.admit(self.num_running, self.row_limit)
         if not admitted and not self.num_running:
             self._emit(events)
             return False
@@ -142,11 +151,20 @@ class Engine:
         for seq in admitted:
             seq.start_time = started
         try:
-            results = self.runner.step(admitted)
+            output = self.runner.step(admitted)
         except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
-            log.exception("engine step failed; failing the %d requests in it", self.num_running + len(admitted))
-            self._emit(events + self._fail_all(admitted, f"{type(error).__name__}: {error}"))
+            if is_out_of_memory(error):
+                events += self._recover_from_out_of_memory(admitted)
+            else:
+                log.exception("engine step failed; failing the %d requests in it", self.num_running + len(admitted))
+                events += self._fail_all(admitted, f"{type(error).__name__}: {error}")
+            self._emit(events)
             return True
+        self._regrow_row_limit()
+        for seq, message in output.failed:
+            log.error("request %s failed in prefill: %s", seq.request_id, message)
+            events.append(TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message))
+        results = output.results
         now = time.monotonic()
         leaving: set[int] = set()
         for row, (seq, result) in enumerate(zip(self.runner.rows, results)):
@@ -161,7 +179,9 @@ class Engine:
                 leaving.add(row)
             logprobs = (result.logprob,) if result.logprob is not None else ()
             events.append(
-                TokenEvent(seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs)
+                TokenEvent(
+                    seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs
+                )
             )
         self.runner.release(leaving)
         self._emit(events)
@@ -188,6 +208,41 @@ class Engine:
             events.append(TokenEvent(seq.request_id, (), reason, seq.num_prompt_tokens))
         self.runner.release(leaving)
         return events
+
+    def _recover_from_out_of_memory(self, admitted: list[Sequence]) -> list[TokenEvent]:
+        """Shrink to what fits: requeue this step's new requests (or preempt the newest running one, keeping its
+        tokens, to be recomputed later) and lower the row limit. A lone request that cannot fit fails instead of
+        being retried forever."""
+        if admitted:
+            victims = admitted
+        elif self.num_running:
+            newest = max(range(self.num_running), key=lambda row: self.runner.rows[row].start_time or 0.0)
+            victims = [self.runner.rows[newest]]
+            self.runner.release({newest})
+        else:
+            victims = []
+        self.row_limit = max(1, self.num_running)
+        self._clean_steps = 0
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.num_running == 0 and len(victims) == 1:
+            seq = victims[0]
+            log.error("request %s does not fit in memory even alone; failing it", seq.request_id)
+            return [
+                TokenEvent(
+                    seq.request_id, (), None, seq.num_prompt_tokens, error="out of memory: the request does not fit"
+                )
+            ]
+        self.scheduler.requeue(victims)
+        log.warning("out of memory: requeued %d requests, row limit now %d", len(victims), self.row_limit)
+        return []
+
+    def _regrow_row_limit(self) -> None:
+        if self.row_limit < self.config.max_running:
+            self._clean_steps += 1
+            if self._clean_steps >= STEPS_TO_REGROW_ONE_ROW:
+                self.row_limit += 1
+                self._clean_steps = 0
 
     def _fail_all(self, admitted: list[Sequence], message: str) -> list[TokenEvent]:
         failed = {id(seq): seq for seq in [*self.runner.rows, *admitted]}.values()

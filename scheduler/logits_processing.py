@@ -55,7 +55,9 @@ def apply_repetition_penalty(scores: torch.Tensor, counts: torch.Tensor, penalty
     return torch.where(counts > 0, penalised, scores)
 
 
-def apply_no_repeat_ngram(scores: torch.Tensor, state: BatchState, ngram_size: int, max_seq_length: int) -> torch.Tensor:
+def apply_no_repeat_ngram(
+    scores: torch.Tensor, state: BatchState, ngram_size: int, max_seq_length: int
+) -> torch.Tensor:
     """Ban each token that would complete an n-gram already present, for rows whose no_repeat_ngram_size is n."""
     num_rows = scores.shape[0]
     if max_seq_length < ngram_size:

@@ -31,6 +31,7 @@ class Sequence:
     # Set when the row is prefilled; max_time counts from here, like HF's MaxTimeCriteria counts from generate().
     start_time: float | None = None
     first_token_time: float | None = None
+    client_id: str = ""  # requests of one client are queued behind each other, clients round-robin
     # None: no logprobs; n >= 0: the chosen token's logprob and the n most likely alternatives, per step.
     top_logprobs: int | None = None
 

@@ -26,6 +26,19 @@ class StopCode(enum.IntEnum):
     LENGTH = 2
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator raises a RuntimeError that says so."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
+    )
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    results: list[RowResult]  # one per row, in row order
+    failed: list[tuple[Sequence, str]]  # admitted requests whose own prefill raised; they hold no row
+
+
 @dataclass(frozen=True)
 class RowResult:
     token_id: int
@@ -71,15 +84,29 @@ class ModelRunner:
         return used / (self.max_rows * self.max_context)
 
     @torch.inference_mode()
-    def step(self, admitted: list[Sequence]) -> list[RowResult]:
-        """Prefill `admitted` into new rows, decode the others; one result per row, in row order."""
+    def step(self, admitted: list[Sequence]) -> StepOutput:
+        """Prefill `admitted` into new rows, decode the others, and pick every row's next token.
+
+        A request whose own prefill raises is failed alone. Any other error leaves the batch as it was before
+        the step (rows added by it are dropped, no token recorded) and propagates to the engine."""
         num_running = self.num_rows
-        logits = []
+        try:
+            return self._step(num_running, admitted)
+        except BaseException:
+            self.release(set(range(num_running, self.num_rows)))
+            raise
+
+    def _step(self, num_running: int, admitted: list[Sequence]) -> StepOutput:
+        logits, failed = [], []
         if num_running:
             logits.append(self._decode(num_running))
         if admitted:
-            logits.append(self._prefill(admitted))
+            prefill_logits, failed = self._prefill(admitted)
+            if prefill_logits is not None:
+                logits.append(prefill_logits)
             self.state.refresh_composition()
+        if not logits:
+            return StepOutput([], failed)
         scores = torch.cat(logits).float() if len(logits) > 1 else logits[0].float()
         if self.logit_softcap:
             scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
@@ -96,7 +123,7 @@ class ModelRunner:
             columns += self._logprob_columns(raw_scores, next_tokens, num_top)
         # The one device-to-host copy of the step (token ids are exact in float64).
         host_rows = torch.cat(columns, dim=1).tolist()
-        return [self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)]
+        return StepOutput([self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)], failed)
 
     @staticmethod
     def _logprob_columns(raw_scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:
@@ -123,15 +150,23 @@ class ModelRunner:
             return
         sources, destinations = self.state.remove_rows(leaving)
         if sources:
-            self.cache.move_rows(torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device))
+            self.cache.move_rows(
+                torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device)
+            )
         self.state.refresh_composition()
 
     def _stop_codes(self, next_tokens: torch.Tensor) -> torch.Tensor:
         state, num_rows = self.state, next_tokens.shape[0]
-        hits_eos = state.eos_mask[:num_rows].gather(1, next_tokens.unsqueeze(1)).squeeze(1) & state.stops_on_eos[:num_rows]
+        hits_eos = (
+            state.eos_mask[:num_rows].gather(1, next_tokens.unsqueeze(1)).squeeze(1) & state.stops_on_eos[:num_rows]
+        )
         generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows] + 1
-        hits_length = (generated >= state.max_new_tokens[:num_rows]) | (state.seq_length[:num_rows] + 1 >= self.max_context)
-        return torch.where(hits_eos, int(StopCode.EOS_TOKEN), torch.where(hits_length, int(StopCode.LENGTH), int(StopCode.RUNNING)))
+        hits_length = (generated >= state.max_new_tokens[:num_rows]) | (
+            state.seq_length[:num_rows] + 1 >= self.max_context
+        )
+        return torch.where(
+            hits_eos, int(StopCode.EOS_TOKEN), torch.where(hits_length, int(StopCode.LENGTH), int(StopCode.RUNNING))
+        )
 
     def _decode(self, num_rows: int) -> torch.Tensor:
         state = self.state
@@ -145,19 +180,27 @@ class ModelRunner:
         hidden = self._forward(last_tokens.unsqueeze(1), positions.unsqueeze(1), mask[:, None, None, :])
         return self.lm_head(hidden[:, -1])
 
-    def _prefill(self, admitted: list[Sequence]) -> torch.Tensor:
+    def _prefill(self, admitted: list[Sequence]) -> tuple[torch.Tensor | None, list[tuple[Sequence, str]]]:
         """One forward per new row, unpadded: prefill is compute-bound here, so padding would be pure waste, and
-        each row then runs exactly the computation `generate()` runs for it alone (causal kernel, no mask)."""
-        last_hidden = []
+        each row then runs exactly the computation `generate()` runs for it alone (causal kernel, no mask).
+        Being per request, a failure is attributable: that request fails alone (out of memory excepted,
+        which the engine handles for the whole batch)."""
+        last_hidden, failed = [], []
         for seq in admitted:
             tokens = seq.prompt_ids + seq.generated_ids
             self.cache.ensure_capacity(len(tokens) + 1)
             row = self.state.add_row(seq)
-            self.cache.begin_prefill(row, 1)
-            input_ids = torch.tensor([tokens], device=self.device)
-            positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
-            last_hidden.append(self._forward(input_ids, positions, None)[:, -1])
-        return self.lm_head(torch.cat(last_hidden))
+            try:
+                self.cache.begin_prefill(row, 1)
+                input_ids = torch.tensor([tokens], device=self.device)
+                positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
+                last_hidden.append(self._forward(input_ids, positions, None)[:, -1])
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise
+                self.release({row})
+                failed.append((seq, f"{type(error).__name__}: {error}"))
+        return (self.lm_head(torch.cat(last_hidden)) if last_hidden else None), failed
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         output = self.decoder(

@@ -1,8 +1,9 @@
 """The scheduler decides, the runner computes.
 
-Design: requests wait in a FIFO queue (bounded: a full queue refuses at once, so the caller can answer
-RESOURCE_EXHAUSTED instead of letting latency grow without bound). Between decode steps the scheduler admits
-waiting requests into free rows, first come first served, as long as their prompt tokens stay within the
+Design: requests wait in a bounded queue (full: refused at once, so the caller can answer RESOURCE_EXHAUSTED
+instead of letting latency grow without bound), one FIFO per client served round-robin, so one client's burst
+cannot starve the others. Between decode steps the scheduler admits waiting requests into free rows (bounded
+by the row limit, which the engine lowers after an out-of-memory) as long as their prompt tokens stay within the
 per-step prefill budget; the first admitted request is always taken even if it alone exceeds the budget, so a
 long prompt cannot starve. It needs no torch and is unit-tested on its own.
 """
@@ -36,36 +37,58 @@ class SchedulerConfig:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._waiting: deque[Sequence] = deque()
+        # One FIFO per client, visited round-robin: a client's burst waits behind itself, not in front of others.
+        # Dict order is the visiting order; a client that was just served moves to the end.
+        self._waiting: dict[str, deque[Sequence]] = {}
+        self._num_waiting = 0
         self._lock = threading.Lock()
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self._num_waiting
 
     def add(self, seq: Sequence) -> None:
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue:
+            if self._num_waiting >= self.config.max_queue:
                 raise QueueFullError(f"queue is full ({self.config.max_queue} requests waiting)")
-            self._waiting.append(seq)
+            self._waiting.setdefault(seq.client_id, deque()).append(seq)
+            self._num_waiting += 1
 
     def remove(self, request_id: str) -> Sequence | None:
         """Take a still-waiting request out of the queue (cancel before prefill)."""
         with self._lock:
-            for seq in self._waiting:
-                if seq.request_id == request_id:
-                    self._waiting.remove(seq)
-                    return seq
+            for client, queue in self._waiting.items():
+                for seq in queue:
+                    if seq.request_id == request_id:
+                        queue.remove(seq)
+                        if not queue:
+                            del self._waiting[client]
+                        self._num_waiting -= 1
+                        return seq
         return None
 
-    def admit(self, num_running: int) -> list[Sequence]:
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put requests back at the head of their clients' queues, in order (after an out-of-memory); no limit
+        applies, they were accepted already."""
+        with self._lock:
+            for seq in reversed(seqs):
+                self._waiting.setdefault(seq.client_id, deque()).appendleft(seq)
+            self._num_waiting += len(seqs)
+
+    def admit(self, num_running: int, row_limit: int | None = None) -> list[Sequence]:
         """Pop the requests to prefill this step, given how many rows are already running."""
         admitted: list[Sequence] = []
         budget = self.config.max_prefill_tokens
+        limit = min(row_limit or self.config.max_running, self.config.max_running)
         with self._lock:
-            while self._waiting and num_running + len(admitted) < self.config.max_running:
-                if admitted and self._waiting[0].num_tokens > budget:
+            while self._waiting and num_running + len(admitted) < limit:
+                client, queue = next(iter(self._waiting.items()))
+                if admitted and queue[0].num_tokens > budget:
                     break
-                budget -= self._waiting[0].num_tokens
-                admitted.append(self._waiting.popleft())
+                budget -= queue[0].num_tokens
+                admitted.append(queue.popleft())
+                del self._waiting[client]
+                if queue:
+                    self._waiting[client] = queue
+            self._num_waiting -= len(admitted)
         return admitted

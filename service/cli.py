@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -20,7 +19,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("model", "default"),
         help="'default' (SmolLM2-135M-Instruct, bundled), a local Hugging Face model folder, or a .gguf file",
     )
-    group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16")
+    group.add_argument(
+        "--dtype", default=_env("dtype", "auto"), help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16"
+    )
     group.add_argument("--device", default=_env("device", "auto"), help="auto (CUDA when present), cpu, cuda, cuda:N")
     group.add_argument(
         "--load-format",
@@ -32,13 +33,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine limits")
-    group.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", "32")), help="most rows decoded together")
     group.add_argument(
-        "--max-prefill-tokens", type=int, default=int(_env("max_prefill_tokens", "4096")), help="prompt tokens prefilled per step"
+        "--max-batch-size", type=int, default=int(_env("max_batch_size", "32")), help="most rows decoded together"
     )
-    group.add_argument("--max-queue", type=int, default=int(_env("max_queue", "1024")), help="waiting requests before RESOURCE_EXHAUSTED")
+    group.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=int(_env("max_prefill_tokens", "4096")),
+        help="prompt tokens prefilled per step",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("max_queue", "1024")),
+        help="waiting requests before RESOURCE_EXHAUSTED",
+    )
     group.add_argument(
         "--max-context", type=int, default=int(_env("max_context", "2048")), help="prompt + new tokens per request"
+    )
+    group.add_argument(
+        "--max-requests-per-client",
+        type=int,
+        default=int(_env("max_requests_per_client", "0")),
+        help="in-flight requests per client (x-client-id metadata, else its address); 0: unlimited",
     )
 
 
@@ -64,25 +81,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     workload = default_workload(
-        loaded, num_prompts=args.num_prompts, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
+        loaded,
+        num_prompts=args.num_prompts,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
-    )  # fmt: skip
+    )
     baselines = tuple(b for b in args.baselines.split(",") if b)
-    results, ceiling = run_benchmark(loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr))
+    results, ceiling = run_benchmark(
+        loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr)
+    )
     print(format_report(results, ceiling, args.max_batch_size))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
+    from pathlib import Path
 
     from scheduler.engine import Engine
-    from service.server import GenerationServer
+    from service.security import TLSConfig, read_tokens
+    from service.server import GenerationServer, ServerOptions
 
-    loaded = _load(args)
-    server = GenerationServer(
-        Engine(loaded, _scheduler_config(args)), args.host, args.port, args.drain_seconds, args.metrics_port
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("--tls-cert and --tls-key go together")
+        tls = TLSConfig(
+            Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None
+        )
+    elif args.tls_client_ca:
+        raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        grace_seconds=args.drain_seconds,
+        metrics_port=args.metrics_port,
+        tls=tls,
+        auth_tokens=read_tokens(Path(args.auth_token_file)) if args.auth_token_file else None,
+        max_message_bytes=args.max_message_bytes,
+        max_requests_per_client=args.max_requests_per_client or None,
     )
+    loaded = _load(args)
+    server = GenerationServer(Engine(loaded, _scheduler_config(args)), options)
     asyncio.run(server.serve_until_signal())
     return 0
 
@@ -175,10 +216,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from service.loadtest import SLO, WorkloadSpec, format_summary, plot, run_load, summarize
 
     spec = WorkloadSpec(
-        num_requests=args.num_requests, arrival=args.arrival, rate=args.rate, concurrency=args.concurrency,
-        prompt_words=_range(args.prompt_words), max_new_tokens=_range(args.max_new_tokens),
-        prompt_mode=args.prompt_mode, jsonl=args.jsonl, seed=args.seed,
-    )  # fmt: skip
+        num_requests=args.num_requests,
+        arrival=args.arrival,
+        rate=args.rate,
+        concurrency=args.concurrency,
+        prompt_words=_range(args.prompt_words),
+        max_new_tokens=_range(args.max_new_tokens),
+        prompt_mode=args.prompt_mode,
+        jsonl=args.jsonl,
+        seed=args.seed,
+    )
     slo = SLO(args.slo_ttft, args.slo_itl)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
     reports = []
@@ -190,9 +237,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         print((f"offered load {rate:g} req/s\n" if rate is not None else "") + format_summary(report))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    result = {"target": args.target, "workload": vars(args) | {"handler": None}, "runs": [
-        {"offered_rate": rate, **{k: v for k, v in report.items() if k != "raw"}} for rate, report in reports
-    ]}  # fmt: skip
+    result = {
+        "target": args.target,
+        "workload": vars(args) | {"handler": None},
+        "runs": [{"offered_rate": rate, **{k: v for k, v in report.items() if k != "raw"}} for rate, report in reports],
+    }
     (output / "loadtest.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     for path in plot(reports, output):
         print(f"wrote {path}", file=sys.stderr)
@@ -256,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--drain-seconds", type=float, default=float(_env("drain_seconds", "30")), help="grace period on SIGTERM"
     )
+    security = serve.add_argument_group("security")
+    security.add_argument("--tls-cert", default=_env("tls_cert", ""), help="PEM certificate chain: serve TLS")
+    security.add_argument("--tls-key", default=_env("tls_key", ""), help="PEM private key for --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", default=_env("tls_client_ca", ""), help="PEM CA: require client certificates (mutual TLS)"
+    )
+    security.add_argument(
+        "--auth-token-file",
+        default=_env("auth_token_file", ""),
+        help="accepted bearer tokens, one per line; calls without one get UNAUTHENTICATED (health stays open)",
+    )
+    security.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_env("max_message_bytes", str(4 * 1024 * 1024))),
+        help="largest request or response message",
+    )
+    serve.add_argument(
+        "--log-format", default=_env("log_format", "json"), choices=["json", "text"], help="log lines as JSON or text"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     generate = commands.add_parser("generate", help="one generation from a running server")
@@ -296,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("GENSERVE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from service.log_format import configure_logging
+
+    configure_logging(os.environ.get("GENSERVE_LOG_LEVEL", "INFO"), getattr(args, "log_format", "text"))
     return args.handler(args)
 
 

@@ -9,9 +9,20 @@ from scheduler.request import FinishReason, TokenLogprob
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 
 _SCALAR_FIELDS = (
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
-    "repetition_penalty", "no_repeat_ngram_size", "max_time", "seed", "ignore_eos",
-)  # fmt: skip
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "max_time",
+    "seed",
+    "ignore_eos",
+)
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.LENGTH,

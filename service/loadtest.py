@@ -59,10 +59,16 @@ def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[pb.GenerateReque
     rng = random.Random(spec.seed)
     if spec.jsonl:
         lines = [json.loads(line) for line in Path(spec.jsonl).read_text().splitlines() if line.strip()]
-        items = [(lines[i % len(lines)]["prompt"], lines[i % len(lines)].get("max_new_tokens", 64)) for i in range(spec.num_requests)]
+        items = [
+            (lines[i % len(lines)]["prompt"], lines[i % len(lines)].get("max_new_tokens", 64))
+            for i in range(spec.num_requests)
+        ]
     else:
         items = [
-            (" ".join(rng.choice(_WORDS) for _ in range(rng.randint(*spec.prompt_words))), rng.randint(*spec.max_new_tokens))
+            (
+                " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*spec.prompt_words))),
+                rng.randint(*spec.max_new_tokens),
+            )
             for _ in range(spec.num_requests)
         ]
     requests = []
@@ -71,7 +77,9 @@ def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[pb.GenerateReque
         parameters = pb.GenerationParameters(max_new_tokens=budget, ignore_eos=True)
         if spec.prompt_mode == "ids":
             ids = [rng.randrange(vocab_size) for _ in range(max(1, len(prompt.split())))]
-            requests.append(pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), parameters=parameters, return_token_ids=True))
+            requests.append(
+                pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), parameters=parameters, return_token_ids=True)
+            )
         else:
             requests.append(pb.GenerateRequest(text=prompt, parameters=parameters, return_token_ids=True))
     return requests
@@ -140,10 +148,12 @@ def summarize(records: list[RequestRecord], seconds: float, slo: SLO) -> dict:
     itl = [gap for gaps in gaps_by_request for gap in gaps]
     e2e = [r.done - r.sent for r in ok]
     meets_slo = [
-        r for r, gaps in zip(ok, gaps_by_request)
-        if r.first_token is not None and r.first_token - r.sent <= slo.ttft_seconds
+        r
+        for r, gaps in zip(ok, gaps_by_request)
+        if r.first_token is not None
+        and r.first_token - r.sent <= slo.ttft_seconds
         and (not gaps or sorted(gaps)[len(gaps) // 2] <= slo.itl_seconds)
-    ]  # fmt: skip
+    ]
     tokens = sum(r.num_tokens for r in records)
     return {
         "requests": len(records),
@@ -174,7 +184,9 @@ def plot(reports: list[tuple[float | None, dict]], output_dir: Path) -> list[Pat
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for rate, report in reports:
         label = f"{rate:g} req/s" if rate is not None else "run"
-        for axis, key, title in zip(axes, ("ttft", "itl", "e2e"), ("time to first token", "inter-token latency", "end to end")):
+        for axis, key, title in zip(
+            axes, ("ttft", "itl", "e2e"), ("time to first token", "inter-token latency", "end to end")
+        ):
             values = sorted(report["raw"][key])
             if values:
                 axis.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
@@ -214,14 +226,17 @@ def format_summary(report: dict) -> str:
         cells = " | ".join("-" if v is None else f"{v * 1000:.0f} ms" for v in values.values())
         return f"| {name} | {cells} |"
 
-    return "\n".join([
-        f"{report['requests']} requests in {report['seconds']:.1f} s, codes {report['codes']}",
-        f"throughput: {report['throughput_tokens_per_s']:.1f} tokens/s, {report['throughput_requests_per_s']:.2f} req/s; "
-        f"goodput {report['goodput_requests_per_s']:.2f} req/s ({report['slo_attainment']:.0%} within "
-        f"TTFT <= {report['slo']['ttft_seconds']} s and median ITL <= {report['slo']['itl_seconds']} s)",
-        "| latency | p50 | p90 | p99 |",
-        "|---|---:|---:|---:|",
-        row("time to first token", report["ttft_seconds"]),
-        row("inter-token latency", report["inter_token_latency_seconds"]),
-        row("end to end", report["end_to_end_seconds"]),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"{report['requests']} requests in {report['seconds']:.1f} s, codes {report['codes']}",
+            f"throughput: {report['throughput_tokens_per_s']:.1f} tokens/s, "
+            f"{report['throughput_requests_per_s']:.2f} req/s; "
+            f"goodput {report['goodput_requests_per_s']:.2f} req/s ({report['slo_attainment']:.0%} within "
+            f"TTFT <= {report['slo']['ttft_seconds']} s and median ITL <= {report['slo']['itl_seconds']} s)",
+            "| latency | p50 | p90 | p99 |",
+            "|---|---:|---:|---:|",
+            row("time to first token", report["ttft_seconds"]),
+            row("inter-token latency", report["inter_token_latency_seconds"]),
+            row("end to end", report["end_to_end_seconds"]),
+        ]
+    )

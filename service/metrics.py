@@ -21,31 +21,55 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "genserve_requests", "Finished requests by method, finish reason and gRPC code", ["method", "finish_reason", "code"], registry=r
+            "genserve_requests",
+            "Finished requests by method, finish reason and gRPC code",
+            ["method", "finish_reason", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "genserve_request_duration_seconds", "Time from arrival to the last token", ["method"], buckets=LATENCY_BUCKETS, registry=r
+            "genserve_request_duration_seconds",
+            "Time from arrival to the last token",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.queue_wait = Histogram("genserve_queue_wait_seconds", "Time from arrival to prefill", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            "genserve_queue_wait_seconds", "Time from arrival to prefill", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.time_to_first_token = Histogram(
-            "genserve_time_to_first_token_seconds", "Time from arrival to the first token", buckets=LATENCY_BUCKETS, registry=r
+            "genserve_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "genserve_inter_token_latency_seconds", "Time between consecutive tokens of a stream", buckets=STEP_BUCKETS, registry=r
+            "genserve_inter_token_latency_seconds",
+            "Time between consecutive tokens of a stream",
+            buckets=STEP_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter("genserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generated_tokens = Counter("genserve_generated_tokens", "Generated tokens of finished requests", registry=r)
-        self.prompt_length = Histogram("genserve_prompt_length_tokens", "Prompt length", buckets=LENGTH_BUCKETS, registry=r)
+        self.generated_tokens = Counter(
+            "genserve_generated_tokens", "Generated tokens of finished requests", registry=r
+        )
+        self.prompt_length = Histogram(
+            "genserve_prompt_length_tokens", "Prompt length", buckets=LENGTH_BUCKETS, registry=r
+        )
         self.generated_length = Histogram(
             "genserve_generated_length_tokens", "Generated length", buckets=LENGTH_BUCKETS, registry=r
         )
         self.step_duration = Histogram(
-            "genserve_step_duration_seconds", "Engine step time; phase prefill when the step admitted rows", ["phase"],
-            buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
+            "genserve_step_duration_seconds",
+            "Engine step time; phase prefill when the step admitted rows",
+            ["phase"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Gauge("genserve_batch_size", "Rows in the last engine step", registry=r)
         Gauge("genserve_queue_size", "Requests waiting for a row", registry=r).set_function(lambda: engine.num_waiting)
-        Gauge("genserve_running_requests", "Requests holding a row", registry=r).set_function(lambda: engine.num_running)
+        Gauge("genserve_running_requests", "Requests holding a row", registry=r).set_function(
+            lambda: engine.num_running
+        )
         Gauge("genserve_kv_cache_usage_ratio", "Tokens held in the KV cache / its capacity", registry=r).set_function(
             engine.runner.kv_usage_ratio
         )

@@ -19,15 +19,17 @@ def generate(output_root: Path) -> list[Path]:
     """Write the generated modules under output_root/service/proto_gen/ and return their paths."""
     include = Path(protoc.__file__).parent / "_proto"
     for proto in PROTO_FILES:
-        code = protoc.main([
-            "grpc_tools.protoc",
-            f"-I{PACKAGE_PREFIX}={PROTO_ROOT}",
-            f"-I{include}",
-            f"--python_out={output_root}",
-            f"--pyi_out={output_root}",
-            f"--grpc_python_out={output_root}",
-            f"{PACKAGE_PREFIX}/{proto}",
-        ])  # fmt: skip
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PACKAGE_PREFIX}={PROTO_ROOT}",
+                f"-I{include}",
+                f"--python_out={output_root}",
+                f"--pyi_out={output_root}",
+                f"--grpc_python_out={output_root}",
+                f"{PACKAGE_PREFIX}/{proto}",
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"protoc failed on {proto}")
     base = output_root / PACKAGE_PREFIX

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,14 +22,16 @@ from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.scheduler import QueueFullError
 from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.metrics import Metrics
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from service.security import AuthInterceptor, TLSConfig
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("genserve.requests")
 
 
 class DrainingError(RuntimeError):
@@ -51,6 +54,28 @@ async def _abort_for(error: Exception, context: grpc.aio.ServicerContext) -> Non
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes don't parse (bad UTF-8 in a string, truncated data): INVALID_ARGUMENT, not INTERNAL."""
+
+    reason: str
+
+
+def _tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - any parse failure is the client's malformed message
+            return _Undecodable(str(error) or type(error).__name__)
+
+    return parse
+
+
+def _check_decoded(request: object) -> None:
+    if isinstance(request, _Undecodable):
+        raise ValidationError("request", f"the message does not parse: {request.reason}")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike."""
 
@@ -70,6 +95,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
                 try:
+                    _check_decoded(request)
                     return await inner_unary(request, context)
                 except grpc.aio.AbortError:
                     raise
@@ -78,13 +104,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_for(error, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def stream(request, context):  # noqa: ANN001, ANN202
                 try:
+                    _check_decoded(request)
                     async for response in inner_stream(request, context):
                         yield response
                 except grpc.aio.AbortError:
@@ -94,13 +123,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_for(error, context)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                stream,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
             )
         return handler
 
     def _count_error(self, method: str, error: Exception) -> None:
         code = next((c for t, c in _STATUS_FOR_ERROR if isinstance(error, t)), grpc.StatusCode.INTERNAL)
         self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()
+
+
+def _client_id(context: grpc.aio.ServicerContext) -> str:
+    """The `x-client-id` metadata when the client names itself, else its address (without the port)."""
+    named = dict(context.invocation_metadata() or ()).get("x-client-id")
+    return named or context.peer().rsplit(":", 1)[0]
 
 
 @dataclass
@@ -112,9 +149,11 @@ class PreparedRequest:
 
 
 class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
-    def __init__(self, engine: AsyncEngine, metrics: Metrics) -> None:
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, max_requests_per_client: int | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.max_requests_per_client = max_requests_per_client
+        self.in_flight: Counter[str] = Counter()
         self.draining = False
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
@@ -150,16 +189,23 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         self, method: str, prepared: PreparedRequest, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationOutput]:
         """The engine's outputs for this request, timed into the metrics on the way through."""
+        client = _client_id(context)
+        limit = self.max_requests_per_client
+        if limit is not None and self.in_flight[client] >= limit:
+            raise QueueFullError(f"client {client!r} already has {limit} requests in flight")
+        self.in_flight[client] += 1
         started = previous = time.monotonic()
+        first_token_at: float | None = None
         last: GenerationOutput | None = None
         code = "OK"
         try:
             async for output in self.engine.generate(
-                prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs
+                prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs, client
             ):
                 now = time.monotonic()
                 if output.token_ids:
-                    if last is None or not last.num_generated_tokens:
+                    if first_token_at is None:
+                        first_token_at = now
                         self.metrics.time_to_first_token.observe(now - started)
                     else:
                         self.metrics.inter_token_latency.observe(now - previous)
@@ -174,11 +220,27 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             code = "INTERNAL"
             raise
         finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
             finish = last.finish_reason.value if last is not None and last.finish_reason is not None else ""
-            self.metrics.record_request(
-                method, code, finish, time.monotonic() - started, len(prepared.prompt_ids),
-                last.num_generated_tokens if last is not None else 0,
-            )  # fmt: skip
+            generated = last.num_generated_tokens if last is not None else 0
+            duration = time.monotonic() - started
+            self.metrics.record_request(method, code, finish, duration, len(prepared.prompt_ids), generated)
+            # Never the prompt or the output text: logs are not a place for user data.
+            request_log.info(
+                "request finished",
+                extra={
+                    "request_id": last.request_id if last is not None else request.request_id,
+                    "method": method,
+                    "code": code,
+                    "finish_reason": finish,
+                    "prompt_tokens": len(prepared.prompt_ids),
+                    "generated_tokens": generated,
+                    "duration_s": round(duration, 4),
+                    "ttft_s": round(first_token_at - started, 4) if first_token_at is not None else None,
+                },
+            )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         prepared = self._prepare(request)
@@ -257,20 +319,29 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         )
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 asks for a free port
+    grace_seconds: float = 30.0
+    metrics_port: int | None = None  # None: no /metrics endpoint
+    tls: TLSConfig | None = None
+    auth_tokens: frozenset[str] | None = None  # None: no authentication
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_requests_per_client: int | None = None  # None: no per-client limit
+
+
 class GenerationServer:
     """Owns the grpc.aio server, the health status and the drain sequence."""
 
-    def __init__(
-        self, engine: Engine, host: str, port: int, grace_seconds: float = 30.0, metrics_port: int | None = None
-    ) -> None:
+    def __init__(self, engine: Engine, options: ServerOptions = ServerOptions()) -> None:
+        self.options = options
         self.async_engine = AsyncEngine(engine)
         self.metrics = Metrics(engine)
-        self.metrics_port = metrics_port
-        self.service = TextGenerationService(self.async_engine, self.metrics)
-        self.host = host
-        self.address = f"{host}:{port}"
-        self.grace_seconds = grace_seconds
-        self.port = 0  # the bound port, known after start() (port 0 asks for a free one)
+        self.metrics_port = options.metrics_port
+        self.service = TextGenerationService(self.async_engine, self.metrics, options.max_requests_per_client)
+        self.grace_seconds = options.grace_seconds
+        self.port = 0  # the bound port, known after start()
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
@@ -278,14 +349,25 @@ class GenerationServer:
     def _build(self) -> None:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(self.metrics)]
+        if self.options.auth_tokens is not None:
+            interceptors.insert(0, AuthInterceptor(self.options.auth_tokens))
+        size = self.options.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        )
         generate_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.address)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls is not None:
+            self.port = self.server.add_secure_port(address, self.options.tls.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         self._stopped = asyncio.Event()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -299,7 +381,7 @@ class GenerationServer:
         self.async_engine.start()
         await self._warm_up()
         if self.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+            self.metrics_port = self.metrics.serve(self.metrics_port, self.options.host)
             log.info("metrics on port %d at /metrics", self.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %d", self.async_engine.engine.loaded.name, self.port)

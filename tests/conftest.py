@@ -19,10 +19,18 @@ TINY_EOS = 2
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=TINY_EOS, pad_token_id=0, bos_token_id=1,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=TINY_EOS,
+        pad_token_id=0,
+        bos_token_id=1,
         attn_implementation="sdpa",
-    )  # fmt: skip
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -39,9 +47,11 @@ def default_model() -> LoadedModel:
 def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationParameters) -> list[int]:
     """The reference: `model.generate()` on this request alone, with the same parameters."""
     kwargs = dict(
-        max_new_tokens=params.max_new_tokens, do_sample=params.is_sampling, eos_token_id=list(params.eos_token_id),
+        max_new_tokens=params.max_new_tokens,
+        do_sample=params.is_sampling,
+        eos_token_id=list(params.eos_token_id),
         pad_token_id=model.generation_config.pad_token_id or 0,
-    )  # fmt: skip
+    )
     if params.min_new_tokens:
         kwargs["min_new_tokens"] = params.min_new_tokens
     if params.repetition_penalty != 1.0:
@@ -51,7 +61,9 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationPar
     if params.bad_words_ids:
         kwargs["bad_words_ids"] = [list(b) for b in params.bad_words_ids]
     if params.is_sampling:
-        kwargs.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, typical_p=params.typical_p)
+        kwargs.update(
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, typical_p=params.typical_p
+        )
         if params.min_p is not None:
             kwargs["min_p"] = params.min_p
     if params.seed is not None:
@@ -84,7 +96,9 @@ class StepDriver:
         self.engine.submit(prompt, params, request_id)
         return params
 
-    def run(self, schedule: dict[int, list[tuple[str, list[int], dict]]] | None = None, max_steps: int = 10_000) -> None:
+    def run(
+        self, schedule: dict[int, list[tuple[str, list[int], dict]]] | None = None, max_steps: int = 10_000
+    ) -> None:
         """Step until idle; `schedule` maps a step number to the requests submitted just before it."""
         schedule = dict(schedule or {})
         for step in range(max_steps):

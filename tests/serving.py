@@ -11,22 +11,29 @@ from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.scheduler import SchedulerConfig
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
-from service.server import GenerationServer
+from service.server import GenerationServer, ServerOptions
 
 
 class ServerThread:
-    def __init__(self, loaded: LoadedModel, grace_seconds: float = 10.0, metrics: bool = False, **config: int) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        grace_seconds: float = 10.0,
+        metrics: bool = False,
+        options: ServerOptions | None = None,
+        **config: int,
+    ) -> None:
         self.engine = Engine(loaded, SchedulerConfig(**config))
-        self.server = GenerationServer(
-            self.engine, "127.0.0.1", 0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None
-        )
+        options = options or ServerOptions(port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None)
+        self.server = GenerationServer(self.engine, options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
         self._thread.start()
         self.call(self.server.start())
         self.target = f"127.0.0.1:{self.server.port}"
-        self.channel = grpc.insecure_channel(self.target)
-        self.stub = generate_pb2_grpc.TextGenerationStub(self.channel)
+        # A TLS server's tests build their own secure channels.
+        self.channel = grpc.insecure_channel(self.target) if options.tls is None else None
+        self.stub = generate_pb2_grpc.TextGenerationStub(self.channel) if self.channel is not None else None
 
     def call(self, coroutine, timeout: float = 120.0):  # noqa: ANN001, ANN201 - any coroutine, its result
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -35,7 +42,8 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(self.server.drain(), self.loop)
 
     def close(self) -> None:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
         self.call(self.server.drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

@@ -41,7 +41,9 @@ def _traffic(server: ServerThread, stop: threading.Event) -> None:
         server.stub.Generate(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]), parameters=parameters))
         list(server.stub.GenerateStream(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[8, 9]), parameters=parameters)))
         try:
-            server.stub.Generate(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5]), parameters=pb.GenerationParameters(top_p=2.0)))
+            server.stub.Generate(
+                pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5]), parameters=pb.GenerationParameters(top_p=2.0))
+            )
         except grpc.RpcError:
             pass
         time.sleep(0.05)
@@ -63,10 +65,15 @@ def test_every_dashboard_query_returns_data(tiny, tmp_path: Path) -> None:
         f"  - job_name: genserve\n    static_configs: [{{targets: ['127.0.0.1:{server.server.metrics_port}']}}]\n"
     )
     prometheus = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stop = threading.Event()
     sender = threading.Thread(target=_traffic, args=(server, stop), daemon=True)
     sender.start()

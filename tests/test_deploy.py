@@ -24,7 +24,9 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_manifests_pass_yamllint() -> None:
     config = "{extends: default, rules: {line-length: {max: 120}, document-start: disable}}"
-    result = subprocess.run([BIN / "yamllint", "--strict", "-d", config, DEPLOY / "k8s"], capture_output=True, text=True)
+    result = subprocess.run(
+        [BIN / "yamllint", "--strict", "-d", config, DEPLOY / "k8s"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -47,7 +47,9 @@ def test_staggered_mixed_batch_equals_generate_alone(tiny) -> None:
 def test_eos_with_several_ids_reports_eos_and_stops(tiny) -> None:
     driver = StepDriver(tiny, max_running=4)
     prompt = _prompts(1, seed=5)[0]
-    free_run = hf_generate(tiny.model, prompt, driver.engine.make_parameters(max_new_tokens=30, eos_token_id=[TINY_EOS]))
+    free_run = hf_generate(
+        tiny.model, prompt, driver.engine.make_parameters(max_new_tokens=30, eos_token_id=[TINY_EOS])
+    )
     stop_token = free_run[10]  # make the 11th generated token an eos id
     driver.submit("r", prompt, max_new_tokens=30, eos_token_id=[TINY_EOS, stop_token])
     driver.run()
@@ -66,7 +68,9 @@ def test_length_finish_reason_and_ignore_eos(tiny) -> None:
     assert len(driver.tokens["ignored"]) == 10 and driver.finish["ignored"] is FinishReason.LENGTH
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0.7, "top_k": 20}, {"top_p": 0.8, "min_p": 0.05}, {"typical_p": 0.9}])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0.7, "top_k": 20}, {"top_p": 0.8, "min_p": 0.05}, {"typical_p": 0.9}]
+)
 def test_seeded_sampling_is_independent_of_batch_mates(tiny, sampling: dict) -> None:
     prompt = _prompts(1, seed=7)[0]
     request = {"max_new_tokens": 30, "do_sample": True, "seed": 1234, **sampling}
@@ -75,7 +79,12 @@ def test_seeded_sampling_is_independent_of_batch_mates(tiny, sampling: dict) -> 
     alone.run()
     crowded = StepDriver(tiny, max_running=8)
     others = _prompts(7, seed=8)
-    schedule = {0: [(f"o{i}", p, {"max_new_tokens": 25, "do_sample": True, "temperature": 1.5}) for i, p in enumerate(others[:4])]}
+    schedule = {
+        0: [
+            (f"o{i}", p, {"max_new_tokens": 25, "do_sample": True, "temperature": 1.5})
+            for i, p in enumerate(others[:4])
+        ]
+    }
     schedule[2] = [("seeded", prompt, request)]
     schedule[4] = [(f"g{i}", p, {"max_new_tokens": 12}) for i, p in enumerate(others[4:])]
     crowded.run(schedule)

@@ -20,7 +20,9 @@ def server(default_model):
 
 def _chat(content: str, **parameters) -> pb.GenerateRequest:
     messages = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=content)])
-    return pb.GenerateRequest(messages=messages, parameters=pb.GenerationParameters(**parameters), return_token_ids=True)
+    return pb.GenerateRequest(
+        messages=messages, parameters=pb.GenerationParameters(**parameters), return_token_ids=True
+    )
 
 
 def test_chat_greedy_equals_generate_and_stream_equals_unary(server, default_model) -> None:
@@ -55,8 +57,12 @@ def test_stop_string_over_grpc(server) -> None:
     response = server.stub.Generate(_chat("Count from one to ten in words.", max_new_tokens=40, stop_strings=[stop]))
     assert response.finish_reason == pb.STOP_STRING and response.stop_string == stop
     assert response.text == free.text[: free.text.index(stop)]
-    streamed = "".join(c.text for c in server.stub.GenerateStream(_chat("Count from one to ten in words.",
-                                                                       max_new_tokens=40, stop_strings=[stop])))
+    streamed = "".join(
+        c.text
+        for c in server.stub.GenerateStream(
+            _chat("Count from one to ten in words.", max_new_tokens=40, stop_strings=[stop])
+        )
+    )
     assert streamed == response.text
 
 
@@ -82,11 +88,16 @@ def test_node_client_streams_text(server) -> None:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js is not installed on this machine")
     if not (interop / "node_modules" / "@grpc" / "grpc-js").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=interop, check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=interop, check=True, capture_output=True, timeout=300
+        )
     result = subprocess.run(
         ["node", "client.js", server.target, "What is the capital of France?", "20"],
-        cwd=interop, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=interop,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["tokens"] >= 1 and summary["finish_reason"] in ("LENGTH", "EOS_TOKEN")

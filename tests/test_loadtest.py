@@ -24,10 +24,23 @@ def _metrics(port: int) -> dict[tuple[str, tuple], float]:
 def test_loadtest_report_matches_server_metrics(tiny, tmp_path: Path) -> None:
     server = ServerThread(tiny, max_running=4, metrics=True)
     try:
-        code = main([
-            "loadtest", "--target", server.target, "--num-requests", "24", "--rates", "20,60",
-            "--prompt-mode", "ids", "--max-new-tokens", "4,12", "--output", str(tmp_path),
-        ])  # fmt: skip
+        code = main(
+            [
+                "loadtest",
+                "--target",
+                server.target,
+                "--num-requests",
+                "24",
+                "--rates",
+                "20,60",
+                "--prompt-mode",
+                "ids",
+                "--max-new-tokens",
+                "4,12",
+                "--output",
+                str(tmp_path),
+            ]
+        )
         metrics = _metrics(server.server.metrics_port)
     finally:
         server.close()
@@ -36,7 +49,9 @@ def test_loadtest_report_matches_server_metrics(tiny, tmp_path: Path) -> None:
     runs = report["runs"]
     assert [run["offered_rate"] for run in runs] == [20.0, 60.0]
     assert all(run["codes"] == {"OK": 24} for run in runs)
-    served = metrics[("genserve_requests_total", (("code", "OK"), ("finish_reason", "length"), ("method", "GenerateStream")))]
+    served = metrics[
+        ("genserve_requests_total", (("code", "OK"), ("finish_reason", "length"), ("method", "GenerateStream")))
+    ]
     assert served == sum(run["requests"] for run in runs)
     assert metrics[("genserve_generated_tokens_total", ())] == sum(run["generated_tokens"] for run in runs)
     for run in runs:

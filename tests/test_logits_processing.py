@@ -19,21 +19,38 @@ ROW_PARAMETERS = [
     GenerationParameters(do_sample=True, min_p=0.1, temperature=1.3, eos_token_id=(2,)),
     GenerationParameters(do_sample=True, typical_p=0.8, no_repeat_ngram_size=2, eos_token_id=(2,)),
     GenerationParameters(eos_token_id=(2, 3), min_new_tokens=5, bad_words_ids=((4,), (5, 6), (7, 8, 9))),
-    GenerationParameters(do_sample=True, top_k=5, top_p=0.5, min_p=0.2, typical_p=0.95, temperature=0.5, eos_token_id=(2,)),
+    GenerationParameters(
+        do_sample=True, top_k=5, top_p=0.5, min_p=0.2, typical_p=0.95, temperature=0.5, eos_token_id=(2,)
+    ),
     GenerationParameters(repetition_penalty=0.7, no_repeat_ngram_size=3, eos_token_id=(2,)),
     GenerationParameters(do_sample=True, top_k=0, eos_token_id=(2,)),
 ]
 
 
 def _hf_processors(params: GenerationParameters, prompt_length: int):
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=1, num_key_value_heads=1))  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+        )
+    )
     config = GenerationConfig(
-        do_sample=params.is_sampling, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-        min_p=params.min_p, typical_p=params.typical_p, repetition_penalty=params.repetition_penalty,
-        no_repeat_ngram_size=params.no_repeat_ngram_size, min_new_tokens=params.min_new_tokens,
-        bad_words_ids=[list(b) for b in params.bad_words_ids] or None, eos_token_id=list(params.eos_token_id),
-    )  # fmt: skip
+        do_sample=params.is_sampling,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        typical_p=params.typical_p,
+        repetition_penalty=params.repetition_penalty,
+        no_repeat_ngram_size=params.no_repeat_ngram_size,
+        min_new_tokens=params.min_new_tokens,
+        bad_words_ids=[list(b) for b in params.bad_words_ids] or None,
+        eos_token_id=list(params.eos_token_id),
+    )
     model._prepare_special_tokens(config, device=torch.device("cpu"))
     return model._get_logits_processor(config, input_ids_seq_length=prompt_length, device="cpu")
 
@@ -60,7 +77,9 @@ def test_batched_processing_matches_hf_per_row() -> None:
 
     for i, (seq, params) in enumerate(zip(sequences, ROW_PARAMETERS)):
         input_ids = torch.tensor([seq.prompt_ids + seq.generated_ids])
-        expected = torch.softmax(_hf_processors(params, seq.num_prompt_tokens)(input_ids, logits[i : i + 1].clone()), -1)
+        expected = torch.softmax(
+            _hf_processors(params, seq.num_prompt_tokens)(input_ids, logits[i : i + 1].clone()), -1
+        )
         torch.testing.assert_close(ours[i : i + 1], expected, atol=1e-5, rtol=0, msg=f"row {i}: {params}")
     # The cases above must actually bite, or the comparison proves nothing.
     assert torch.isinf(processed[4, [3, 4, 9]]).all() and (ours == 0).sum(dim=1).gt(0).sum() >= 6

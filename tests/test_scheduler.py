@@ -49,3 +49,30 @@ def test_remove_takes_a_waiting_request_out() -> None:
     assert scheduler.remove("a").request_id == "a"
     assert scheduler.remove("zzz") is None
     assert [s.request_id for s in scheduler.admit(0)] == ["b"]
+
+
+def _client_seq(request_id: str, client: str) -> Sequence:
+    return Sequence(request_id, [1, 2, 3], GenerationParameters(), client_id=client)
+
+
+def test_clients_are_served_round_robin_so_a_burst_cannot_starve_others() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=4))
+    for i in range(10):
+        scheduler.add(_client_seq(f"a{i}", "burst"))
+    scheduler.add(_client_seq("b0", "polite"))
+    scheduler.add(_client_seq("b1", "polite"))
+    scheduler.add(_client_seq("c0", "other"))
+    assert [s.request_id for s in scheduler.admit(0)] == ["a0", "b0", "c0", "a1"]
+    assert [s.request_id for s in scheduler.admit(2)] == ["b1", "a2"]
+    assert scheduler.num_waiting == 7
+
+
+def test_requeue_puts_requests_back_first_and_row_limit_caps_admission() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=8))
+    for name in "abc":
+        scheduler.add(_seq(name, 3))
+    taken = scheduler.admit(0, row_limit=2)
+    assert [s.request_id for s in taken] == ["a", "b"]
+    scheduler.requeue(taken)
+    assert scheduler.num_waiting == 3
+    assert [s.request_id for s in scheduler.admit(0)] == ["a", "b", "c"]

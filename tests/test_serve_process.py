@@ -18,10 +18,23 @@ from tests.conftest import tiny_model
 
 def _start(model_dir: Path) -> tuple[subprocess.Popen, int]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
-         "--drain-seconds", "60"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--drain-seconds",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
@@ -41,10 +54,13 @@ def test_sigterm_drains_running_streams_then_exits_zero(tmp_path: Path) -> None:
         stub = generate_pb2_grpc.TextGenerationStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         parameters = pb.GenerationParameters(max_new_tokens=400, ignore_eos=True)
         streams = [
-            stub.GenerateStream(pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5 + i, 6, 7]), parameters=parameters,
-                                                   return_token_ids=True))
+            stub.GenerateStream(
+                pb.GenerateRequest(
+                    input_ids=pb.TokenIds(ids=[5 + i, 6, 7]), parameters=parameters, return_token_ids=True
+                )
+            )
             for i in range(3)
-        ]  # fmt: skip
+        ]
         firsts = [next(stream) for stream in streams]
         process.send_signal(signal.SIGTERM)
         for first, stream in zip(firsts, streams):

@@ -28,12 +28,36 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Inter-token latency", "s", quantiles("genserve_inter_token_latency_seconds")),
     ("Request duration", "s", quantiles("genserve_request_duration_seconds", by="method")),
     ("Queue wait", "s", quantiles("genserve_queue_wait_seconds")),
-    ("Queue and running requests", "short", [("sum(genserve_queue_size)", "queued"), ("sum(genserve_running_requests)", "running")]),
+    (
+        "Queue and running requests",
+        "short",
+        [("sum(genserve_queue_size)", "queued"), ("sum(genserve_running_requests)", "running")],
+    ),
     ("Batch occupancy (rows per step)", "short", [("avg(genserve_batch_size)", "rows")]),
     ("KV cache usage", "percentunit", [("max(genserve_kv_cache_usage_ratio)", "used")]),
-    ("Engine step time p99 by phase", "s", [(f"histogram_quantile(0.99, sum by (le, phase) (rate(genserve_step_duration_seconds_bucket{RATE})))", "{{phase}}")]),
-    ("Errors / s by code", "reqps", [(f'sum by (code) (rate(genserve_requests_total{{code!="OK"}}{RATE}))', "{{code}}")]),
-    ("Prompt and generated tokens / s", "short", [(f"sum(rate(genserve_prompt_tokens_total{RATE}))", "prompt"), (f"sum(rate(genserve_generated_tokens_total{RATE}))", "generated")]),
+    (
+        "Engine step time p99 by phase",
+        "s",
+        [
+            (
+                f"histogram_quantile(0.99, sum by (le, phase) (rate(genserve_step_duration_seconds_bucket{RATE})))",
+                "{{phase}}",
+            )
+        ],
+    ),
+    (
+        "Errors / s by code",
+        "reqps",
+        [(f'sum by (code) (rate(genserve_requests_total{{code!="OK"}}{RATE}))', "{{code}}")],
+    ),
+    (
+        "Prompt and generated tokens / s",
+        "short",
+        [
+            (f"sum(rate(genserve_prompt_tokens_total{RATE}))", "prompt"),
+            (f"sum(rate(genserve_generated_tokens_total{RATE}))", "generated"),
+        ],
+    ),
     ("Model", "short", [("max by (model) (genserve_model_info)", "{{model}}")]),
 ]
 
@@ -41,18 +65,20 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
 def dashboard() -> dict:
     panels = []
     for index, (title, unit, series) in enumerate(PANELS):
-        panels.append({
-            "id": index + 1,
-            "type": "timeseries",
-            "title": title,
-            "datasource": DATASOURCE,
-            "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [
-                {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-                for i, (expr, legend) in enumerate(series)
-            ],
-        })  # fmt: skip
+        panels.append(
+            {
+                "id": index + 1,
+                "type": "timeseries",
+                "title": title,
+                "datasource": DATASOURCE,
+                "gridPos": {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [
+                    {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+                    for i, (expr, legend) in enumerate(series)
+                ],
+            }
+        )
     return {
         "title": "genserve",
         "uid": "genserve-overview",
