@@ -23,7 +23,7 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_running: int = 32
+    max_running: int = 64
     max_prefill_tokens: int = 4096
     max_queue: int = 1024
     max_context: int = 2048

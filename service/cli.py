@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine limits")
     group.add_argument(
-        "--max-batch-size", type=int, default=int(_env("max_batch_size", "32")), help="most rows decoded together"
+        "--max-batch-size", type=int, default=int(_env("max_batch_size", "64")), help="most rows decoded together"
     )
     group.add_argument(
         "--max-prefill-tokens",
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens/s, the ratios, and how close genserve comes to a bare decode step at the same batch size.",
     )
     add_model_arguments(bench)
-    bench.add_argument("--max-batch-size", type=int, default=32, help="engine rows, and the HF static batch size")
+    bench.add_argument("--max-batch-size", type=int, default=64, help="engine rows, and the HF static batch size")
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")
     bench.add_argument("--max-new-tokens", type=int, default=256)
