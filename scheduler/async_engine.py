@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import FinishReason, TokenEvent, TokenLogprob
+from scheduler.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
 
 
 class RequestFailedError(RuntimeError):
@@ -69,14 +69,12 @@ class AsyncEngine:
         self,
         prompt_ids: list[int],
         params: GenerationParameters,
-        request_id: str | None = None,
-        top_logprobs: int | None = None,
-        client_id: str = "",
+        options: RequestOptions = RequestOptions(),
     ) -> AsyncIterator[GenerationOutput]:
-        if request_id is not None and request_id in self._queues:
-            raise ValidationError("request_id", f"request {request_id!r} is already running")
+        if options.request_id is not None and options.request_id in self._queues:
+            raise ValidationError("request_id", f"request {options.request_id!r} is already running")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.engine.submit(prompt_ids, params, request_id, top_logprobs, client_id)
+        seq = self.engine.submit(prompt_ids, params, options)
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0

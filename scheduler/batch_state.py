@@ -107,7 +107,9 @@ class BatchState:
         self.single_token_bans[slot] = False
         self.single_token_bans[slot, _single_token_bans(seq)] = True
         self.rows.append(seq)
-        self.generators.append(_seeded_generator(params.seed, self.device))
+        if seq.sampler_generator is None:
+            seq.sampler_generator = _seeded_generator(params.seed, self.device)
+        self.generators.append(seq.sampler_generator)
         return slot
 
     def remove_rows(self, leaving: set[int]) -> tuple[list[int], list[int]]:
@@ -147,7 +149,8 @@ class BatchState:
         self.ngram_sizes = sorted({p.no_repeat_ngram_size for p in params if p.no_repeat_ngram_size > 0})
         self.uses_single_token_bans = any(len(b) == 1 for p in params for b in p.bad_words_ids)
         self.uses_min_new_tokens = any(p.min_new_tokens > 0 for p in params)
-        self.max_top_logprobs = max((s.top_logprobs for s in self.rows if s.top_logprobs is not None), default=-1)
+        wanted = [s.options.top_logprobs for s in self.rows if s.options.top_logprobs is not None]
+        self.max_top_logprobs = max(wanted, default=-1)
         self.multi_token_bans = _multi_token_bans(self.rows, self.device)
         sampled = [params[i] for i in self.sampling_rows]
         self.uses_temperature = any(p.temperature != 1.0 for p in sampled)

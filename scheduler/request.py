@@ -20,6 +20,25 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"
 
 
+class Priority(enum.IntEnum):
+    """Lower is served first. Batch rows yield to waiting interactive requests and resume later."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a request asks of the engine besides generation parameters."""
+
+    request_id: str | None = None  # generated when not given
+    client_id: str = ""  # requests of one client queue behind each other; clients are served round-robin
+    top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best per step
+    deadline: float | None = None  # time.monotonic() by which the caller needs the answer
+    partial_on_deadline: bool = False  # at the deadline, end with TIME_LIMIT and what was generated so far
+    priority: Priority = Priority.INTERACTIVE
+
+
 @dataclass
 class Sequence:
     request_id: str
@@ -31,9 +50,9 @@ class Sequence:
     # Set when the row is prefilled; max_time counts from here, like HF's MaxTimeCriteria counts from generate().
     start_time: float | None = None
     first_token_time: float | None = None
-    client_id: str = ""  # requests of one client are queued behind each other, clients round-robin
-    # None: no logprobs; n >= 0: the chosen token's logprob and the n most likely alternatives, per step.
-    top_logprobs: int | None = None
+    options: RequestOptions = field(default_factory=RequestOptions)
+    # The runner's torch.Generator for a seeded request, kept here so a preempted request resumes its draws.
+    sampler_generator: object | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -137,10 +137,11 @@ class ModelRunner:
     @staticmethod
     def _row_result(seq: Sequence, values: list[float], num_top: int) -> RowResult:
         token, code = int(values[0]), StopCode(int(values[1]))
-        if seq.top_logprobs is None:
+        wanted = seq.options.top_logprobs
+        if wanted is None:
             return RowResult(token, code)
         ids, logprobs = values[3 : 3 + num_top], values[3 + num_top :]
-        top = tuple((int(i), lp) for i, lp in zip(ids[: seq.top_logprobs], logprobs[: seq.top_logprobs]))
+        top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
         return RowResult(token, code, TokenLogprob(token, values[2], top))
 
     @torch.inference_mode()

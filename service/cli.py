@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth_tokens=read_tokens(Path(args.auth_token_file)) if args.auth_token_file else None,
         max_message_bytes=args.max_message_bytes,
         max_requests_per_client=args.max_requests_per_client or None,
+        stream_retention_seconds=args.stream_retention_seconds,
     )
     loaded = _load(args)
     server = GenerationServer(Engine(loaded, _scheduler_config(args)), options)
@@ -213,7 +214,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from service.loadtest import SLO, WorkloadSpec, format_summary, plot, run_load, summarize
+    from service.loadtest import (
+        SLO,
+        WorkloadSpec,
+        format_priority_comparison,
+        format_summary,
+        plot,
+        priority_comparison,
+        run_load,
+        summarize,
+    )
 
     spec = WorkloadSpec(
         num_requests=args.num_requests,
@@ -223,6 +233,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         prompt_words=_range(args.prompt_words),
         max_new_tokens=_range(args.max_new_tokens),
         prompt_mode=args.prompt_mode,
+        batch_fraction=args.batch_fraction,
         jsonl=args.jsonl,
         seed=args.seed,
     )
@@ -235,9 +246,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         report = summarize(records, seconds, slo)
         reports.append((rate, report))
         print((f"offered load {rate:g} req/s\n" if rate is not None else "") + format_summary(report))
+    comparison = None
+    if args.compare_priorities:
+        records, seconds = asyncio.run(run_load(args.target, replace(spec, ignore_priorities=True)))
+        without = summarize(records, seconds, slo)
+        comparison = priority_comparison(reports[0][1], without)
+        print(format_priority_comparison(comparison))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     result = {
+        "priority_comparison": comparison,
         "target": args.target,
         "workload": vars(args) | {"handler": None},
         "runs": [{"offered_rate": rate, **{k: v for k, v in report.items() if k != "raw"}} for rate, report in reports],
@@ -303,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=int(_env("metrics_port", "9464")), help="Prometheus /metrics port"
     )
     serve.add_argument(
+        "--stream-retention-seconds",
+        type=float,
+        default=float(_env("stream_retention_seconds", "60")),
+        help="how long a resumable stream's output is kept for its client to resume it",
+    )
+    serve.add_argument(
         "--drain-seconds", type=float, default=float(_env("drain_seconds", "30")), help="grace period on SIGTERM"
     )
     security = serve.add_argument_group("security")
@@ -357,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--prompt-mode", choices=["text", "ids"], default="text", help="ids: random token ids")
     load.add_argument("--jsonl", help='prompts from a file: one {"prompt": ..., "max_new_tokens": ...} per line')
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--batch-fraction", type=float, default=0.0, help="share of requests sent with priority BATCH")
+    load.add_argument(
+        "--compare-priorities",
+        action="store_true",
+        help="run the workload again with every request INTERACTIVE and report the interactive TTFT ratio",
+    )
     load.add_argument("--slo-ttft", type=float, default=2.0, help="seconds; goodput counts requests within both SLOs")
     load.add_argument("--slo-itl", type=float, default=0.5, help="seconds, on each request's median token gap")
     load.add_argument("--output", default="loadtest-results", help="folder for loadtest.json and the plots")

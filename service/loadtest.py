@@ -35,6 +35,8 @@ class WorkloadSpec:
     prompt_words: tuple[int, int] = (8, 64)
     max_new_tokens: tuple[int, int] = (16, 128)
     prompt_mode: str = "text"  # text | ids (random token ids, for models without a tokenizer)
+    batch_fraction: float = 0.0  # share of requests sent with priority BATCH, the rest INTERACTIVE
+    ignore_priorities: bool = False  # send every request as INTERACTIVE (the same workload, priorities off)
     jsonl: str | None = None  # {"prompt": ..., "max_new_tokens": ...} per line, instead of synthetic prompts
     seed: int = 0
 
@@ -42,6 +44,7 @@ class WorkloadSpec:
 @dataclass
 class RequestRecord:
     sent: float
+    priority: str = "interactive"
     code: str = "OK"
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -55,7 +58,8 @@ class SLO:
     itl_seconds: float = 0.5
 
 
-def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[pb.GenerateRequest]:
+def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[tuple[pb.GenerateRequest, str]]:
+    """The requests, each with the class it belongs to (interactive or batch) for the report."""
     rng = random.Random(spec.seed)
     if spec.jsonl:
         lines = [json.loads(line) for line in Path(spec.jsonl).read_text().splitlines() if line.strip()]
@@ -75,13 +79,15 @@ def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[pb.GenerateReque
     for prompt, budget in items:
         # ignore_eos makes the offered load exactly what the spec says, whatever the model answers.
         parameters = pb.GenerationParameters(max_new_tokens=budget, ignore_eos=True)
+        request = pb.GenerateRequest(parameters=parameters, return_token_ids=True)
         if spec.prompt_mode == "ids":
-            ids = [rng.randrange(vocab_size) for _ in range(max(1, len(prompt.split())))]
-            requests.append(
-                pb.GenerateRequest(input_ids=pb.TokenIds(ids=ids), parameters=parameters, return_token_ids=True)
-            )
+            request.input_ids.ids.extend(rng.randrange(vocab_size) for _ in range(max(1, len(prompt.split()))))
         else:
-            requests.append(pb.GenerateRequest(text=prompt, parameters=parameters, return_token_ids=True))
+            request.text = prompt
+        # Drawn even when ignored, so both runs of a comparison see the same requests.
+        is_batch = rng.random() < spec.batch_fraction
+        request.priority = pb.BATCH if is_batch and not spec.ignore_priorities else pb.INTERACTIVE
+        requests.append((request, "batch" if is_batch else "interactive"))
     return requests
 
 
@@ -108,8 +114,9 @@ async def run_load(target: str, spec: WorkloadSpec, progress: bool = True) -> tu
         bar = tqdm(total=len(requests), desc=f"loadtest {spec.arrival}", unit="req", disable=not progress)
         started = time.perf_counter()
 
-        async def one(request: pb.GenerateRequest) -> None:
-            record = RequestRecord(sent=time.perf_counter())
+        async def one(item: tuple[pb.GenerateRequest, str]) -> None:
+            request, kind = item
+            record = RequestRecord(sent=time.perf_counter(), priority=kind)
             records.append(record)
             await _send(stub, request, record)
             bar.update(1)
@@ -155,6 +162,10 @@ def summarize(records: list[RequestRecord], seconds: float, slo: SLO) -> dict:
         and (not gaps or sorted(gaps)[len(gaps) // 2] <= slo.itl_seconds)
     ]
     tokens = sum(r.num_tokens for r in records)
+    by_priority = {
+        kind: _percentiles([r.first_token - r.sent for r in ok if r.priority == kind and r.first_token is not None])
+        for kind in sorted({r.priority for r in records})
+    }
     return {
         "requests": len(records),
         "seconds": seconds,
@@ -163,6 +174,7 @@ def summarize(records: list[RequestRecord], seconds: float, slo: SLO) -> dict:
         "throughput_tokens_per_s": tokens / seconds,
         "throughput_requests_per_s": len(ok) / seconds,
         "ttft_seconds": _percentiles(ttft),
+        "ttft_seconds_by_priority": by_priority,
         "inter_token_latency_seconds": _percentiles(itl),
         "end_to_end_seconds": _percentiles(e2e),
         "slo": asdict(slo),
@@ -240,3 +252,22 @@ def format_summary(report: dict) -> str:
             row("end to end", report["end_to_end_seconds"]),
         ]
     )
+
+
+def priority_comparison(with_priorities: dict, without_priorities: dict) -> dict:
+    """Interactive requests' TTFT with priorities on, and on the same workload with them off."""
+    on = with_priorities["ttft_seconds_by_priority"].get("interactive", {})
+    off = without_priorities["ttft_seconds_by_priority"].get("interactive", {})
+    ratios = {q: off[q] / on[q] if on.get(q) and off.get(q) else None for q in ("p50", "p90", "p99")}
+    return {"interactive_ttft_with_priorities": on, "interactive_ttft_without_priorities": off, "ratio": ratios}
+
+
+def format_priority_comparison(comparison: dict) -> str:
+    on, off, ratio = (
+        comparison[k] for k in ("interactive_ttft_with_priorities", "interactive_ttft_without_priorities", "ratio")
+    )
+    lines = ["| interactive TTFT | with priorities | without | better by |", "|---|---:|---:|---:|"]
+    for q in ("p50", "p90", "p99"):
+        if on.get(q) is not None and off.get(q) is not None:
+            lines.append(f"| {q} | {on[q] * 1000:.0f} ms | {off[q] * 1000:.0f} ms | {ratio[q]:.1f}x |")
+    return "\n".join(lines)

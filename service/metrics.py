@@ -34,13 +34,24 @@ class Metrics:
             registry=r,
         )
         self.queue_wait = Histogram(
-            "genserve_queue_wait_seconds", "Time from arrival to prefill", buckets=LATENCY_BUCKETS, registry=r
+            "genserve_queue_wait_seconds",
+            "Time from arrival to prefill",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "genserve_time_to_first_token_seconds",
             "Time from arrival to the first token",
+            ["priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
+        )
+        self.prefilled_requests = Counter(
+            "genserve_prefilled_requests", "Requests prefilled (refused or expired ones never are)", registry=r
+        )
+        self.preemptions = Counter(
+            "genserve_preemptions", "Batch rows that yielded their row to interactive requests", registry=r
         )
         self.inter_token_latency = Histogram(
             "genserve_inter_token_latency_seconds",
@@ -80,8 +91,10 @@ class Metrics:
     def record_step(self, stats: StepStats) -> None:
         self.step_duration.labels(phase="prefill" if stats.num_prefilled else "decode").observe(stats.seconds)
         self.batch_size.set(stats.num_rows)
-        for wait in stats.queue_waits:
-            self.queue_wait.observe(wait)
+        self.prefilled_requests.inc(stats.num_prefilled)
+        self.preemptions.inc(stats.num_preempted)
+        for priority, wait in stats.queue_waits:
+            self.queue_wait.labels(priority=priority.name.lower()).observe(wait)
 
     def record_request(
         self, method: str, code: str, finish_reason: str, seconds: float, num_prompt_tokens: int, num_generated: int

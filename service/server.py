@@ -18,14 +18,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
-from scheduler.engine import Engine
+from scheduler.engine import DeadlineUnreachableError, Engine, LoadReport
 from scheduler.params import GenerationParameters, ValidationError
+from scheduler.request import Priority, RequestOptions
 from scheduler.scheduler import QueueFullError
 from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
+from service.load_report import orca_trailer, retry_status
 from service.metrics import Metrics
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 from service.security import AuthInterceptor, TLSConfig
+from service.stream_store import Chunk, StreamNotFoundError, StreamStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -43,15 +46,20 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DrainingError, grpc.StatusCode.UNAVAILABLE),
     (RequestFailedError, grpc.StatusCode.INTERNAL),
+    (DeadlineUnreachableError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
 ]
 
 
-async def _abort_for(error: Exception, context: grpc.aio.ServicerContext) -> None:
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, load: LoadReport) -> None:
+    trailer = orca_trailer(load)
     for error_type, code in _STATUS_FOR_ERROR:
         if isinstance(error, error_type):
-            await context.abort(code, str(error))
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await context.abort_with_status(retry_status(code, str(error), load.retry_delay_seconds, trailer))
+            await context.abort(code, str(error), trailing_metadata=trailer)
     log.exception("unexpected error in a request", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", trailing_metadata=trailer)
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,12 @@ def _check_decoded(request: object) -> None:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike."""
+    """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike, and ends
+    every call with the engine's load in an ORCA trailer."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, load: Callable[[], LoadReport]) -> None:
         self.metrics = metrics
+        self.load = load
 
     async def intercept_service(
         self,
@@ -96,12 +106,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
                 try:
                     _check_decoded(request)
-                    return await inner_unary(request, context)
+                    response = await inner_unary(request, context)
+                    context.set_trailing_metadata(orca_trailer(self.load()))
+                    return response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
                     self._count_error(details.method, error)
-                    await _abort_for(error, context)
+                    await _abort_for(error, context, self.load())
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -116,11 +128,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     _check_decoded(request)
                     async for response in inner_stream(request, context):
                         yield response
+                    context.set_trailing_metadata(orca_trailer(self.load()))
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:  # noqa: BLE001
                     self._count_error(details.method, error)
-                    await _abort_for(error, context)
+                    await _abort_for(error, context, self.load())
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -134,6 +147,34 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()
 
 
+async def _with_offsets(outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[Chunk]:
+    previous = None
+    async for output in outputs:
+        previous = Chunk.after(previous, output)
+        yield previous
+
+
+def _stream_message(chunk: Chunk, request: pb.GenerateRequest, prompt_text: str) -> pb.GenerateStreamResponse:
+    output, is_first = chunk.output, chunk.token_offset == 0 and chunk.text_offset == 0
+    message = pb.GenerateStreamResponse(
+        request_id=output.request_id,
+        text=(prompt_text if is_first else "") + output.text,
+        token_ids=list(output.token_ids) if request.return_token_ids else [],
+        logprobs=logprobs_to_proto(output.logprobs),
+        token_offset=chunk.token_offset,
+        text_offset=chunk.text_offset,
+    )
+    if is_first:
+        message.prompt_tokens = output.num_prompt_tokens
+    if output.finish_reason is not None:
+        message.finish_reason = FINISH_REASONS[output.finish_reason]
+        message.stop_string = output.stop_string or ""
+        message.usage.CopyFrom(
+            pb.Usage(prompt_tokens=output.num_prompt_tokens, generated_tokens=output.num_generated_tokens)
+        )
+    return message
+
+
 def _client_id(context: grpc.aio.ServicerContext) -> str:
     """The `x-client-id` metadata when the client names itself, else its address (without the port)."""
     named = dict(context.invocation_metadata() or ()).get("x-client-id")
@@ -145,13 +186,20 @@ class PreparedRequest:
     prompt_ids: list[int]
     params: GenerationParameters
     prompt_text: str
-    top_logprobs: int | None
+    options: RequestOptions
 
 
 class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, max_requests_per_client: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: Metrics,
+        max_requests_per_client: int | None = None,
+        stream_retention_seconds: float = 60.0,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.streams = StreamStore(stream_retention_seconds)
         self.max_requests_per_client = max_requests_per_client
         self.in_flight: Counter[str] = Counter()
         self.draining = False
@@ -168,7 +216,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             return self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES))
         raise ValidationError("input", "set one of text, input_ids or messages")
 
-    def _prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+    def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
         if self.draining:
             raise DrainingError("the server is draining for shutdown; retry on another replica")
         prompt_ids = self._prompt_ids(request)
@@ -183,13 +231,23 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         if request.echo_prompt and self.engine.tokenizer is not None:
             prompt_text = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
         wants_logprobs = request.return_logprobs or request.top_logprobs > 0
-        return PreparedRequest(prompt_ids, params, prompt_text, request.top_logprobs if wants_logprobs else None)
+        remaining = context.time_remaining()
+        options = RequestOptions(
+            request_id=request.request_id or None,
+            client_id=_client_id(context),
+            top_logprobs=request.top_logprobs if wants_logprobs else None,
+            # The client's gRPC deadline drives scheduling: refused early if unreachable, dropped if it expires queued.
+            deadline=time.monotonic() + remaining if remaining is not None and not request.resumable else None,
+            partial_on_deadline=request.partial_on_deadline,
+            priority=Priority.BATCH if request.priority == pb.BATCH else Priority.INTERACTIVE,
+        )
+        return PreparedRequest(prompt_ids, params, prompt_text, options)
 
     async def _outputs(
         self, method: str, prepared: PreparedRequest, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationOutput]:
         """The engine's outputs for this request, timed into the metrics on the way through."""
-        client = _client_id(context)
+        client = prepared.options.client_id
         limit = self.max_requests_per_client
         if limit is not None and self.in_flight[client] >= limit:
             raise QueueFullError(f"client {client!r} already has {limit} requests in flight")
@@ -199,14 +257,13 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         last: GenerationOutput | None = None
         code = "OK"
         try:
-            async for output in self.engine.generate(
-                prepared.prompt_ids, prepared.params, request.request_id or None, prepared.top_logprobs, client
-            ):
+            async for output in self.engine.generate(prepared.prompt_ids, prepared.params, prepared.options):
                 now = time.monotonic()
                 if output.token_ids:
                     if first_token_at is None:
                         first_token_at = now
-                        self.metrics.time_to_first_token.observe(now - started)
+                        priority = prepared.options.priority.name.lower()
+                        self.metrics.time_to_first_token.labels(priority=priority).observe(now - started)
                     else:
                         self.metrics.inter_token_latency.observe(now - previous)
                     previous = now
@@ -243,7 +300,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        prepared = self._prepare(request)
+        prepared = self._prepare(request, context)
         text, token_ids, logprobs = [prepared.prompt_text], [], []
         last: GenerationOutput | None = None
         async for output in self._outputs("Generate", prepared, request, context):
@@ -264,25 +321,24 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        prepared = self._prepare(request)
-        first = True
-        async for output in self._outputs("GenerateStream", prepared, request, context):
-            message = pb.GenerateStreamResponse(
-                request_id=output.request_id,
-                text=(prepared.prompt_text if first else "") + output.text,
-                token_ids=list(output.token_ids) if request.return_token_ids else [],
-                logprobs=logprobs_to_proto(output.logprobs),
-            )
-            if first:
-                message.prompt_tokens = output.num_prompt_tokens
-                first = False
-            if output.finish_reason is not None:
-                message.finish_reason = FINISH_REASONS[output.finish_reason]
-                message.stop_string = output.stop_string or ""
-                message.usage.CopyFrom(
-                    pb.Usage(prompt_tokens=output.num_prompt_tokens, generated_tokens=output.num_generated_tokens)
-                )
-            yield message
+        if request.HasField("resume_from_token"):
+            stream = self.streams.get(request.request_id)
+            async for chunk in self.streams.follow(stream, request.resume_from_token):
+                yield _stream_message(chunk, request, prompt_text="")
+            return
+        prepared = self._prepare(request, context)
+        if request.resumable:
+            if not request.request_id:
+                raise ValidationError("request_id", "a resumable stream needs a request_id to be resumed by")
+            if self.streams.is_retained(request.request_id):
+                raise ValidationError("request_id", f"a resumable stream {request.request_id!r} already exists")
+            # The generation outlives this call: it runs in the store's task, this call only reads.
+            outputs = self._outputs("GenerateStream", prepared, request, context)
+            chunks = self.streams.follow(self.streams.start(request.request_id, outputs))
+        else:
+            chunks = _with_offsets(self._outputs("GenerateStream", prepared, request, context))
+        async for chunk in chunks:
+            yield _stream_message(chunk, request, prepared.prompt_text)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         kind = request.WhichOneof("input")
@@ -329,6 +385,7 @@ class ServerOptions:
     auth_tokens: frozenset[str] | None = None  # None: no authentication
     max_message_bytes: int = 4 * 1024 * 1024
     max_requests_per_client: int | None = None  # None: no per-client limit
+    stream_retention_seconds: float = 60.0  # how long a resumable stream is kept for a client to come back
 
 
 class GenerationServer:
@@ -339,7 +396,9 @@ class GenerationServer:
         self.async_engine = AsyncEngine(engine)
         self.metrics = Metrics(engine)
         self.metrics_port = options.metrics_port
-        self.service = TextGenerationService(self.async_engine, self.metrics, options.max_requests_per_client)
+        self.service = TextGenerationService(
+            self.async_engine, self.metrics, options.max_requests_per_client, options.stream_retention_seconds
+        )
         self.grace_seconds = options.grace_seconds
         self.port = 0  # the bound port, known after start()
         self.health: health.aio.HealthServicer | None = None
@@ -349,7 +408,9 @@ class GenerationServer:
     def _build(self) -> None:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(self.metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report)
+        ]
         if self.options.auth_tokens is not None:
             interceptors.insert(0, AuthInterceptor(self.options.auth_tokens))
         size = self.options.max_message_bytes
@@ -389,7 +450,7 @@ class GenerationServer:
     async def _warm_up(self) -> None:
         """One tiny generation, so the first client doesn't pay one-off costs and SERVING means ready."""
         params = self.async_engine.engine.make_parameters(max_new_tokens=2)
-        async for _ in self.async_engine.generate([0], params, request_id="warm-up"):
+        async for _ in self.async_engine.generate([0], params, RequestOptions(request_id="warm-up")):
             pass
 
     async def drain(self) -> None:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel, load_model
 from scheduler.params import GenerationParameters
-from scheduler.request import FinishReason, TokenEvent
+from scheduler.request import FinishReason, RequestOptions, TokenEvent
 from scheduler.scheduler import SchedulerConfig
 
 TINY_VOCAB = 320
@@ -93,7 +93,7 @@ class StepDriver:
 
     def submit(self, request_id: str, prompt: list[int], **overrides: object) -> GenerationParameters:
         params = self.engine.make_parameters(**overrides)
-        self.engine.submit(prompt, params, request_id)
+        self.engine.submit(prompt, params, RequestOptions(request_id=request_id))
         return params
 
     def run(

@@ -265,9 +265,10 @@ def test_metrics_count_requests_tokens_and_errors(tiny) -> None:
     # The warm-up request counts in the engine's generated tokens but not in the service's request metrics.
     assert value("genserve_generated_tokens_total") == 3 * 6 + 4
     assert value("genserve_prompt_tokens_total") == 3 * 3 + 2
-    assert value("genserve_time_to_first_token_seconds_count") == 4
+    assert value("genserve_time_to_first_token_seconds_count", priority="interactive") == 4
     assert value("genserve_inter_token_latency_seconds_count") == 3 * 5 + 3
     assert value("genserve_model_info", model="tiny-llama") == 1
     assert value("genserve_running_requests") == 0 and value("genserve_queue_size") == 0
     assert value("genserve_step_duration_seconds_count", phase="prefill") >= 1
-    assert value("genserve_queue_wait_seconds_count") >= 4
+    assert value("genserve_queue_wait_seconds_count", priority="interactive") >= 4
+    assert value("genserve_prefilled_requests_total") >= 4

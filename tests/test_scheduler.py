@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.params import GenerationParameters
-from scheduler.request import Sequence
+from scheduler.request import RequestOptions, Sequence
 from scheduler.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 
@@ -52,7 +52,7 @@ def test_remove_takes_a_waiting_request_out() -> None:
 
 
 def _client_seq(request_id: str, client: str) -> Sequence:
-    return Sequence(request_id, [1, 2, 3], GenerationParameters(), client_id=client)
+    return Sequence(request_id, [1, 2, 3], GenerationParameters(), options=RequestOptions(client_id=client))
 
 
 def test_clients_are_served_round_robin_so_a_burst_cannot_starve_others() -> None:

@@ -58,6 +58,12 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
             (f"sum(rate(genserve_generated_tokens_total{RATE}))", "generated"),
         ],
     ),
+    (
+        "Time to first token p99 by priority",
+        "s",
+        [(quantiles("genserve_time_to_first_token_seconds", by="priority")[2][0], "{{priority}}")],
+    ),
+    ("Preemptions / s", "short", [(f"sum(rate(genserve_preemptions_total{RATE}))", "batch rows preempted")]),
     ("Model", "short", [("max by (model) (genserve_model_info)", "{{model}}")]),
 ]
 

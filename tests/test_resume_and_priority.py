@@ -1,0 +1,158 @@
+"""Resumable streams and request priorities, through real gRPC channels."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scheduler.params import GenerationParameters
+from scheduler.request import Priority, RequestOptions, Sequence
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from service.cli import main
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from service.server import ServerOptions
+from tests.conftest import StepDriver, hf_generate
+from tests.serving import ServerThread
+
+
+def _request(prompt: list[int], request_id: str = "", **parameters) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        input_ids=pb.TokenIds(ids=prompt),
+        parameters=pb.GenerationParameters(**parameters),
+        return_token_ids=True,
+        request_id=request_id,
+    )
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def server(tiny):
+    running = ServerThread(
+        tiny, options=ServerOptions(port=0, stream_retention_seconds=0.5), max_running=4, max_queue=64
+    )
+    yield running
+    running.close()
+
+
+def test_stream_cut_and_resumed_yields_exactly_the_uninterrupted_tokens(server, tiny) -> None:
+    prompt = [21, 22, 23, 24]
+    expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=80))
+    request = _request(prompt, "resume-me", max_new_tokens=80)
+    request.resumable = True
+    stream = server.stub.GenerateStream(request)
+    first = [next(stream) for _ in range(10)]
+    stream.cancel()  # the connection drops
+    received = [t for chunk in first for t in chunk.token_ids]
+    assert [c.token_offset for c in first] == list(range(10))
+    prefilled = server.engine.num_prefilled
+    resume = pb.GenerateRequest(request_id="resume-me", resume_from_token=len(received), return_token_ids=True)
+    rest = list(server.stub.GenerateStream(resume))
+    assert rest[0].token_offset == len(received)
+    assert received + [t for chunk in rest for t in chunk.token_ids] == expected
+    assert rest[-1].finish_reason in (pb.LENGTH, pb.EOS_TOKEN)
+    assert server.engine.num_prefilled == prefilled  # nothing was recomputed
+    # Resuming again, from anywhere, replays the same tokens while the stream is retained.
+    again = server.stub.GenerateStream(
+        pb.GenerateRequest(request_id="resume-me", resume_from_token=5, return_token_ids=True)
+    )
+    assert [t for chunk in again for t in chunk.token_ids] == expected[5:]
+
+
+def test_unknown_and_expired_streams_are_not_found(server) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        list(server.stub.GenerateStream(pb.GenerateRequest(request_id="never", resume_from_token=0)))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    request = _request([5, 6], "short-lived", max_new_tokens=3)
+    request.resumable = True
+    list(server.stub.GenerateStream(request))
+    time.sleep(0.8)  # past the 0.5 s retention
+    with pytest.raises(grpc.RpcError) as error:
+        list(server.stub.GenerateStream(pb.GenerateRequest(request_id="short-lived", resume_from_token=1)))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_abandoned_resumable_stream_is_cancelled_after_retention(server) -> None:
+    request = _request([5, 6], "abandoned", max_new_tokens=1500, ignore_eos=True)
+    request.resumable = True
+    stream = server.stub.GenerateStream(request)
+    next(stream)
+    stream.cancel()
+    assert server.engine.num_running == 1  # still generating for the client to come back
+    _wait_for(lambda: server.engine.num_running == 0, timeout=10)
+
+
+def test_resumable_needs_a_request_id(server) -> None:
+    request = _request([5, 6], max_new_tokens=3)
+    request.resumable = True
+    with pytest.raises(grpc.RpcError) as error:
+        list(server.stub.GenerateStream(request))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in error.value.details()
+
+
+def test_interactive_requests_are_admitted_before_batch_ones() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=3))
+    for i in range(3):
+        options = RequestOptions(priority=Priority.BATCH)
+        scheduler.add(Sequence(f"b{i}", [1, 2], GenerationParameters(), options=options))
+    scheduler.add(Sequence("i0", [1, 2], GenerationParameters()))
+    assert [s.request_id for s in scheduler.admit(0)] == ["i0", "b0", "b1"]
+    assert scheduler.num_waiting_at(Priority.BATCH) == 1
+
+
+def test_interactive_request_preempts_a_batch_row_which_resumes_without_loss(tiny) -> None:
+    driver = StepDriver(tiny, max_running=2)
+    prompts = {"b0": [5, 6, 7], "b1": [8, 9, 10]}
+    for request_id, prompt in prompts.items():
+        params = driver.engine.make_parameters(max_new_tokens=40)
+        driver.engine.submit(prompt, params, RequestOptions(request_id=request_id, priority=Priority.BATCH))
+    for _ in range(5):
+        driver.engine.step()
+    driver.submit("i0", [11, 12], max_new_tokens=10)
+    driver.engine.step()
+    rows = {seq.request_id for seq in driver.engine.runner.rows}
+    assert "i0" in rows and len(rows) == 2  # one batch row yielded its place at once
+    driver.run()
+    assert len(driver.tokens["i0"]) == 10
+    for request_id, prompt in prompts.items():
+        expected = hf_generate(tiny.model, prompt, driver.engine.make_parameters(max_new_tokens=40))
+        assert driver.tokens[request_id] == expected  # the preempted row lost nothing
+
+
+def test_loadtest_reports_interactive_ttft_at_least_3x_better_with_priorities(tiny, tmp_path: Path) -> None:
+    server = ServerThread(tiny, max_running=2, max_queue=256)
+    try:
+        code = main(
+            [
+                "loadtest",
+                "--target",
+                server.target,
+                "--num-requests",
+                "60",
+                "--arrival",
+                "burst",
+                "--batch-fraction",
+                "0.7",
+                "--compare-priorities",
+                "--prompt-mode",
+                "ids",
+                "--max-new-tokens",
+                "30,60",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+    finally:
+        server.close()
+    assert code == 0
+    comparison = json.loads((tmp_path / "loadtest.json").read_text())["priority_comparison"]
+    assert comparison["ratio"]["p99"] >= 3, comparison
