@@ -1,4 +1,4 @@
-"""The grpc.aio front end: TextGeneration, standard health and reflection, error mapping, graceful drain.
+"""The grpc.aio front end: TextGeneration, standard health and reflection, graceful drain.
 
 Handlers only validate, submit and await the engine's per-request stream; the model runs on the engine thread.
 """
@@ -10,7 +10,7 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -18,133 +18,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
-from scheduler.engine import DeadlineUnreachableError, Engine, LoadReport
+from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import Priority, RequestOptions
 from scheduler.scheduler import QueueFullError
 from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
-from service.load_report import orca_trailer, retry_status
+from service.errors import DrainingError, ErrorInterceptor
 from service.metrics import Metrics
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 from service.security import AuthInterceptor, TLSConfig
-from service.stream_store import Chunk, StreamNotFoundError, StreamStore
+from service.stream_store import Chunk, StreamStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("genserve.requests")
-
-
-class DrainingError(RuntimeError):
-    """The server is shutting down and takes no new requests; maps to UNAVAILABLE."""
-
-
-_STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (DrainingError, grpc.StatusCode.UNAVAILABLE),
-    (RequestFailedError, grpc.StatusCode.INTERNAL),
-    (DeadlineUnreachableError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
-]
-
-
-async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, load: LoadReport) -> None:
-    trailer = orca_trailer(load)
-    for error_type, code in _STATUS_FOR_ERROR:
-        if isinstance(error, error_type):
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                await context.abort_with_status(retry_status(code, str(error), load.retry_delay_seconds, trailer))
-            await context.abort(code, str(error), trailing_metadata=trailer)
-    log.exception("unexpected error in a request", exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", trailing_metadata=trailer)
-
-
-@dataclass(frozen=True)
-class _Undecodable:
-    """A request whose bytes don't parse (bad UTF-8 in a string, truncated data): INVALID_ARGUMENT, not INTERNAL."""
-
-    reason: str
-
-
-def _tolerant(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
-    def parse(data: bytes) -> object:
-        try:
-            return deserializer(data)
-        except Exception as error:  # noqa: BLE001 - any parse failure is the client's malformed message
-            return _Undecodable(str(error) or type(error).__name__)
-
-    return parse
-
-
-def _check_decoded(request: object) -> None:
-    if isinstance(request, _Undecodable):
-        raise ValidationError("request", f"the message does not parse: {request.reason}")
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike, and ends
-    every call with the engine's load in an ORCA trailer."""
-
-    def __init__(self, metrics: Metrics, load: Callable[[], LoadReport]) -> None:
-        self.metrics = metrics
-        self.load = load
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
-
-            async def unary(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
-                try:
-                    _check_decoded(request)
-                    response = await inner_unary(request, context)
-                    context.set_trailing_metadata(orca_trailer(self.load()))
-                    return response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-                    self._count_error(details.method, error)
-                    await _abort_for(error, context, self.load())
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request, context):  # noqa: ANN001, ANN202
-                try:
-                    _check_decoded(request)
-                    async for response in inner_stream(request, context):
-                        yield response
-                    context.set_trailing_metadata(orca_trailer(self.load()))
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    self._count_error(details.method, error)
-                    await _abort_for(error, context, self.load())
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-    def _count_error(self, method: str, error: Exception) -> None:
-        code = next((c for t, c in _STATUS_FOR_ERROR if isinstance(error, t)), grpc.StatusCode.INTERNAL)
-        self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()
 
 
 async def _with_offsets(outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[Chunk]:
@@ -409,7 +299,7 @@ class GenerationServer:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report)
+            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report, SERVICE_NAME)
         ]
         if self.options.auth_tokens is not None:
             interceptors.insert(0, AuthInterceptor(self.options.auth_tokens))

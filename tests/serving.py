@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.scheduler import SchedulerConfig
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 from service.server import GenerationServer, ServerOptions
 
@@ -47,3 +50,23 @@ class ServerThread:
         self.call(self.server.drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+def ids_request(prompt: list[int], request_id: str = "", **parameters: object) -> pb.GenerateRequest:
+    """A GenerateRequest on token ids (the tiny test model has no tokenizer), returning token ids."""
+    bad_words = parameters.pop("bad_words_ids", [])
+    message = pb.GenerationParameters(**parameters)
+    message.bad_words_ids.extend(pb.TokenIds(ids=words) for words in bad_words)
+    return pb.GenerateRequest(
+        input_ids=pb.TokenIds(ids=prompt), parameters=message, return_token_ids=True, request_id=request_id
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll until `predicate` holds; fail the test if it doesn't within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+    return True

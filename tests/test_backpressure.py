@@ -17,23 +17,9 @@ from scheduler.request import FinishReason, RequestOptions
 from service.load_report import APPLICATION_TRAILER_KEY
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import StepDriver
-from tests.serving import ServerThread
+from tests.serving import ServerThread, ids_request, wait_for
 
-
-def _request(prompt: list[int], **parameters) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        input_ids=pb.TokenIds(ids=prompt), parameters=pb.GenerationParameters(**parameters), return_token_ids=True
-    )
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
-LONG = _request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
+LONG = ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
 
 
 def test_estimator_predicts_from_queue_position_and_measured_rates() -> None:
@@ -53,15 +39,15 @@ def test_request_that_cannot_meet_its_deadline_is_refused_at_once_and_never_pref
     server = ServerThread(tiny, max_running=1)
     try:
         long_call = server.stub.Generate.future(LONG)
-        _wait_for(lambda: server.engine.num_running == 1)
-        queued = [server.stub.Generate.future(_request([8, 9], max_new_tokens=5)) for _ in range(2)]
-        _wait_for(lambda: server.engine.num_waiting == 2)
+        wait_for(lambda: server.engine.num_running == 1)
+        queued = [server.stub.Generate.future(ids_request([8, 9], max_new_tokens=5)) for _ in range(2)]
+        wait_for(lambda: server.engine.num_waiting == 2)
         # As measured under a slow workload: rows free up at 0.5/s, so 3 rows' wait is ~6 s.
         monkeypatch.setattr(server.engine.estimator, "release_rate", lambda now=None: 0.5)
         prefilled_before = server.engine.num_prefilled
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as error:
-            server.stub.Generate(_request([10, 11], max_new_tokens=5), timeout=2.0)
+            server.stub.Generate(ids_request([10, 11], max_new_tokens=5), timeout=2.0)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "expected" in error.value.details() and time.monotonic() - started < 1.0
         assert server.engine.num_prefilled == prefilled_before and server.engine.num_waiting == 2
@@ -87,14 +73,14 @@ def test_expired_queued_request_is_dropped_without_prefill(tiny) -> None:
 def test_partial_results_at_the_deadline(tiny) -> None:
     server = ServerThread(tiny, max_running=2)
     try:
-        request = _request([5, 6, 7], max_new_tokens=1900, ignore_eos=True)
+        request = ids_request([5, 6, 7], max_new_tokens=1900, ignore_eos=True)
         request.partial_on_deadline = True
         response = server.stub.Generate(request, timeout=1.0)
         assert response.finish_reason == pb.TIME_LIMIT
         assert 0 < response.usage.generated_tokens == len(response.token_ids) < 1900
         chunks = list(server.stub.GenerateStream(request, timeout=1.0))
         assert chunks[-1].finish_reason == pb.TIME_LIMIT and sum(len(c.token_ids) for c in chunks) > 0
-        _wait_for(lambda: server.engine.num_running == 0)
+        wait_for(lambda: server.engine.num_running == 0)
     finally:
         server.close()
 
@@ -103,11 +89,11 @@ def test_resource_exhausted_carries_retry_info(tiny) -> None:
     server = ServerThread(tiny, max_running=1, max_queue=1)
     try:
         long_call = server.stub.Generate.future(LONG)
-        _wait_for(lambda: server.engine.num_running == 1)
-        queued = server.stub.Generate.future(_request([8, 9], max_new_tokens=3))
-        _wait_for(lambda: server.engine.num_waiting == 1)
+        wait_for(lambda: server.engine.num_running == 1)
+        queued = server.stub.Generate.future(ids_request([8, 9], max_new_tokens=3))
+        wait_for(lambda: server.engine.num_waiting == 1)
         with pytest.raises(grpc.RpcError) as error:
-            server.stub.Generate(_request([10], max_new_tokens=3))
+            server.stub.Generate(ids_request([10], max_new_tokens=3))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         status = rpc_status.from_call(error.value)
         retry = error_details_pb2.RetryInfo()
@@ -134,7 +120,7 @@ def test_orca_trailer_decodes_and_matches_metrics(tiny) -> None:
     try:
         long_call = server.stub.GenerateStream(LONG)
         next(long_call)
-        _, call = server.stub.Generate.with_call(_request([8, 9], max_new_tokens=4))
+        _, call = server.stub.Generate.with_call(ids_request([8, 9], max_new_tokens=4))
         report = _orca(call)
         gauges = _gauges(server.server.metrics_port)
         assert report.named_metrics["running_requests"] == gauges["genserve_running_requests"] == 1
@@ -142,13 +128,13 @@ def test_orca_trailer_decodes_and_matches_metrics(tiny) -> None:
         assert 0 < report.named_metrics["kv_cache_usage_ratio"] <= gauges["genserve_kv_cache_usage_ratio"]
         assert report.utilization["rows"] == pytest.approx(1 / 4)
         long_call.cancel()
-        _wait_for(lambda: server.engine.num_running == 0)
-        _, call = server.stub.Generate.with_call(_request([8, 9], max_new_tokens=4))
+        wait_for(lambda: server.engine.num_running == 0)
+        _, call = server.stub.Generate.with_call(ids_request([8, 9], max_new_tokens=4))
         report, gauges = _orca(call), _gauges(server.server.metrics_port)
         assert report.named_metrics["running_requests"] == gauges["genserve_running_requests"] == 0
         assert report.named_metrics["kv_cache_usage_ratio"] == gauges["genserve_kv_cache_usage_ratio"] == 0
         with pytest.raises(grpc.RpcError) as error:  # errors carry the report too
-            server.stub.Generate(_request([8], temperature=-1.0))
+            server.stub.Generate(ids_request([8], temperature=-1.0))
         assert APPLICATION_TRAILER_KEY in dict(error.value.trailing_metadata())
     finally:
         server.close()
@@ -179,3 +165,19 @@ def test_standard_orca_trailer_reaches_a_grpc_js_client(tiny) -> None:
     report = orca_load_report_pb2.OrcaLoadReport.FromString(base64.b64decode(trailers["endpoint-load-metrics-bin"]))
     assert report.named_metrics["running_requests"] == 0 and report.utilization["rows"] == 0
     assert trailers["genserve-load-report-bin"] == trailers["endpoint-load-metrics-bin"]
+
+
+def test_queued_request_past_its_deadline_is_dropped_over_grpc(tiny) -> None:
+    server = ServerThread(tiny, max_running=1)
+    try:
+        long_call = server.stub.Generate.future(LONG)
+        wait_for(lambda: server.engine.num_running == 1)
+        prefilled = server.engine.num_prefilled
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub.Generate(ids_request([8, 9], max_new_tokens=5), timeout=0.3)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: server.engine.num_waiting == 0)
+        assert server.engine.num_prefilled == prefilled and server.engine.num_running == 1
+        long_call.cancel()
+    finally:
+        server.close()

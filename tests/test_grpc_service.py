@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service.proto_build import is_stale
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_EOS, TINY_VOCAB, hf_generate
-from tests.serving import ServerThread
+from tests.serving import ServerThread, ids_request, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +24,8 @@ def server(tiny):
     running.close()
 
 
-def _request(prompt: list[int], **parameters) -> pb.GenerateRequest:
-    bad_words = parameters.pop("bad_words_ids", [])
-    message = pb.GenerationParameters(**parameters)
-    message.bad_words_ids.extend(pb.TokenIds(ids=b) for b in bad_words)
-    return pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=message, return_token_ids=True)
-
-
 def _prompt(rng: random.Random) -> list[int]:
     return [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 40))]
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> bool:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_generated_code_is_fresh() -> None:
@@ -50,7 +34,7 @@ def test_generated_code_is_fresh() -> None:
 
 def test_unary_and_stream_equal_generate(server, tiny) -> None:
     prompt = [5, 9, 33, 70, 2, 101]
-    request = _request(prompt, max_new_tokens=25, repetition_penalty=1.2)
+    request = ids_request(prompt, max_new_tokens=25, repetition_penalty=1.2)
     expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=25, repetition_penalty=1.2))
     response = server.stub.Generate(request)
     assert list(response.token_ids) == expected
@@ -79,13 +63,13 @@ def test_32_concurrent_streams_with_mixed_parameters(server, tiny) -> None:
     def run(job):  # noqa: ANN001, ANN202
         prompt, params = job
         time.sleep(rng.random() * 0.2)  # arrivals spread over the first steps
-        return [t for chunk in server.stub.GenerateStream(_request(prompt, **params)) for t in chunk.token_ids]
+        return [t for chunk in server.stub.GenerateStream(ids_request(prompt, **params)) for t in chunk.token_ids]
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         outputs = list(pool.map(run, jobs))
     for (prompt, params), output in zip(jobs, outputs):
         assert output == hf_generate(tiny.model, prompt, server.engine.make_parameters(**params)), params
-    assert _wait_for(lambda: server.engine.num_running == 0)
+    assert wait_for(lambda: server.engine.num_running == 0)
 
 
 @pytest.mark.parametrize(
@@ -103,10 +87,10 @@ def test_32_concurrent_streams_with_mixed_parameters(server, tiny) -> None:
 )
 def test_bad_parameters_are_invalid_argument_naming_the_field(server, parameters: dict, field: str) -> None:
     with pytest.raises(grpc.RpcError) as error:
-        server.stub.Generate(_request([5, 6, 7], **parameters))
+        server.stub.Generate(ids_request([5, 6, 7], **parameters))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
-    assert server.stub.Generate(_request([5, 6, 7], max_new_tokens=3)).usage.generated_tokens == 3
+    assert server.stub.Generate(ids_request([5, 6, 7], max_new_tokens=3)).usage.generated_tokens == 3
 
 
 @pytest.mark.parametrize(
@@ -130,38 +114,38 @@ def test_bad_inputs_are_invalid_argument(server, request_message: pb.GenerateReq
 
 
 def test_truncate_prompt_tokens_keeps_the_end(server) -> None:
-    request = _request([7 + i % 300 for i in range(3000)], max_new_tokens=2)
+    request = ids_request([7 + i % 300 for i in range(3000)], max_new_tokens=2)
     request.truncate_prompt_tokens = 100
     assert server.stub.Generate(request).usage.prompt_tokens == 100
 
 
 def test_deadline_frees_the_row(server) -> None:
-    request = _request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
+    request = ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Generate(request, timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0)
+    assert wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0)
 
 
 def test_client_cancel_frees_the_row(server) -> None:
-    stream = server.stub.GenerateStream(_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True))
+    stream = server.stub.GenerateStream(ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True))
     for _, _chunk in zip(range(5), stream):
         pass
     assert server.engine.num_running == 1
     stream.cancel()
-    assert _wait_for(lambda: server.engine.num_running == 0)
+    assert wait_for(lambda: server.engine.num_running == 0)
 
 
 def test_full_queue_is_resource_exhausted_and_others_finish(tiny) -> None:
     small = ServerThread(tiny, max_running=1, max_queue=1)
     try:
-        long_request = _request([5, 6, 7], max_new_tokens=400, ignore_eos=True)
+        long_request = ids_request([5, 6, 7], max_new_tokens=400, ignore_eos=True)
         running = small.stub.Generate.future(long_request)
-        assert _wait_for(lambda: small.engine.num_running == 1)
-        queued = small.stub.Generate.future(_request([8, 9], max_new_tokens=5))
-        assert _wait_for(lambda: small.engine.num_waiting == 1)
+        assert wait_for(lambda: small.engine.num_running == 1)
+        queued = small.stub.Generate.future(ids_request([8, 9], max_new_tokens=5))
+        assert wait_for(lambda: small.engine.num_waiting == 1)
         with pytest.raises(grpc.RpcError) as error:
-            small.stub.Generate(_request([10, 11], max_new_tokens=5))
+            small.stub.Generate(ids_request([10, 11], max_new_tokens=5))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert running.result(timeout=60).usage.generated_tokens == 400
         assert queued.result(timeout=60).usage.generated_tokens >= 1
@@ -174,12 +158,12 @@ def test_health_serving_then_not_serving_on_drain(tiny) -> None:
     health_stub = health_pb2_grpc.HealthStub(draining.channel)
     status = health_stub.Check(health_pb2.HealthCheckRequest(service="genserve.v1.TextGeneration")).status
     assert status == health_pb2.HealthCheckResponse.SERVING
-    stream = draining.stub.GenerateStream(_request([5, 6, 7], max_new_tokens=300, ignore_eos=True))
+    stream = draining.stub.GenerateStream(ids_request([5, 6, 7], max_new_tokens=300, ignore_eos=True))
     first = next(stream)
     drained = draining.drain_in_background()
-    assert _wait_for(lambda: draining.server.service.draining)
+    assert wait_for(lambda: draining.server.service.draining)
     with pytest.raises(grpc.RpcError) as error:
-        draining.stub.Generate(_request([5, 6], max_new_tokens=2))
+        draining.stub.Generate(ids_request([5, 6], max_new_tokens=2))
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     rest = list(stream)  # the in-flight stream runs to completion
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 300
@@ -206,9 +190,9 @@ def test_logprobs_equal_log_softmax_of_hf_logits(server, tiny) -> None:
     import torch
 
     prompt = [11, 12, 13, 14, 15]
-    request = _request(prompt, max_new_tokens=12)
+    request = ids_request(prompt, max_new_tokens=12)
     request.top_logprobs = 5
-    plain = server.stub.Generate.future(_request([20, 21, 22], max_new_tokens=12))  # a batch-mate without logprobs
+    plain = server.stub.Generate.future(ids_request([20, 21, 22], max_new_tokens=12))  # a batch-mate without logprobs
     response = server.stub.Generate(request)
     with torch.inference_mode():
         reference = tiny.model.generate(
@@ -229,7 +213,7 @@ def test_logprobs_equal_log_softmax_of_hf_logits(server, tiny) -> None:
 
 
 def test_too_many_top_logprobs_is_invalid(server) -> None:
-    request = _request([5, 6], max_new_tokens=2)
+    request = ids_request([5, 6], max_new_tokens=2)
     request.top_logprobs = 21
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Generate(request)
@@ -244,10 +228,10 @@ def test_metrics_count_requests_tokens_and_errors(tiny) -> None:
     metered = ServerThread(tiny, max_running=4, metrics=True)
     try:
         for _ in range(3):
-            metered.stub.Generate(_request([5, 6, 7], max_new_tokens=6, ignore_eos=True))
-        list(metered.stub.GenerateStream(_request([5, 6], max_new_tokens=4, ignore_eos=True)))
+            metered.stub.Generate(ids_request([5, 6, 7], max_new_tokens=6, ignore_eos=True))
+        list(metered.stub.GenerateStream(ids_request([5, 6], max_new_tokens=4, ignore_eos=True)))
         with pytest.raises(grpc.RpcError):
-            metered.stub.Generate(_request([5], temperature=-1.0))
+            metered.stub.Generate(ids_request([5], temperature=-1.0))
         url = f"http://127.0.0.1:{metered.server.metrics_port}/metrics"
         samples = {}
         for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()):

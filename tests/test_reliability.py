@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 from tests.conftest import TINY_VOCAB, hf_generate
-from tests.serving import ServerThread
+from tests.serving import ServerThread, ids_request
 
 ALLOWED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -30,12 +30,6 @@ def server(tiny):
     running = ServerThread(tiny, max_running=8, max_queue=512)
     yield running
     running.close()
-
-
-def _request(prompt: list[int], **parameters) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        input_ids=pb.TokenIds(ids=prompt), parameters=pb.GenerationParameters(**parameters), return_token_ids=True
-    )
 
 
 def _wait_idle(server: ServerThread, timeout: float = 30.0) -> None:
@@ -50,7 +44,7 @@ def _wait_idle(server: ServerThread, timeout: float = 30.0) -> None:
 def _assert_healthy_after(server: ServerThread, tiny) -> None:
     """The server still gives exactly the tokens generate() gives."""
     prompt = [9, 8, 7, 6]
-    response = server.stub.Generate(_request(prompt, max_new_tokens=10))
+    response = server.stub.Generate(ids_request(prompt, max_new_tokens=10))
     assert list(response.token_ids) == hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=10))
 
 
@@ -63,7 +57,9 @@ def test_cancel_and_disconnect_storm_leave_nothing_behind(server, tiny) -> None:
         chunks_before_leaving, disconnect = plan
         channel = grpc.insecure_channel(server.target) if disconnect else server.channel
         stub = generate_pb2_grpc.TextGenerationStub(channel)
-        stream = stub.GenerateStream(_request([rng.randrange(3, TINY_VOCAB)] * 5, max_new_tokens=200, ignore_eos=True))
+        stream = stub.GenerateStream(
+            ids_request([rng.randrange(3, TINY_VOCAB)] * 5, max_new_tokens=200, ignore_eos=True)
+        )
         try:
             for _, _chunk in zip(range(chunks_before_leaving), stream):
                 pass
@@ -178,7 +174,7 @@ def test_after_fuzzing_the_server_serves_correctly(server, tiny) -> None:
     _assert_healthy_after(server, tiny)
 
 
-def test_failure_in_one_requests_prefill_fails_only_that_request(tiny, monkeypatch) -> None:
+def test_failure_in_one_requests_prefill_fails_only_thatids_request(tiny, monkeypatch) -> None:
     isolated = ServerThread(tiny, max_running=8)
     poison = 313
     runner = isolated.engine.runner
@@ -192,11 +188,11 @@ def test_failure_in_one_requests_prefill_fails_only_that_request(tiny, monkeypat
     monkeypatch.setattr(runner, "_forward", forward)
     try:
         prompts = [[5, 6, 7 + i] for i in range(6)]
-        futures = [isolated.stub.Generate.future(_request(p, max_new_tokens=30)) for p in prompts[:3]]
+        futures = [isolated.stub.Generate.future(ids_request(p, max_new_tokens=30)) for p in prompts[:3]]
         with pytest.raises(grpc.RpcError) as error:
-            isolated.stub.Generate(_request([5, poison, 7], max_new_tokens=30))
+            isolated.stub.Generate(ids_request([5, poison, 7], max_new_tokens=30))
         assert error.value.code() == grpc.StatusCode.INTERNAL and "injected fault" in error.value.details()
-        futures += [isolated.stub.Generate.future(_request(p, max_new_tokens=30)) for p in prompts[3:]]
+        futures += [isolated.stub.Generate.future(ids_request(p, max_new_tokens=30)) for p in prompts[3:]]
         for prompt, future in zip(prompts, futures):
             expected = hf_generate(tiny.model, prompt, isolated.engine.make_parameters(max_new_tokens=30))
             assert list(future.result(timeout=60).token_ids) == expected
@@ -219,7 +215,7 @@ def test_out_of_memory_is_survived(tiny, monkeypatch) -> None:
     monkeypatch.setattr(runner, "_decode", decode)
     try:
         prompts = [[11 + i, 12, 13] for i in range(6)]
-        futures = [survivor.stub.Generate.future(_request(p, max_new_tokens=40, ignore_eos=True)) for p in prompts]
+        futures = [survivor.stub.Generate.future(ids_request(p, max_new_tokens=40, ignore_eos=True)) for p in prompts]
         results = [future.result(timeout=120) for future in futures]
         assert injected.is_set()
         assert all(r.usage.generated_tokens == 40 and r.finish_reason == pb.LENGTH for r in results)

@@ -16,23 +16,7 @@ from service.cli import main
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.server import ServerOptions
 from tests.conftest import StepDriver, hf_generate
-from tests.serving import ServerThread
-
-
-def _request(prompt: list[int], request_id: str = "", **parameters) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        input_ids=pb.TokenIds(ids=prompt),
-        parameters=pb.GenerationParameters(**parameters),
-        return_token_ids=True,
-        request_id=request_id,
-    )
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+from tests.serving import ServerThread, ids_request, wait_for
 
 
 @pytest.fixture
@@ -47,7 +31,7 @@ def server(tiny):
 def test_stream_cut_and_resumed_yields_exactly_the_uninterrupted_tokens(server, tiny) -> None:
     prompt = [21, 22, 23, 24]
     expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=80))
-    request = _request(prompt, "resume-me", max_new_tokens=80)
+    request = ids_request(prompt, "resume-me", max_new_tokens=80)
     request.resumable = True
     stream = server.stub.GenerateStream(request)
     first = [next(stream) for _ in range(10)]
@@ -72,7 +56,7 @@ def test_unknown_and_expired_streams_are_not_found(server) -> None:
     with pytest.raises(grpc.RpcError) as error:
         list(server.stub.GenerateStream(pb.GenerateRequest(request_id="never", resume_from_token=0)))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    request = _request([5, 6], "short-lived", max_new_tokens=3)
+    request = ids_request([5, 6], "short-lived", max_new_tokens=3)
     request.resumable = True
     list(server.stub.GenerateStream(request))
     time.sleep(0.8)  # past the 0.5 s retention
@@ -82,17 +66,17 @@ def test_unknown_and_expired_streams_are_not_found(server) -> None:
 
 
 def test_abandoned_resumable_stream_is_cancelled_after_retention(server) -> None:
-    request = _request([5, 6], "abandoned", max_new_tokens=1500, ignore_eos=True)
+    request = ids_request([5, 6], "abandoned", max_new_tokens=1500, ignore_eos=True)
     request.resumable = True
     stream = server.stub.GenerateStream(request)
     next(stream)
     stream.cancel()
     assert server.engine.num_running == 1  # still generating for the client to come back
-    _wait_for(lambda: server.engine.num_running == 0, timeout=10)
+    wait_for(lambda: server.engine.num_running == 0, timeout=10)
 
 
 def test_resumable_needs_a_request_id(server) -> None:
-    request = _request([5, 6], max_new_tokens=3)
+    request = ids_request([5, 6], max_new_tokens=3)
     request.resumable = True
     with pytest.raises(grpc.RpcError) as error:
         list(server.stub.GenerateStream(request))
