@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, GenerationConfig
+from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
@@ -160,7 +160,11 @@ def run_hf_continuous(loaded: LoadedModel, workload: Workload, max_batch_size: i
         pad_token_id=model.generation_config.pad_token_id,
     )
     started = time.perf_counter()
-    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5) as manager:
+    # The same row limit as genserve's: at most max_batch_size requests decoded together.
+    batching = ContinuousBatchingConfig(max_requests_per_batch=max_batch_size)
+    with model.continuous_batching_context_manager(
+        generation_config=config, continuous_batching_config=batching, block=True, timeout=5
+    ) as manager:
         for i, (prompt, budget) in enumerate(zip(workload.prompts, workload.max_new_tokens)):
             manager.add_request(prompt, request_id=str(i), max_new_tokens=budget)
         with tqdm(total=len(workload.prompts), desc="HF continuous batching", leave=False) as bar:

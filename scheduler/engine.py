@@ -273,7 +273,7 @@ class Engine:
 
     def _deadline_margin(self) -> float:
         """Stop a partial-results request this early, so its final message reaches the client in time."""
-        return 2 * (self.estimator.step_seconds or 0.0) + 0.05
+        return 3 * (self.estimator.step_seconds or 0.0) + 0.1
 
     def _drop_expired(self) -> list[TokenEvent]:
         """Requests whose deadline passed while queued are dropped before any prefill is spent on them."""

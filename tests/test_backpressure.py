@@ -75,10 +75,10 @@ def test_partial_results_at_the_deadline(tiny) -> None:
     try:
         request = ids_request([5, 6, 7], max_new_tokens=1900, ignore_eos=True)
         request.partial_on_deadline = True
-        response = server.stub.Generate(request, timeout=1.0)
+        response = server.stub.Generate(request, timeout=2.0)
         assert response.finish_reason == pb.TIME_LIMIT
         assert 0 < response.usage.generated_tokens == len(response.token_ids) < 1900
-        chunks = list(server.stub.GenerateStream(request, timeout=1.0))
+        chunks = list(server.stub.GenerateStream(request, timeout=2.0))
         assert chunks[-1].finish_reason == pb.TIME_LIMIT and sum(len(c.token_ids) for c in chunks) > 0
         wait_for(lambda: server.engine.num_running == 0)
     finally:
