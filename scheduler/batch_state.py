@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.params import GenerationParameters
 from scheduler.request import Sequence
 
 
@@ -52,6 +53,8 @@ class BatchState:
         self.eos_mask = zeros(torch.bool, vocab_size)
         self.single_token_bans = zeros(torch.bool, vocab_size)
         self.token_counts = zeros(torch.int32, vocab_size)
+        self.presence_penalty = zeros(torch.float32)
+        self.frequency_penalty = zeros(torch.float32)
         self.history = zeros(torch.long, capacity)
         self._slot_tensors = [
             self.temperature,
@@ -69,6 +72,8 @@ class BatchState:
             self.eos_mask,
             self.single_token_bans,
             self.token_counts,
+            self.presence_penalty,
+            self.frequency_penalty,
         ]
         self.refresh_composition()
 
@@ -96,6 +101,8 @@ class BatchState:
         self.max_new_tokens[slot] = params.max_new_tokens
         self.prompt_length[slot] = seq.num_prompt_tokens
         self.stops_on_eos[slot] = not params.ignore_eos
+        self.presence_penalty[slot] = params.presence_penalty
+        self.frequency_penalty[slot] = params.frequency_penalty
         tokens = seq.prompt_ids + seq.generated_ids
         self.seq_length[slot] = len(tokens)
         self.ensure_capacity(len(tokens) + 1)
@@ -152,6 +159,8 @@ class BatchState:
         wanted = [s.options.top_logprobs for s in self.rows if s.options.top_logprobs is not None]
         self.max_top_logprobs = max(wanted, default=-1)
         self.multi_token_bans = _multi_token_bans(self.rows, self.device)
+        self.uses_output_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.logit_bias = _logit_bias(params, self.device)
         sampled = [params[i] for i in self.sampling_rows]
         self.uses_temperature = any(p.temperature != 1.0 for p in sampled)
         self.max_top_k = max((p.top_k for p in sampled), default=0)
@@ -189,4 +198,25 @@ def _multi_token_bans(rows: list[Sequence], device: torch.device) -> MultiTokenB
         prefix=torch.tensor(prefixes, dtype=torch.long, device=device),
         prefix_length=torch.tensor([len(b) - 1 for _, b in entries], device=device),
         last_token=torch.tensor([b[-1] for _, b in entries], device=device),
+    )
+
+
+@dataclass
+class LogitBias:
+    """Every row's logit_bias entries, flattened: add `bias` to scores[row, token]."""
+
+    row: torch.Tensor
+    token: torch.Tensor
+    bias: torch.Tensor
+
+
+def _logit_bias(params: list[GenerationParameters], device: torch.device) -> LogitBias | None:
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+    if not entries:
+        return None
+    rows, tokens, biases = zip(*entries)
+    return LogitBias(
+        row=torch.tensor(rows, device=device),
+        token=torch.tensor(tokens, device=device),
+        bias=torch.tensor(biases, dtype=torch.float32, device=device),
     )

@@ -2,8 +2,9 @@
 
 Every function takes the whole batch with per-row parameter tensors from `BatchState`; rows that don't use a
 processor pass through unchanged, and a processor no running row needs is skipped. Order (as in
-`GenerationMixin._get_logits_processor`): repetition penalty, no-repeat n-gram, bad words, min_new_tokens; then,
-for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
+`GenerationMixin._get_logits_processor`): repetition penalty, no-repeat n-gram, bad words, min_new_tokens; then the
+OpenAI-style presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change
+nothing); then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def process_logits(scores: torch.Tensor, state: BatchState, max_seq_length: int)
         generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows]
         too_early = (generated < state.min_new_tokens[:num_rows]).unsqueeze(1)
         scores = scores.masked_fill(too_early & state.eos_mask[:num_rows], NEG_INF)
+    if state.uses_output_penalties:
+        scores = apply_presence_frequency_penalties(scores, state, max_seq_length)
+    if state.logit_bias is not None:
+        bias = state.logit_bias
+        scores = scores.index_put((bias.row, bias.token), bias.bias, accumulate=True)
     return scores
 
 
@@ -75,6 +81,20 @@ def apply_no_repeat_ngram(
     hits = (matches & inside & applies).to(torch.int32)
     banned = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, windows[:, :, prefix_len], hits)
     return scores.masked_fill(banned > 0, NEG_INF)
+
+
+def apply_presence_frequency_penalties(scores: torch.Tensor, state: BatchState, max_seq_length: int) -> torch.Tensor:
+    """OpenAI's penalties over the generated tokens (not the prompt): logit -= frequency * count + presence * seen."""
+    num_rows = scores.shape[0]
+    history = state.history[:num_rows, :max_seq_length]
+    positions = torch.arange(max_seq_length, device=scores.device).unsqueeze(0)
+    generated = (positions >= state.prompt_length[:num_rows].unsqueeze(1)) & (
+        positions < state.seq_length[:num_rows].unsqueeze(1)
+    )
+    counts = torch.zeros_like(scores).scatter_add_(1, history, generated.to(scores.dtype))
+    frequency = state.frequency_penalty[:num_rows].unsqueeze(1)
+    presence = state.presence_penalty[:num_rows].unsqueeze(1)
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
 def apply_multi_token_bans(scores: torch.Tensor, state: BatchState) -> torch.Tensor:

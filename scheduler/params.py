@@ -41,6 +41,10 @@ class GenerationParameters:
     max_time: float | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    # OpenAI semantics, as TGI and vLLM users know them: over generated tokens only, after the HF processors.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -67,6 +71,11 @@ class GenerationParameters:
             _check_float("max_time", self.max_time, minimum=0.0, exclusive_minimum=True)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        _check_float("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0)
+        for token_id, bias in self.logit_bias:
+            _check_int("logit_bias", token_id, minimum=0)
+            _check_float("logit_bias", bias, minimum=-100.0, maximum=100.0)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValidationError("min_new_tokens", "must not exceed max_new_tokens")
 
@@ -76,7 +85,12 @@ class GenerationParameters:
         return self.do_sample and self.temperature > 0.0
 
     def validate_for_model(self, vocab_size: int) -> None:
-        for name, ids in (("eos_token_id", self.eos_token_id), ("bad_words_ids", _flatten(self.bad_words_ids))):
+        checked = (
+            ("eos_token_id", self.eos_token_id),
+            ("bad_words_ids", _flatten(self.bad_words_ids)),
+            ("logit_bias", [token_id for token_id, _ in self.logit_bias]),
+        )
+        for name, ids in checked:
             for token_id in ids:
                 if token_id >= vocab_size:
                     raise ValidationError(name, f"token id {token_id} is outside the vocabulary (size {vocab_size})")
@@ -117,6 +131,13 @@ def _normalize(values: dict[str, Any]) -> dict[str, Any]:
             out["bad_words_ids"] = tuple(tuple(seq) for seq in out["bad_words_ids"])
         except TypeError:
             raise ValidationError("bad_words_ids", "must be a list of token-id lists") from None
+    if "logit_bias" in out:
+        bias = out["logit_bias"]
+        try:
+            pairs = bias.items() if isinstance(bias, dict) else bias
+            out["logit_bias"] = tuple(sorted((int(token), float(value)) for token, value in pairs))
+        except (TypeError, ValueError):
+            raise ValidationError("logit_bias", "must map token ids to numbers") from None
     if "stop_strings" in out:
         stops = out["stop_strings"]
         out["stop_strings"] = (stops,) if isinstance(stops, str) else tuple(stops)

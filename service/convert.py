@@ -22,6 +22,8 @@ _SCALAR_FIELDS = (
     "max_time",
     "seed",
     "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
 )
 
 FINISH_REASONS = {
@@ -42,6 +44,8 @@ def parameter_overrides(message: pb.GenerationParameters) -> dict[str, Any]:
         overrides["eos_token_id"] = list(message.eos_token_id)
     if message.stop_strings:
         overrides["stop_strings"] = list(message.stop_strings)
+    if message.logit_bias:
+        overrides["logit_bias"] = dict(message.logit_bias)
     return overrides
 
 
@@ -50,6 +54,7 @@ def parameters_to_proto(params: GenerationParameters) -> pb.GenerationParameters
         bad_words_ids=[pb.TokenIds(ids=list(b)) for b in params.bad_words_ids],
         eos_token_id=list(params.eos_token_id),
         stop_strings=list(params.stop_strings),
+        logit_bias=dict(params.logit_bias),
     )
     for name in _SCALAR_FIELDS:
         value = getattr(params, name)

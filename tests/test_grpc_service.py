@@ -256,3 +256,21 @@ def test_metrics_count_requests_tokens_and_errors(tiny) -> None:
     assert value("genserve_step_duration_seconds_count", phase="prefill") >= 1
     assert value("genserve_queue_wait_seconds_count", priority="interactive") >= 4
     assert value("genserve_prefilled_requests_total") >= 4
+
+
+def test_logit_bias_and_penalties_apply_only_to_their_rows(server, tiny) -> None:
+    prompt = [31, 32, 33]
+    forced = ids_request(prompt, max_new_tokens=6)
+    forced.parameters.logit_bias[77] = 100.0
+    penalised = ids_request(prompt, max_new_tokens=30, frequency_penalty=2.0, presence_penalty=2.0)
+    plain = server.stub.Generate.future(ids_request(prompt, max_new_tokens=30))
+    assert list(server.stub.Generate(forced).token_ids) == [77] * 6
+    penalised_tokens = list(server.stub.Generate(penalised).token_ids)
+    expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=30))
+    assert list(plain.result(timeout=30).token_ids) == expected
+    assert penalised_tokens != expected and len(set(penalised_tokens)) > len(set(expected))
+    bad = ids_request(prompt, max_new_tokens=3)
+    bad.parameters.logit_bias[TINY_VOCAB + 1] = 1.0
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(bad)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in error.value.details()

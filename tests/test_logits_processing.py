@@ -83,3 +83,29 @@ def test_batched_processing_matches_hf_per_row() -> None:
         torch.testing.assert_close(ours[i : i + 1], expected, atol=1e-5, rtol=0, msg=f"row {i}: {params}")
     # The cases above must actually bite, or the comparison proves nothing.
     assert torch.isinf(processed[4, [3, 4, 9]]).all() and (ours == 0).sum(dim=1).gt(0).sum() >= 6
+
+
+def test_presence_frequency_penalties_and_logit_bias_follow_openai_semantics() -> None:
+    """Counts cover generated tokens only; rows without these parameters are untouched."""
+    state = BatchState(max_rows=3, vocab_size=VOCAB, capacity=32, device=torch.device("cpu"))
+    rows = [
+        Sequence(
+            "pen",
+            [4, 4, 5],
+            GenerationParameters(presence_penalty=0.5, frequency_penalty=0.25),
+            generated_ids=[6, 6, 6, 7],
+        ),
+        Sequence("bias", [4, 5], GenerationParameters(logit_bias=((9, 5.0), (10, -100.0))), generated_ids=[9]),
+        Sequence("plain", [4, 6], GenerationParameters(), generated_ids=[6]),
+    ]
+    for seq in rows:
+        state.add_row(seq)
+    state.refresh_composition()
+    logits = torch.randn(3, VOCAB)
+    processed = process_logits(logits.clone(), state, max(s.num_tokens for s in rows))
+    expected = logits.clone()
+    expected[0, 6] -= 0.25 * 3 + 0.5  # generated three times
+    expected[0, 7] -= 0.25 * 1 + 0.5
+    expected[1, 9] += 5.0
+    expected[1, 10] -= 100.0
+    torch.testing.assert_close(processed, expected, atol=1e-6, rtol=0)  # token 4 and 5 (prompt only): untouched

@@ -29,6 +29,10 @@ from scheduler.params import DEFAULT_MAX_NEW_TOKENS, GenerationParameters, Valid
         ("eos_token_id", [-1]),
         ("bad_words_ids", [[]]),
         ("stop_strings", [""]),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("logit_bias", {5: 500.0}),
+        ("logit_bias", {"x": 1.0}),
     ],
 )
 def test_invalid_values_name_their_field(field: str, value: object) -> None:
