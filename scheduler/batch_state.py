@@ -159,6 +159,8 @@ class BatchState:
         wanted = [s.options.top_logprobs for s in self.rows if s.options.top_logprobs is not None]
         self.max_top_logprobs = max(wanted, default=-1)
         self.multi_token_bans = _multi_token_bans(self.rows, self.device)
+        self.uses_custom_processors = any(seq.custom_processors for seq in self.rows)
+        self.uses_custom_criteria = any(seq.custom_criteria for seq in self.rows)
         self.uses_output_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         self.logit_bias = _logit_bias(params, self.device)
         sampled = [params[i] for i in self.sampling_rows]

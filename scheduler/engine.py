@@ -20,6 +20,7 @@ import torch
 from scheduler.load_estimator import LoadEstimator
 from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
+from scheduler.plugins import PluginRegistry
 from scheduler.request import FinishReason, Priority, RequestOptions, Sequence, TokenEvent
 from scheduler.runner import ModelRunner, StopCode, is_out_of_memory
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -29,7 +30,11 @@ log = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 # After an out-of-memory the row limit shrinks; it grows back by one row per this many clean steps.
 STEPS_TO_REGROW_ONE_ROW = 200
-_STOP_REASONS = {StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN, StopCode.LENGTH: FinishReason.LENGTH}
+_STOP_REASONS = {
+    StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN,
+    StopCode.LENGTH: FinishReason.LENGTH,
+    StopCode.STOPPING_CRITERIA: FinishReason.STOPPING_CRITERIA,
+}
 
 
 class DeadlineUnreachableError(RuntimeError):
@@ -58,7 +63,14 @@ class LoadReport:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: SchedulerConfig = SchedulerConfig(), seed: int = 0) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: SchedulerConfig = SchedulerConfig(),
+        seed: int = 0,
+        plugins: PluginRegistry = PluginRegistry(),
+    ) -> None:
+        self.plugins = plugins
         self.loaded = loaded
         self.config = config
         self.runner = ModelRunner(loaded.model, config.max_running, config.max_context, seed=seed)
@@ -127,7 +139,14 @@ class Engine:
             )
         if options.deadline is not None:
             self._check_deadline_reachable(len(prompt_ids), options.deadline)
-        seq = Sequence(options.request_id or uuid.uuid4().hex, list(prompt_ids), params, options=options)
+        seq = Sequence(
+            options.request_id or uuid.uuid4().hex,
+            list(prompt_ids),
+            params,
+            options=options,
+            custom_processors=self.plugins.instantiate("logits_processors", options.logits_processors),
+            custom_criteria=self.plugins.instantiate("stopping_criteria", options.stopping_criteria),
+        )
         self.scheduler.add(seq)
         self._wakeup.set()
         return seq
@@ -210,6 +229,12 @@ class Engine:
         now = time.monotonic()
         leaving: set[int] = set()
         for row, (seq, result) in enumerate(zip(self.runner.rows, results)):
+            if row in output.row_errors:
+                log.error("request %s failed: %s", seq.request_id, output.row_errors[row])
+                seq.finish(FinishReason.CANCELLED)  # ended; the error event below tells the client why
+                leaving.add(row)
+                events.append(TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=output.row_errors[row]))
+                continue
             seq.generated_ids.append(result.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now

@@ -18,6 +18,7 @@ class FinishReason(enum.Enum):
     STOP_STRING = "stop_string"
     TIME_LIMIT = "time_limit"
     CANCELLED = "cancelled"
+    STOPPING_CRITERIA = "stopping_criteria"
 
 
 class Priority(enum.IntEnum):
@@ -37,6 +38,9 @@ class RequestOptions:
     deadline: float | None = None  # time.monotonic() by which the caller needs the answer
     partial_on_deadline: bool = False  # at the deadline, end with TIME_LIMIT and what was generated so far
     priority: Priority = Priority.INTERACTIVE
+    # Registered custom components this request enables: (name, JSON keyword arguments).
+    logits_processors: tuple[tuple[str, str], ...] = ()
+    stopping_criteria: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -53,6 +57,9 @@ class Sequence:
     options: RequestOptions = field(default_factory=RequestOptions)
     # The runner's torch.Generator for a seeded request, kept here so a preempted request resumes its draws.
     sampler_generator: object | None = None
+    # This request's own instances of the custom components it enabled (HF LogitsProcessor / StoppingCriteria).
+    custom_processors: tuple[object, ...] = ()
+    custom_criteria: tuple[object, ...] = ()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,7 +8,7 @@ happens per step: the (next token, stop code) pairs the engine needs.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from scheduler.batch_state import BatchState
 from scheduler.kv_cache import SlotKVCache
 from scheduler.logits_processing import process_logits
+from scheduler.plugins import apply_custom_processors, custom_stop_hits
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
 
@@ -24,6 +25,7 @@ class StopCode(enum.IntEnum):
     RUNNING = 0
     EOS_TOKEN = 1
     LENGTH = 2
+    STOPPING_CRITERIA = 3
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -37,6 +39,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 class StepOutput:
     results: list[RowResult]  # one per row, in row order
     failed: list[tuple[Sequence, str]]  # admitted requests whose own prefill raised; they hold no row
+    row_errors: dict[int, str] = field(default_factory=dict)  # rows whose custom processor or criterion raised
 
 
 @dataclass(frozen=True)
@@ -114,16 +117,23 @@ class ModelRunner:
         self.state.ensure_capacity(max_seq_length + 1)
         raw_scores = scores
         scores = process_logits(scores, self.state, max_seq_length)
+        row_errors: dict[int, str] = {}
+        if self.state.uses_custom_processors:
+            scores = apply_custom_processors(scores, self.rows, self.state.history, row_errors)
         next_tokens = select_tokens(scores, self.state, self.shared_generator)
         stops = self._stop_codes(next_tokens)
         self.state.record_tokens(next_tokens)
+        if self.state.uses_custom_criteria:
+            hits = custom_stop_hits(scores, self.rows, self.state.history, row_errors)
+            stops = torch.where(hits & (stops == int(StopCode.RUNNING)), int(StopCode.STOPPING_CRITERIA), stops)
         columns = [next_tokens.double().unsqueeze(1), stops.double().unsqueeze(1)]
         num_top = self.state.max_top_logprobs
         if num_top >= 0:
             columns += self._logprob_columns(raw_scores, next_tokens, num_top)
         # The one device-to-host copy of the step (token ids are exact in float64).
         host_rows = torch.cat(columns, dim=1).tolist()
-        return StepOutput([self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)], failed)
+        results = [self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)]
+        return StepOutput(results, failed, row_errors)
 
     @staticmethod
     def _logprob_columns(raw_scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:

@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from scheduler.engine import Engine
+    from scheduler.plugins import PluginRegistry, parse_registrations
     from service.security import TLSConfig, read_tokens
     from service.server import GenerationServer, ServerOptions
 
@@ -124,7 +125,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream_retention_seconds=args.stream_retention_seconds,
     )
     loaded = _load(args)
-    server = GenerationServer(Engine(loaded, _scheduler_config(args)), options)
+    plugins = PluginRegistry(
+        logits_processors=parse_registrations(args.logits_processor),
+        stopping_criteria=parse_registrations(args.stopping_criteria),
+    )
+    server = GenerationServer(Engine(loaded, _scheduler_config(args), plugins=plugins), options)
     asyncio.run(server.serve_until_signal())
     return 0
 
@@ -328,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--drain-seconds", type=float, default=float(_env("drain_seconds", "30")), help="grace period on SIGTERM"
+    )
+    custom = serve.add_argument_group("custom components (requests enable them by name, with JSON arguments)")
+    custom.add_argument(
+        "--logits-processor",
+        action="append",
+        default=[],
+        metavar="NAME=module:Class",
+        help="register an HF-compatible LogitsProcessor class (repeatable)",
+    )
+    custom.add_argument(
+        "--stopping-criteria",
+        action="append",
+        default=[],
+        metavar="NAME=module:Class",
+        help="register an HF-compatible StoppingCriteria class (repeatable)",
     )
     security = serve.add_argument_group("security")
     security.add_argument("--tls-cert", default=_env("tls_cert", ""), help="PEM certificate chain: serve TLS")

@@ -32,6 +32,7 @@ FINISH_REASONS = {
     FinishReason.STOP_STRING: pb.STOP_STRING,
     FinishReason.TIME_LIMIT: pb.TIME_LIMIT,
     FinishReason.CANCELLED: pb.CANCELLED,
+    FinishReason.STOPPING_CRITERIA: pb.STOPPING_CRITERIA,
 }
 
 

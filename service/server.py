@@ -130,6 +130,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             deadline=time.monotonic() + remaining if remaining is not None and not request.resumable else None,
             partial_on_deadline=request.partial_on_deadline,
             priority=Priority.BATCH if request.priority == pb.BATCH else Priority.INTERACTIVE,
+            logits_processors=tuple((c.name, c.json_args) for c in request.logits_processors),
+            stopping_criteria=tuple((c.name, c.json_args) for c in request.stopping_criteria),
         )
         return PreparedRequest(prompt_ids, params, prompt_text, options)
 

@@ -11,6 +11,7 @@ import grpc
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
+from scheduler.plugins import PluginRegistry
 from scheduler.scheduler import SchedulerConfig
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
@@ -24,9 +25,10 @@ class ServerThread:
         grace_seconds: float = 10.0,
         metrics: bool = False,
         options: ServerOptions | None = None,
+        plugins: PluginRegistry | None = None,
         **config: int,
     ) -> None:
-        self.engine = Engine(loaded, SchedulerConfig(**config))
+        self.engine = Engine(loaded, SchedulerConfig(**config), plugins=plugins or PluginRegistry())
         options = options or ServerOptions(port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None)
         self.server = GenerationServer(self.engine, options)
         self.loop = asyncio.new_event_loop()

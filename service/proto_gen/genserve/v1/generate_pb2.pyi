@@ -21,6 +21,7 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_STRING: _ClassVar[FinishReason]
     TIME_LIMIT: _ClassVar[FinishReason]
     CANCELLED: _ClassVar[FinishReason]
+    STOPPING_CRITERIA: _ClassVar[FinishReason]
 PRIORITY_UNSPECIFIED: Priority
 INTERACTIVE: Priority
 BATCH: Priority
@@ -30,6 +31,7 @@ EOS_TOKEN: FinishReason
 STOP_STRING: FinishReason
 TIME_LIMIT: FinishReason
 CANCELLED: FinishReason
+STOPPING_CRITERIA: FinishReason
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -101,7 +103,7 @@ class GenerationParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., bad_words_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., eos_token_id: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., max_time: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "input_ids", "messages", "parameters", "request_id", "return_token_ids", "echo_prompt", "truncate_prompt_tokens", "return_logprobs", "top_logprobs", "partial_on_deadline", "resumable", "resume_from_token", "priority")
+    __slots__ = ("text", "input_ids", "messages", "parameters", "request_id", "return_token_ids", "echo_prompt", "truncate_prompt_tokens", "return_logprobs", "top_logprobs", "partial_on_deadline", "resumable", "resume_from_token", "priority", "logits_processors", "stopping_criteria")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,8 @@ class GenerateRequest(_message.Message):
     RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_PROCESSORS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_CRITERIA_FIELD_NUMBER: _ClassVar[int]
     text: str
     input_ids: TokenIds
     messages: ChatMessages
@@ -130,7 +134,17 @@ class GenerateRequest(_message.Message):
     resumable: bool
     resume_from_token: int
     priority: Priority
-    def __init__(self, text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ..., echo_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., partial_on_deadline: _Optional[bool] = ..., resumable: _Optional[bool] = ..., resume_from_token: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    logits_processors: _containers.RepeatedCompositeFieldContainer[CustomComponent]
+    stopping_criteria: _containers.RepeatedCompositeFieldContainer[CustomComponent]
+    def __init__(self, text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ..., echo_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., partial_on_deadline: _Optional[bool] = ..., resumable: _Optional[bool] = ..., resume_from_token: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., logits_processors: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ..., stopping_criteria: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ...) -> None: ...
+
+class CustomComponent(_message.Message):
+    __slots__ = ("name", "json_args")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JSON_ARGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    json_args: str
+    def __init__(self, name: _Optional[str] = ..., json_args: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

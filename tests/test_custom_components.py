@@ -1,0 +1,108 @@
+"""Registered custom processors and stopping criteria run only on the rows that enabled them."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+
+from scheduler.custom_examples import BannedPhrasesLogitsProcessor, MaxSentencesCriteria
+from scheduler.plugins import PluginRegistry
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from tests.conftest import hf_generate
+from tests.serving import ServerThread, ids_request
+
+
+class ExplodingProcessor(LogitsProcessor):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    registry = PluginRegistry(
+        logits_processors={"ban": BannedPhrasesLogitsProcessor, "explode": ExplodingProcessor},
+        stopping_criteria={"sentences": MaxSentencesCriteria},
+    )
+    running = ServerThread(tiny, plugins=registry, max_running=6)
+    yield running
+    running.close()
+
+
+def _with(request: pb.GenerateRequest, kind: str, name: str, **kwargs: object) -> pb.GenerateRequest:
+    getattr(request, kind).append(pb.CustomComponent(name=name, json_args=json.dumps(kwargs)))
+    return request
+
+
+def test_processor_changes_only_its_row_and_matches_generate_with_it(server, tiny) -> None:
+    prompt = [40, 41, 42]
+    params = server.engine.make_parameters(max_new_tokens=25)
+    plain_expected = hf_generate(tiny.model, prompt, params)
+    phrases = [[plain_expected[2]], plain_expected[5:7]]
+    plain = server.stub.Generate.future(ids_request(prompt, max_new_tokens=25))
+    banned = server.stub.Generate(
+        _with(ids_request(prompt, max_new_tokens=25), "logits_processors", "ban", phrases=phrases)
+    )
+    assert list(plain.result(timeout=30).token_ids) == plain_expected
+    with torch.inference_mode():
+        reference = tiny.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=25,
+            do_sample=False,
+            eos_token_id=list(params.eos_token_id),
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([BannedPhrasesLogitsProcessor(phrases)]),
+        )[0, len(prompt) :].tolist()
+    assert list(banned.token_ids) == reference != plain_expected
+    assert plain_expected[2] not in banned.token_ids
+
+
+def test_stopping_criterion_ends_its_row_with_its_own_reason(server, tiny) -> None:
+    prompt = [50, 51]
+    params = server.engine.make_parameters(max_new_tokens=30)
+    expected = hf_generate(tiny.model, prompt, params)
+    end_token = expected[7]
+    request = _with(
+        ids_request(prompt, max_new_tokens=30),
+        "stopping_criteria",
+        "sentences",
+        max_sentences=1,
+        sentence_end_ids=[end_token],
+    )
+    response = server.stub.Generate(request)
+    assert response.finish_reason == pb.STOPPING_CRITERIA
+    assert list(response.token_ids) == expected[: expected.index(end_token) + 1]
+    with torch.inference_mode():
+        criterion = StoppingCriteriaList([MaxSentencesCriteria(1, [end_token])])
+        reference = tiny.model.generate(
+            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, pad_token_id=0, stopping_criteria=criterion
+        )[0, len(prompt) :].tolist()
+    assert list(response.token_ids) == reference
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "kwargs", "field"),
+    [
+        ("logits_processors", "nope", {}, "logits_processors[0]"),
+        ("logits_processors", "ban", {"phrases": []}, "logits_processors[0]"),
+        ("stopping_criteria", "sentences", {"wrong": 1}, "stopping_criteria[0]"),
+    ],
+)
+def test_unknown_names_and_bad_arguments_are_invalid(server, kind: str, name: str, kwargs: dict, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(_with(ids_request([5, 6], max_new_tokens=3), kind, name, **kwargs))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+
+
+def test_a_failing_processor_fails_only_its_request(server, tiny) -> None:
+    prompts = [[60 + i, 61] for i in range(4)]
+    mates = [server.stub.Generate.future(ids_request(p, max_new_tokens=20)) for p in prompts]
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(_with(ids_request([70, 71], max_new_tokens=20), "logits_processors", "explode"))
+    assert error.value.code() == grpc.StatusCode.INTERNAL and "boom" in error.value.details()
+    for prompt, mate in zip(prompts, mates):
+        expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=20))
+        assert list(mate.result(timeout=30).token_ids) == expected
