@@ -108,6 +108,11 @@ class SlotKVCache:
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return query_length, 0
 
+    def copy_prefix(self, source_row: int, destination_row: int, length: int) -> None:
+        for layer_caches in (self.keys, self.values):
+            for cache in layer_caches:
+                cache[destination_row, :, :length] = cache[source_row, :, :length]
+
     def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         for layer_caches in (self.keys, self.values):
             for cache in layer_caches:

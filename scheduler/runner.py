@@ -197,15 +197,24 @@ class ModelRunner:
         Being per request, a failure is attributable: that request fails alone (out of memory excepted,
         which the engine handles for the whole batch)."""
         last_hidden, failed = [], []
+        # Requests with the same tokens (n samples of one prompt) share one prefill: their KV is copied, which
+        # is bitwise what a prefill of their own would compute.
+        prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
         for seq in admitted:
             tokens = seq.prompt_ids + seq.generated_ids
             self.cache.ensure_capacity(len(tokens) + 1)
             row = self.state.add_row(seq)
+            twin = prefilled.get(tuple(tokens))
+            if twin is not None:
+                self.cache.copy_prefix(twin[0], row, len(tokens))
+                last_hidden.append(twin[1])
+                continue
             try:
                 self.cache.begin_prefill(row, 1)
                 input_ids = torch.tensor([tokens], device=self.device)
                 positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
                 last_hidden.append(self._forward(input_ids, positions, None)[:, -1])
+                prefilled[tuple(tokens)] = (row, last_hidden[-1])
             except Exception as error:
                 if is_out_of_memory(error):
                     raise

@@ -9,9 +9,11 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,8 +35,58 @@ from service.stream_store import Chunk, StreamStore
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
+MAX_RETURN_SEQUENCES = 16
+T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("genserve.requests")
+
+
+async def _merged(sources: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index; leaving early (or a
+    failure in one) closes them all, which cancels their requests."""
+    if len(sources) == 1:
+        async for item in sources[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    finished = object()
+
+    async def pump(index: int, source: AsyncIterator[T]) -> None:
+        try:
+            async for item in source:
+                await queue.put((index, item))
+            await queue.put((index, finished))
+        except Exception as error:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((index, error))
+
+    tasks = [asyncio.ensure_future(pump(index, source)) for index, source in enumerate(sources)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is finished:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _choice(index: int, outputs: list[GenerationOutput], request: pb.GenerateRequest, prompt_text: str) -> pb.Choice:
+    last = outputs[-1]
+    return pb.Choice(
+        index=index,
+        text=prompt_text + "".join(output.text for output in outputs),
+        token_ids=[t for output in outputs for t in output.token_ids] if request.return_token_ids else [],
+        finish_reason=FINISH_REASONS[last.finish_reason],
+        stop_string=last.stop_string or "",
+        generated_tokens=last.num_generated_tokens,
+        logprobs=logprobs_to_proto(tuple(lp for output in outputs for lp in output.logprobs)),
+    )
 
 
 async def _with_offsets(outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[Chunk]:
@@ -192,23 +244,45 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        prepared = self._prepare(request, context)
-        text, token_ids, logprobs = [prepared.prompt_text], [], []
-        last: GenerationOutput | None = None
-        async for output in self._outputs("Generate", prepared, request, context):
-            text.append(output.text)
-            token_ids.extend(output.token_ids)
-            logprobs.extend(output.logprobs)
-            last = output
+        samples = self._samples(self._prepare(request, context), request)
+        outputs: list[list[GenerationOutput]] = [[] for _ in samples]
+        sources = [self._outputs("Generate", sample, request, context) for sample in samples]
+        async for index, output in _merged(sources):
+            outputs[index].append(output)
+        choices = [_choice(index, items, request, samples[0].prompt_text) for index, items in enumerate(outputs)]
+        first, last = choices[0], outputs[0][-1]
         return pb.GenerateResponse(
-            request_id=last.request_id,
-            text="".join(text),
-            token_ids=token_ids if request.return_token_ids else [],
-            finish_reason=FINISH_REASONS[last.finish_reason],
-            stop_string=last.stop_string or "",
-            usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, generated_tokens=last.num_generated_tokens),
-            logprobs=logprobs_to_proto(tuple(logprobs)),
+            # With n samples, each sample's id is "<id>/<i>": the response names the request itself.
+            request_id=last.request_id if len(samples) == 1 else last.request_id.rsplit("/", 1)[0],
+            text=first.text,
+            token_ids=first.token_ids,
+            finish_reason=first.finish_reason,
+            stop_string=first.stop_string,
+            usage=pb.Usage(
+                prompt_tokens=last.num_prompt_tokens, generated_tokens=sum(c.generated_tokens for c in choices)
+            ),
+            logprobs=first.logprobs,
+            choices=choices,
         )
+
+    def _samples(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> list[PreparedRequest]:
+        """One prepared request per sample: ids `<id>/<i>`, seeds `seed + i` (the engine prefills them once)."""
+        count = request.num_return_sequences or 1
+        if not 1 <= count <= MAX_RETURN_SEQUENCES:
+            raise ValidationError("num_return_sequences", f"must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
+        if count == 1:
+            return [prepared]
+        if request.resumable:
+            raise ValidationError("num_return_sequences", "resumable streams carry one sequence")
+        base_id = prepared.options.request_id or uuid.uuid4().hex
+        samples = []
+        for index in range(count):
+            params = prepared.params
+            if params.seed is not None:
+                params = replace(params, seed=(params.seed + index) % 2**63)
+            options = replace(prepared.options, request_id=f"{base_id}/{index}")
+            samples.append(replace(prepared, params=params, options=options))
+        return samples
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -219,6 +293,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 yield _stream_message(chunk, request, prompt_text="")
             return
         prepared = self._prepare(request, context)
+        samples = self._samples(prepared, request)
         if request.resumable:
             if not request.request_id:
                 raise ValidationError("request_id", "a resumable stream needs a request_id to be resumed by")
@@ -227,10 +302,14 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             # The generation outlives this call: it runs in the store's task, this call only reads.
             outputs = self._outputs("GenerateStream", prepared, request, context)
             chunks = self.streams.follow(self.streams.start(request.request_id, outputs))
-        else:
-            chunks = _with_offsets(self._outputs("GenerateStream", prepared, request, context))
-        async for chunk in chunks:
-            yield _stream_message(chunk, request, prepared.prompt_text)
+            async for chunk in chunks:
+                yield _stream_message(chunk, request, prepared.prompt_text)
+            return
+        sources = [_with_offsets(self._outputs("GenerateStream", sample, request, context)) for sample in samples]
+        async for index, chunk in _merged(sources):
+            message = _stream_message(chunk, request, prepared.prompt_text)
+            message.index = index
+            yield message
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         kind = request.WhichOneof("input")

@@ -106,3 +106,46 @@ def test_a_failing_processor_fails_only_its_request(server, tiny) -> None:
     for prompt, mate in zip(prompts, mates):
         expected = hf_generate(tiny.model, prompt, server.engine.make_parameters(max_new_tokens=20))
         assert list(mate.result(timeout=30).token_ids) == expected
+
+
+def test_n_samples_differ_and_each_is_reproducible_by_its_seed(server) -> None:
+    request = ids_request([80, 81, 82], max_new_tokens=15, do_sample=True, temperature=1.5, seed=7)
+    request.num_return_sequences = 4
+    response = server.stub.Generate(request)
+    samples = [list(choice.token_ids) for choice in response.choices]
+    assert [c.index for c in response.choices] == [0, 1, 2, 3] and len({tuple(s) for s in samples}) == 4
+    assert list(response.token_ids) == samples[0]
+    assert response.usage.generated_tokens == sum(len(s) for s in samples)
+    for index, sample in enumerate(samples):
+        alone = ids_request([80, 81, 82], max_new_tokens=15, do_sample=True, temperature=1.5, seed=7 + index)
+        assert list(server.stub.Generate(alone).token_ids) == sample
+    streamed: dict[int, list[int]] = {}
+    for chunk in server.stub.GenerateStream(request):
+        streamed.setdefault(chunk.index, []).extend(chunk.token_ids)
+    assert [streamed[i] for i in range(4)] == samples
+    request.num_return_sequences = 17
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub.Generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_return_sequences" in error.value.details()
+
+
+def test_identical_prompts_admitted_together_share_one_prefill(tiny, monkeypatch) -> None:
+    from tests.conftest import StepDriver
+
+    driver = StepDriver(tiny, max_running=4)
+    runner = driver.engine.runner
+    original, prefills = runner._forward, []
+
+    def counting(input_ids, position_ids, mask):  # noqa: ANN001, ANN202
+        if input_ids.shape[1] > 1:
+            prefills.append(input_ids.shape[1])
+        return original(input_ids, position_ids, mask)
+
+    monkeypatch.setattr(runner, "_forward", counting)
+    prompt = [90, 91, 92, 93]
+    for index in range(3):
+        driver.submit(f"s{index}", prompt, max_new_tokens=12)
+    driver.run()
+    assert prefills == [len(prompt)]
+    expected = hf_generate(tiny.model, prompt, driver.engine.make_parameters(max_new_tokens=12))
+    assert all(driver.tokens[f"s{index}"] == expected for index in range(3))
