@@ -20,9 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
-from scheduler.engine import Engine
+from scheduler.engine import DeadlineUnreachableError, Engine
 from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import Priority, RequestOptions
+from scheduler.request import FinishReason, Priority, RequestOptions
 from scheduler.scheduler import QueueFullError
 from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
 from service.errors import DrainingError, ErrorInterceptor
@@ -117,6 +117,17 @@ def _stream_message(chunk: Chunk, request: pb.GenerateRequest, prompt_text: str)
     return message
 
 
+def _deadline_passed(output: GenerationOutput, options: RequestOptions, now: float) -> bool:
+    """The engine dropped the request at its deadline; unless partial results were asked for, that is
+    DEADLINE_EXCEEDED (the engine can notice a moment before gRPC does)."""
+    return (
+        output.finish_reason is FinishReason.TIME_LIMIT
+        and options.deadline is not None
+        and not options.partial_on_deadline
+        and now >= options.deadline
+    )
+
+
 def _client_id(context: grpc.aio.ServicerContext) -> str:
     """The `x-client-id` metadata when the client names itself, else its address (without the port)."""
     named = dict(context.invocation_metadata() or ()).get("x-client-id")
@@ -203,6 +214,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         try:
             async for output in self.engine.generate(prepared.prompt_ids, prepared.params, prepared.options):
                 now = time.monotonic()
+                if _deadline_passed(output, prepared.options, now):
+                    raise DeadlineUnreachableError("the deadline passed while the request waited for a row")
                 if output.token_ids:
                     if first_token_at is None:
                         first_token_at = now
