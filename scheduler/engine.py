@@ -166,13 +166,12 @@ class Engine:
             )
 
     def load_report(self) -> LoadReport:
-        rows = list(self.runner.rows)
         return LoadReport(
             queue_size=self.num_waiting,
-            running_requests=len(rows),
+            running_requests=self.num_running,
             max_running=self.config.max_running,
             kv_cache_usage_ratio=self.runner.kv_usage_ratio(),
-            tokens_in_flight=sum(seq.num_tokens for seq in rows),
+            tokens_in_flight=self.runner.num_tokens_held(),
             retry_delay_seconds=self.estimator.retry_delay(self.num_waiting),
         )
 
@@ -224,7 +223,7 @@ class Engine:
         self._regrow_row_limit()
         for seq, message in output.failed:
             log.error("request %s failed in prefill: %s", seq.request_id, message)
-            events.append(TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message))
+            events.append(_failure(seq, message))
         results = output.results
         now = time.monotonic()
         leaving: set[int] = set()
@@ -233,7 +232,7 @@ class Engine:
                 log.error("request %s failed: %s", seq.request_id, output.row_errors[row])
                 seq.finish(FinishReason.CANCELLED)  # ended; the error event below tells the client why
                 leaving.add(row)
-                events.append(TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=output.row_errors[row]))
+                events.append(_failure(seq, output.row_errors[row]))
                 continue
             seq.generated_ids.append(result.token_id)
             if seq.first_token_time is None:
@@ -326,11 +325,7 @@ class Engine:
         if self.num_running == 0 and len(victims) == 1:
             seq = victims[0]
             log.error("request %s does not fit in memory even alone; failing it", seq.request_id)
-            return [
-                TokenEvent(
-                    seq.request_id, (), None, seq.num_prompt_tokens, error="out of memory: the request does not fit"
-                )
-            ]
+            return [_failure(seq, "out of memory: the request does not fit")]
         self.scheduler.requeue(victims)
         log.warning("out of memory: requeued %d requests, row limit now %d", len(victims), self.row_limit)
         return []
@@ -345,8 +340,13 @@ class Engine:
     def _fail_all(self, admitted: list[Sequence], message: str) -> list[TokenEvent]:
         failed = {id(seq): seq for seq in [*self.runner.rows, *admitted]}.values()
         self.runner.release(set(range(self.num_running)))
-        return [TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message) for seq in failed]
+        return [_failure(seq, message) for seq in failed]
 
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:
             self.on_events(events)
+
+
+def _failure(seq: Sequence, message: str) -> TokenEvent:
+    """The event that ends a request with an error (the client gets INTERNAL with the message)."""
+    return TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message)

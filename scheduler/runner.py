@@ -82,9 +82,12 @@ class ModelRunner:
     def num_rows(self) -> int:
         return self.state.num_rows
 
+    def num_tokens_held(self) -> int:
+        """Tokens of the running rows (prompt and generated): what the KV cache holds for them."""
+        return sum(seq.num_tokens for seq in list(self.rows))
+
     def kv_usage_ratio(self) -> float:
-        used = sum(seq.num_tokens for seq in self.rows)
-        return used / (self.max_rows * self.max_context)
+        return self.num_tokens_held() / (self.max_rows * self.max_context)
 
     @torch.inference_mode()
     def step(self, admitted: list[Sequence]) -> StepOutput:
