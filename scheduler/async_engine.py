@@ -74,7 +74,10 @@ class AsyncEngine:
         if options.request_id is not None and options.request_id in self._queues:
             raise ValidationError("request_id", f"request {options.request_id!r} is already running")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = self.engine.submit(prompt_ids, params, options)
+        # Compiling a grammar can take a while on a cache miss: a worker thread does it, never the event loop.
+        constraint = options.constraint
+        grammar = await asyncio.to_thread(self.engine.grammars.matcher, constraint) if constraint else None
+        seq = self.engine.submit(prompt_ids, params, options, grammar)
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0

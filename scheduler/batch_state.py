@@ -1,6 +1,7 @@
 """The persistent, slot-indexed batch: per-row parameter tensors and token history, written once when a row joins.
 
-Rows occupy slots 0..B-1 in the order of `rows`. A row that leaves is replaced by the last row (see `compact`),
+Rows occupy slots 0..B-1 in the order of `rows` (a request with classifier-free guidance holds two: its own and
+its unconditional companion's). A row that leaves is replaced by the last row (see `compact`),
 so every per-step computation works on the `[:B]` prefix of these tensors and nothing is rebuilt per step.
 Host-side facts that select code paths (which rows sample, which have seeds) are recomputed only when the
 composition changes, so the hot loop never asks the device.
@@ -52,6 +53,7 @@ class BatchState:
         self.seq_length = zeros(torch.long)  # prompt + generated tokens in `history`
         self.eos_mask = zeros(torch.bool, vocab_size)
         self.single_token_bans = zeros(torch.bool, vocab_size)
+        self.allowed_tokens = zeros(torch.bool, vocab_size)  # rows with allowed_token_ids: only these
         self.token_counts = zeros(torch.int32, vocab_size)
         self.presence_penalty = zeros(torch.float32)
         self.frequency_penalty = zeros(torch.float32)
@@ -71,6 +73,7 @@ class BatchState:
             self.seq_length,
             self.eos_mask,
             self.single_token_bans,
+            self.allowed_tokens,
             self.token_counts,
             self.presence_penalty,
             self.frequency_penalty,
@@ -113,6 +116,8 @@ class BatchState:
         self.eos_mask[slot, list(params.eos_token_id)] = True
         self.single_token_bans[slot] = False
         self.single_token_bans[slot, _single_token_bans(seq)] = True
+        self.allowed_tokens[slot] = not params.allowed_token_ids
+        self.allowed_tokens[slot, list(params.allowed_token_ids)] = True
         self.rows.append(seq)
         if seq.sampler_generator is None:
             seq.sampler_generator = _seeded_generator(params.seed, self.device)
@@ -149,6 +154,8 @@ class BatchState:
 
     def refresh_composition(self) -> None:
         """Recompute the host-side selectors of code paths; called only when rows join or leave."""
+        self.request_slots = [slot for slot, seq in enumerate(self.rows) if not seq.is_companion]
+        self.guidance = _guidance(self.rows, self.device)
         params = [seq.params for seq in self.rows]
         self.sampling_rows = [i for i, p in enumerate(params) if p.is_sampling]
         self.sampling_index = torch.tensor(self.sampling_rows, dtype=torch.long, device=self.device)
@@ -156,8 +163,12 @@ class BatchState:
         self.ngram_sizes = sorted({p.no_repeat_ngram_size for p in params if p.no_repeat_ngram_size > 0})
         self.uses_single_token_bans = any(len(b) == 1 for p in params for b in p.bad_words_ids)
         self.uses_min_new_tokens = any(p.min_new_tokens > 0 for p in params)
+        self.uses_allowed_tokens = any(p.allowed_token_ids for p in params)
+        self.constrained_rows = [i for i, seq in enumerate(self.rows) if seq.grammar is not None]
         wanted = [s.options.top_logprobs for s in self.rows if s.options.top_logprobs is not None]
         self.max_top_logprobs = max(wanted, default=-1)
+        processed = [s.options.processed_logprobs for s in self.rows]
+        self.processed_logprob_rows = torch.tensor(processed, device=self.device) if any(processed) else None
         self.multi_token_bans = _multi_token_bans(self.rows, self.device)
         self.uses_custom_processors = any(seq.custom_processors for seq in self.rows)
         self.uses_custom_criteria = any(seq.custom_criteria for seq in self.rows)
@@ -200,6 +211,32 @@ def _multi_token_bans(rows: list[Sequence], device: torch.device) -> MultiTokenB
         prefix=torch.tensor(prefixes, dtype=torch.long, device=device),
         prefix_length=torch.tensor([len(b) - 1 for _, b in entries], device=device),
         last_token=torch.tensor([b[-1] for _, b in entries], device=device),
+    )
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance pairs: the logits of row `guided` are steered away from those of `companion`."""
+
+    guided: torch.Tensor
+    companion: torch.Tensor
+    scale: torch.Tensor  # [G, 1]
+
+
+def _guidance(rows: list[Sequence], device: torch.device) -> Guidance | None:
+    slot_of = {id(seq): slot for slot, seq in enumerate(rows)}
+    pairs = [
+        (slot, slot_of[id(seq.companion)], seq.params.guidance_scale)
+        for slot, seq in enumerate(rows)
+        if seq.companion is not None and id(seq.companion) in slot_of
+    ]
+    if not pairs:
+        return None
+    guided, companion, scale = zip(*pairs)
+    return Guidance(
+        guided=torch.tensor(guided, device=device),
+        companion=torch.tensor(companion, device=device),
+        scale=torch.tensor(scale, dtype=torch.float32, device=device).unsqueeze(1),
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.constraints import GrammarCompiler
 from scheduler.load_estimator import LoadEstimator
 from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
@@ -34,6 +35,7 @@ _STOP_REASONS = {
     StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN,
     StopCode.LENGTH: FinishReason.LENGTH,
     StopCode.STOPPING_CRITERIA: FinishReason.STOPPING_CRITERIA,
+    StopCode.CONSTRAINT_COMPLETE: FinishReason.CONSTRAINT_COMPLETE,
 }
 
 
@@ -76,6 +78,7 @@ class Engine:
         self.runner = ModelRunner(loaded.model, config.max_running, config.max_context, seed=seed)
         self.scheduler = Scheduler(config)
         self.model_defaults = model_generation_defaults(loaded.model.generation_config)
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.runner.vocab_size)
         self.on_events: Callable[[list[TokenEvent]], None] = lambda events: None
         self.on_step: Callable[[StepStats], None] = lambda stats: None
         self._cancels: list[tuple[str, FinishReason]] = []
@@ -97,6 +100,10 @@ class Engine:
         return self.runner.num_rows
 
     @property
+    def free_rows(self) -> int:
+        return max(0, self.row_limit - self.runner.num_slots)
+
+    @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
@@ -116,27 +123,17 @@ class Engine:
         return params
 
     def submit(
-        self, prompt_ids: list[int], params: GenerationParameters, options: RequestOptions = RequestOptions()
+        self,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        options: RequestOptions = RequestOptions(),
+        grammar: object | None = None,
     ) -> Sequence:
+        """Queue a request. `grammar` is its own matcher from `self.grammars` when its output is constrained."""
         top_logprobs = options.top_logprobs
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValidationError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
-        if not prompt_ids:
-            raise ValidationError("input", "the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValidationError("input_ids", f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        if len(prompt_ids) >= self.config.max_context:
-            raise ValidationError(
-                "input", f"the prompt has {len(prompt_ids)} tokens; the context holds {self.config.max_context}"
-            )
-        if len(prompt_ids) + params.max_new_tokens > self.config.max_context:
-            room = self.config.max_context - len(prompt_ids)
-            raise ValidationError(
-                "max_new_tokens",
-                f"{params.max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
-                f"{self.config.max_context} (at most {room} fit)",
-            )
+        self._check_prompt("input_ids", prompt_ids, params.max_new_tokens)
         if options.deadline is not None:
             self._check_deadline_reachable(len(prompt_ids), options.deadline)
         seq = Sequence(
@@ -146,17 +143,54 @@ class Engine:
             options=options,
             custom_processors=self.plugins.instantiate("logits_processors", options.logits_processors),
             custom_criteria=self.plugins.instantiate("stopping_criteria", options.stopping_criteria),
+            grammar=grammar,
         )
+        if params.uses_guidance:
+            seq.companion = self._guidance_companion(seq)
         self.scheduler.add(seq)
         self._wakeup.set()
         return seq
+
+    def _check_prompt(self, field_name: str, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise ValidationError(field_name, "the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValidationError(field_name, f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if len(prompt_ids) >= self.config.max_context:
+            raise ValidationError(
+                field_name, f"the prompt has {len(prompt_ids)} tokens; the context holds {self.config.max_context}"
+            )
+        if len(prompt_ids) + max_new_tokens > self.config.max_context:
+            room = self.config.max_context - len(prompt_ids)
+            raise ValidationError(
+                "max_new_tokens",
+                f"{max_new_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed the context of "
+                f"{self.config.max_context} (at most {room} fit)",
+            )
+
+    def _guidance_companion(self, seq: Sequence) -> Sequence:
+        """The unconditional branch of classifier-free guidance: the negative prompt (or, as generate() does
+        without one, the prompt's last token) followed by the request's own generated tokens."""
+        negative = seq.options.negative_prompt_ids
+        if negative is not None:
+            self._check_prompt("negative_prompt", list(negative), seq.params.max_new_tokens)
+        if self.config.max_running < 2:
+            raise ValidationError("guidance_scale", "classifier-free guidance needs two batch rows; the server has one")
+        return Sequence(
+            f"{seq.request_id}/unconditional",
+            list(negative) if negative is not None else seq.prompt_ids[-1:],
+            GenerationParameters(max_new_tokens=seq.params.max_new_tokens),
+            generated_ids=seq.generated_ids,  # the same list: it always follows its request's tokens
+            is_companion=True,
+        )
 
     def _check_deadline_reachable(self, num_prompt_tokens: int, deadline: float) -> None:
         now = time.monotonic()
         delay = self.estimator.first_token_delay(
             requests_ahead=self.num_waiting,
             tokens_ahead=self.scheduler.num_waiting_tokens,
-            free_rows=max(0, self.row_limit - self.num_running),
+            free_rows=self.free_rows,
             own_tokens=num_prompt_tokens,
             now=now,
         )
@@ -203,7 +237,7 @@ class Engine:
         """One scheduling round and one model step; False when there was nothing to do."""
         events = self._apply_cancels() + self._drop_expired()
         num_preempted = self._preempt_batch_rows()
-        admitted = self.scheduler.admit(self.num_running, self.row_limit)
+        admitted = self.scheduler.admit(self.runner.num_slots, self.row_limit)
         if not admitted and not self.num_running:
             self._emit(events)
             return False
@@ -283,7 +317,7 @@ class Engine:
     def _preempt_batch_rows(self) -> int:
         """Free rows for waiting interactive requests by sending the newest batch rows back to the queue. They
         keep their tokens (and sampler state) and are recomputed when readmitted; nothing they produced is lost."""
-        needed = self.scheduler.num_waiting_at(Priority.INTERACTIVE) - max(0, self.row_limit - self.num_running)
+        needed = self.scheduler.num_waiting_at(Priority.INTERACTIVE) - self.free_rows
         if needed <= 0:
             return 0
         batch_rows = [row for row, seq in enumerate(self.runner.rows) if seq.options.priority is Priority.BATCH]
@@ -318,7 +352,7 @@ class Engine:
             self.runner.release({newest})
         else:
             victims = []
-        self.row_limit = max(1, self.num_running)
+        self.row_limit = max(1, self.runner.num_slots)
         self._clean_steps = 0
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

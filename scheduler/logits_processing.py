@@ -2,9 +2,10 @@
 
 Every function takes the whole batch with per-row parameter tensors from `BatchState`; rows that don't use a
 processor pass through unchanged, and a processor no running row needs is skipped. Order (as in
-`GenerationMixin._get_logits_processor`): repetition penalty, no-repeat n-gram, bad words, min_new_tokens; then the
-OpenAI-style presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change
-nothing); then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
+`GenerationMixin._get_logits_processor`): classifier-free guidance, repetition penalty, no-repeat n-gram, bad
+words, min_new_tokens, allowed_token_ids (where HF's prefix_allowed_tokens_fn runs); then the OpenAI-style
+presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change nothing);
+then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ NEG_INF = float("-inf")
 def process_logits(scores: torch.Tensor, state: BatchState, max_seq_length: int) -> torch.Tensor:
     """Processors that apply to every row (greedy and sampling alike). `scores` is [B, V] float32."""
     num_rows = scores.shape[0]
+    if state.guidance is not None:
+        scores = apply_classifier_free_guidance(scores, state)
     if state.uses_repetition_penalty:
         scores = apply_repetition_penalty(scores, state.token_counts[:num_rows], state.repetition_penalty[:num_rows])
     for ngram_size in state.ngram_sizes:
@@ -31,12 +34,24 @@ def process_logits(scores: torch.Tensor, state: BatchState, max_seq_length: int)
         generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows]
         too_early = (generated < state.min_new_tokens[:num_rows]).unsqueeze(1)
         scores = scores.masked_fill(too_early & state.eos_mask[:num_rows], NEG_INF)
+    if state.uses_allowed_tokens:
+        scores = scores.masked_fill(~state.allowed_tokens[:num_rows], NEG_INF)
     if state.uses_output_penalties:
         scores = apply_presence_frequency_penalties(scores, state, max_seq_length)
     if state.logit_bias is not None:
         bias = state.logit_bias
         scores = scores.index_put((bias.row, bias.token), bias.bias, accumulate=True)
     return scores
+
+
+def apply_classifier_free_guidance(scores: torch.Tensor, state: BatchState) -> torch.Tensor:
+    """HF's UnbatchedClassifierFreeGuidanceLogitsProcessor with the unconditional branch as a companion row:
+    guided = scale * (log_softmax(conditional) - log_softmax(unconditional)) + log_softmax(unconditional)."""
+    guidance = state.guidance
+    conditional = torch.log_softmax(scores[guidance.guided], dim=-1)
+    unconditional = torch.log_softmax(scores[guidance.companion], dim=-1)
+    guided = guidance.scale * (conditional - unconditional) + unconditional
+    return scores.index_put((guidance.guided,), guided)
 
 
 def warp_for_sampling(scores: torch.Tensor, state: BatchState, rows: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ class GenerationParameters:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    allowed_token_ids: tuple[int, ...] = ()  # when set, every generated token is one of these
+    guidance_scale: float | None = None  # classifier-free guidance; None or 1 disables it
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -76,8 +78,16 @@ class GenerationParameters:
         for token_id, bias in self.logit_bias:
             _check_int("logit_bias", token_id, minimum=0)
             _check_float("logit_bias", bias, minimum=-100.0, maximum=100.0)
+        if self.guidance_scale is not None:
+            _check_float("guidance_scale", self.guidance_scale, minimum=0.0, maximum=100.0)
+        for token_id in self.allowed_token_ids:
+            _check_int("allowed_token_ids", token_id, minimum=0)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValidationError("min_new_tokens", "must not exceed max_new_tokens")
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale != 1.0
 
     @property
     def is_sampling(self) -> bool:
@@ -89,6 +99,7 @@ class GenerationParameters:
             ("eos_token_id", self.eos_token_id),
             ("bad_words_ids", _flatten(self.bad_words_ids)),
             ("logit_bias", [token_id for token_id, _ in self.logit_bias]),
+            ("allowed_token_ids", self.allowed_token_ids),
         )
         for name, ids in checked:
             for token_id in ids:
@@ -138,6 +149,8 @@ def _normalize(values: dict[str, Any]) -> dict[str, Any]:
             out["logit_bias"] = tuple(sorted((int(token), float(value)) for token, value in pairs))
         except (TypeError, ValueError):
             raise ValidationError("logit_bias", "must map token ids to numbers") from None
+    if "allowed_token_ids" in out:
+        out["allowed_token_ids"] = tuple(sorted(set(out["allowed_token_ids"])))
     if "stop_strings" in out:
         stops = out["stop_strings"]
         out["stop_strings"] = (stops,) if isinstance(stops, str) else tuple(stops)

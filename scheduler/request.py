@@ -9,6 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from scheduler.constraints import Constraint
 from scheduler.params import GenerationParameters
 
 
@@ -19,6 +20,7 @@ class FinishReason(enum.Enum):
     TIME_LIMIT = "time_limit"
     CANCELLED = "cancelled"
     STOPPING_CRITERIA = "stopping_criteria"
+    CONSTRAINT_COMPLETE = "constraint_complete"
 
 
 class Priority(enum.IntEnum):
@@ -35,12 +37,16 @@ class RequestOptions:
     request_id: str | None = None  # generated when not given
     client_id: str = ""  # requests of one client queue behind each other; clients are served round-robin
     top_logprobs: int | None = None  # None: no logprobs; n >= 0: the chosen token's and the n best per step
+    processed_logprobs: bool = False  # logprobs of the distribution sampled from, not the model's raw one
     deadline: float | None = None  # time.monotonic() by which the caller needs the answer
     partial_on_deadline: bool = False  # at the deadline, end with TIME_LIMIT and what was generated so far
     priority: Priority = Priority.INTERACTIVE
     # Registered custom components this request enables: (name, JSON keyword arguments).
     logits_processors: tuple[tuple[str, str], ...] = ()
     stopping_criteria: tuple[tuple[str, str], ...] = ()
+    constraint: Constraint | None = None  # the output must match it (compiled by the engine's GrammarCompiler)
+    # Classifier-free guidance's unconditional prompt; None: the prompt's last token, as generate() does.
+    negative_prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -60,6 +66,12 @@ class Sequence:
     # This request's own instances of the custom components it enabled (HF LogitsProcessor / StoppingCriteria).
     custom_processors: tuple[object, ...] = ()
     custom_criteria: tuple[object, ...] = ()
+    # The request's llguidance matcher when its output is constrained; advanced by one token per step.
+    grammar: object | None = None
+    # Classifier-free guidance: the unconditional branch, a row of its own that shares this request's generated
+    # tokens (the same list) and never reaches the engine's callers.
+    companion: Sequence | None = None
+    is_companion: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -74,6 +86,11 @@ class Sequence:
         return self.num_prompt_tokens + self.num_generated
 
     @property
+    def num_slots(self) -> int:
+        """Batch rows this request occupies: two with classifier-free guidance."""
+        return 1 if self.companion is None else 2
+
+    @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -84,7 +101,7 @@ class Sequence:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The chosen token's log-probability under the raw model distribution, and the top alternatives."""
+    """The chosen token's log-probability (raw or processed distribution, as asked) and the top alternatives."""
 
     token_id: int
     logprob: float

@@ -7,6 +7,7 @@ happens per step: the (next token, stop code) pairs the engine needs.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
+from scheduler.constraints import TokenBitmasks, advance
 from scheduler.kv_cache import SlotKVCache
 from scheduler.logits_processing import process_logits
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
@@ -26,6 +28,7 @@ class StopCode(enum.IntEnum):
     EOS_TOKEN = 1
     LENGTH = 2
     STOPPING_CRITERIA = 3
+    CONSTRAINT_COMPLETE = 4
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -71,20 +74,30 @@ class ModelRunner:
             device=self.device,
         )
         self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
+        self.bitmasks = TokenBitmasks(max_rows, self.vocab_size, self.device)
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(seed)
 
     @property
     def rows(self) -> list[Sequence]:
-        return self.state.rows
+        """The running requests, in the order of each step's results (guidance companions are internal)."""
+        state = self.state
+        return (
+            state.rows if len(state.request_slots) == state.num_rows else [state.rows[s] for s in state.request_slots]
+        )
 
     @property
     def num_rows(self) -> int:
+        return len(self.state.request_slots)
+
+    @property
+    def num_slots(self) -> int:
+        """Batch rows in use, guidance companions included: what the row limit bounds."""
         return self.state.num_rows
 
     def num_tokens_held(self) -> int:
         """Tokens of the running rows (prompt and generated): what the KV cache holds for them."""
-        return sum(seq.num_tokens for seq in list(self.rows))
+        return sum(seq.num_tokens for seq in list(self.state.rows))
 
     def kv_usage_ratio(self) -> float:
         return self.num_tokens_held() / (self.max_rows * self.max_context)
@@ -95,11 +108,11 @@ class ModelRunner:
 
         A request whose own prefill raises is failed alone. Any other error leaves the batch as it was before
         the step (rows added by it are dropped, no token recorded) and propagates to the engine."""
-        num_running = self.num_rows
+        num_running = self.num_slots
         try:
             return self._step(num_running, admitted)
         except BaseException:
-            self.release(set(range(num_running, self.num_rows)))
+            self._release_slots(set(range(num_running, self.num_slots)))
             raise
 
     def _step(self, num_running: int, admitted: list[Sequence]) -> StepOutput:
@@ -116,31 +129,62 @@ class ModelRunner:
         scores = torch.cat(logits).float() if len(logits) > 1 else logits[0].float()
         if self.logit_softcap:
             scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
-        max_seq_length = max(seq.num_tokens for seq in self.rows)
+        slots = self.state.rows
+        max_seq_length = max(seq.num_tokens for seq in slots)
         self.state.ensure_capacity(max_seq_length + 1)
         raw_scores = scores
         scores = process_logits(scores, self.state, max_seq_length)
+        if self.state.constrained_rows:
+            grammars = [slots[slot].grammar for slot in self.state.constrained_rows]
+            scores = self.bitmasks.apply(scores, self.state.constrained_rows, grammars)
         row_errors: dict[int, str] = {}
         if self.state.uses_custom_processors:
-            scores = apply_custom_processors(scores, self.rows, self.state.history, row_errors)
-        next_tokens = select_tokens(scores, self.state, self.shared_generator)
+            scores = apply_custom_processors(scores, slots, self.state.history, row_errors)
+        next_tokens, final_scores = select_tokens(scores, self.state, self.shared_generator)
+        if self.state.guidance is not None:  # the unconditional branch continues with its request's token
+            guidance = self.state.guidance
+            next_tokens = next_tokens.index_put((guidance.companion,), next_tokens[guidance.guided])
         stops = self._stop_codes(next_tokens)
         self.state.record_tokens(next_tokens)
         if self.state.uses_custom_criteria:
-            hits = custom_stop_hits(scores, self.rows, self.state.history, row_errors)
+            hits = custom_stop_hits(scores, slots, self.state.history, row_errors)
             stops = torch.where(hits & (stops == int(StopCode.RUNNING)), int(StopCode.STOPPING_CRITERIA), stops)
         columns = [next_tokens.double().unsqueeze(1), stops.double().unsqueeze(1)]
         num_top = self.state.max_top_logprobs
         if num_top >= 0:
+            wants_processed = self.state.processed_logprob_rows
+            if wants_processed is not None:
+                raw_scores = torch.where(wants_processed.unsqueeze(1), final_scores, raw_scores)
             columns += self._logprob_columns(raw_scores, next_tokens, num_top)
         # The one device-to-host copy of the step (token ids are exact in float64).
         host_rows = torch.cat(columns, dim=1).tolist()
-        results = [self._row_result(seq, values, num_top) for seq, values in zip(self.rows, host_rows)]
-        return StepOutput(results, failed, row_errors)
+        results = [self._row_result(seq, values, num_top) for seq, values in zip(slots, host_rows)]
+        if self.state.constrained_rows:
+            results = self._advance_constraints(results, row_errors)
+        request_slots = self.state.request_slots
+        if len(request_slots) == len(slots):
+            return StepOutput(results, failed, row_errors)
+        row_of_slot = {slot: row for row, slot in enumerate(request_slots)}
+        errors = {row_of_slot[slot]: message for slot, message in row_errors.items() if slot in row_of_slot}
+        return StepOutput([results[slot] for slot in request_slots], failed, errors)
+
+    def _advance_constraints(self, results: list[RowResult], row_errors: dict[int, str]) -> list[RowResult]:
+        """Feed each constrained row's token to its matcher; a complete constraint ends the row."""
+        results = list(results)
+        for slot in self.state.constrained_rows:
+            result = results[slot]
+            if result.stop is not StopCode.RUNNING or slot in row_errors:
+                continue  # the row ends here anyway
+            try:
+                if advance(self.state.rows[slot].grammar, result.token_id):
+                    results[slot] = dataclasses.replace(result, stop=StopCode.CONSTRAINT_COMPLETE)
+            except RuntimeError as error:
+                row_errors[slot] = str(error)
+        return results
 
     @staticmethod
-    def _logprob_columns(raw_scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:
-        logprobs = torch.log_softmax(raw_scores, dim=-1)
+    def _logprob_columns(scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:
+        logprobs = torch.log_softmax(scores, dim=-1)
         chosen = logprobs.gather(1, next_tokens.unsqueeze(1))
         if num_top == 0:
             return [chosen.double()]
@@ -157,9 +201,17 @@ class ModelRunner:
         top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
         return RowResult(token, code, TokenLogprob(token, values[2], top))
 
-    @torch.inference_mode()
     def release(self, leaving: set[int]) -> None:
-        """Free the rows at these indices; the last rows move into the holes so rows stay at 0..B-1."""
+        """Free the requests at these indices of `rows` (and their guidance companions)."""
+        state = self.state
+        slots = {state.request_slots[row] for row in leaving}
+        slot_of = {id(seq): slot for slot, seq in enumerate(state.rows)}
+        companions = {slot_of.get(id(state.rows[slot].companion)) for slot in slots} - {None}
+        self._release_slots(slots | companions)
+
+    @torch.inference_mode()
+    def _release_slots(self, leaving: set[int]) -> None:
+        """Free these slots; the last rows move into the holes so rows stay at 0..B-1."""
         if not leaving:
             return
         sources, destinations = self.state.remove_rows(leaving)
@@ -184,7 +236,7 @@ class ModelRunner:
 
     def _decode(self, num_rows: int) -> torch.Tensor:
         state = self.state
-        read_length = max(seq.num_tokens for seq in self.rows)
+        read_length = max(seq.num_tokens for seq in self.state.rows)
         self.cache.ensure_capacity(read_length)
         lengths = state.seq_length[:num_rows]
         positions = lengths - 1  # the newest token is in the history but not yet in the cache
@@ -204,26 +256,33 @@ class ModelRunner:
         # is bitwise what a prefill of their own would compute.
         prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
         for seq in admitted:
-            tokens = seq.prompt_ids + seq.generated_ids
-            self.cache.ensure_capacity(len(tokens) + 1)
-            row = self.state.add_row(seq)
-            twin = prefilled.get(tuple(tokens))
-            if twin is not None:
-                self.cache.copy_prefix(twin[0], row, len(tokens))
-                last_hidden.append(twin[1])
-                continue
+            first_slot = self.num_slots
             try:
-                self.cache.begin_prefill(row, 1)
-                input_ids = torch.tensor([tokens], device=self.device)
-                positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
-                last_hidden.append(self._forward(input_ids, positions, None)[:, -1])
-                prefilled[tuple(tokens)] = (row, last_hidden[-1])
+                hidden = [self._prefill_row(member, prefilled) for member in (seq, seq.companion) if member]
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
-                self.release({row})
+                self._release_slots(set(range(first_slot, self.num_slots)))
                 failed.append((seq, f"{type(error).__name__}: {error}"))
+                continue
+            last_hidden += hidden
         return (self.lm_head(torch.cat(last_hidden)) if last_hidden else None), failed
+
+    def _prefill_row(self, seq: Sequence, prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Give `seq` a row and fill its KV cache; returns the hidden state of its last token."""
+        tokens = seq.prompt_ids + seq.generated_ids
+        self.cache.ensure_capacity(len(tokens) + 1)
+        row = self.state.add_row(seq)
+        twin = prefilled.get(tuple(tokens))
+        if twin is not None:
+            self.cache.copy_prefix(twin[0], row, len(tokens))
+            return twin[1]
+        self.cache.begin_prefill(row, 1)
+        input_ids = torch.tensor([tokens], device=self.device)
+        positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
+        hidden = self._forward(input_ids, positions, None)[:, -1]
+        prefilled[tuple(tokens)] = (row, hidden)
+        return hidden
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         output = self.decoder(

@@ -12,12 +12,16 @@ from scheduler.batch_state import BatchState
 from scheduler.logits_processing import warp_for_sampling
 
 
-def select_tokens(scores: torch.Tensor, state: BatchState, shared_generator: torch.Generator) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor, state: BatchState, shared_generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row, and the scores they were drawn from (the sampling rows' after the warpers)."""
     next_tokens = torch.argmax(scores, dim=-1)
     if not state.sampling_rows:
-        return next_tokens
+        return next_tokens, scores
     rows = state.sampling_index
-    probs = torch.softmax(warp_for_sampling(scores[rows], state, rows), dim=-1)
+    warped = warp_for_sampling(scores[rows], state, rows)
+    probs = torch.softmax(warped, dim=-1)
     generators = [state.generators[row] for row in state.sampling_rows]
     seeded = [i for i, g in enumerate(generators) if g is not None]
     unseeded = [i for i, g in enumerate(generators) if g is None]
@@ -28,4 +32,4 @@ def select_tokens(scores: torch.Tensor, state: BatchState, shared_generator: tor
     for i in seeded:
         sampled[i] = torch.multinomial(probs[i : i + 1], num_samples=1, generator=generators[i]).squeeze(1)
     next_tokens[rows] = sampled
-    return next_tokens
+    return next_tokens, scores.index_put((rows,), warped)

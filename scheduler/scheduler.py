@@ -94,16 +94,18 @@ class Scheduler:
             self._num_waiting += len(seqs)
 
     def admit(self, num_running: int, row_limit: int | None = None) -> list[Sequence]:
-        """Pop the requests to prefill this step, given how many rows are already running."""
+        """Pop the requests to prefill this step, given how many rows are in use (a request with classifier-free
+        guidance takes two)."""
         admitted: list[Sequence] = []
         budget = self.config.max_prefill_tokens
         limit = min(row_limit or self.config.max_running, self.config.max_running)
         with self._lock:
             for level in self._levels.values():
-                while level and num_running + len(admitted) < limit:
+                while level:
                     client, queue = next(iter(level.items()))
-                    if admitted and queue[0].num_tokens > budget:
+                    if num_running + queue[0].num_slots > limit or (admitted and queue[0].num_tokens > budget):
                         break
+                    num_running += queue[0].num_slots
                     budget -= queue[0].num_tokens
                     admitted.append(queue.popleft())
                     del level[client]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from scheduler.constraints import Constraint
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import FinishReason, TokenLogprob
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -24,6 +25,7 @@ _SCALAR_FIELDS = (
     "ignore_eos",
     "presence_penalty",
     "frequency_penalty",
+    "guidance_scale",
 )
 
 FINISH_REASONS = {
@@ -33,6 +35,7 @@ FINISH_REASONS = {
     FinishReason.TIME_LIMIT: pb.TIME_LIMIT,
     FinishReason.CANCELLED: pb.CANCELLED,
     FinishReason.STOPPING_CRITERIA: pb.STOPPING_CRITERIA,
+    FinishReason.CONSTRAINT_COMPLETE: pb.CONSTRAINT_COMPLETE,
 }
 
 
@@ -62,6 +65,23 @@ def parameters_to_proto(params: GenerationParameters) -> pb.GenerationParameters
         if value is not None:
             setattr(message, name, value)
     return message
+
+
+def constraint_from_proto(message: pb.Constraint) -> tuple[Constraint | None, list[int]]:
+    """A grammar constraint for llguidance, or the allowed token ids (a plain per-row mask, no grammar)."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise ValidationError("constraint", "set one of regex, json_schema, choice, grammar or allowed_token_ids")
+    if kind == "allowed_token_ids":
+        if not message.allowed_token_ids.ids:
+            raise ValidationError("allowed_token_ids", "give at least one token id")
+        return None, list(message.allowed_token_ids.ids)
+    if kind == "choice":
+        return Constraint.choice(list(message.choice.choices)), []
+    spec = getattr(message, kind)
+    if not spec:
+        raise ValidationError(kind, "is empty")
+    return Constraint(kind, spec), []
 
 
 def chat_messages(message: pb.ChatMessages, allowed_roles: frozenset[str]) -> list[dict[str, str]]:

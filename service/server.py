@@ -24,7 +24,14 @@ from scheduler.engine import DeadlineUnreachableError, Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import FinishReason, Priority, RequestOptions
 from scheduler.scheduler import QueueFullError
-from service.convert import FINISH_REASONS, chat_messages, logprobs_to_proto, parameter_overrides, parameters_to_proto
+from service.convert import (
+    FINISH_REASONS,
+    chat_messages,
+    constraint_from_proto,
+    logprobs_to_proto,
+    parameter_overrides,
+    parameters_to_proto,
+)
 from service.errors import DrainingError, ErrorInterceptor
 from service.metrics import Metrics
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -169,6 +176,14 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             return self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES))
         raise ValidationError("input", "set one of text, input_ids or messages")
 
+    def _negative_prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...] | None:
+        kind = request.WhichOneof("negative_prompt")
+        if kind == "negative_text":
+            return tuple(self.engine.encode_text(request.negative_text))
+        if kind == "negative_input_ids":
+            return tuple(request.negative_input_ids.ids)
+        return None
+
     def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
         if self.draining:
             raise DrainingError("the server is draining for shutdown; retry on another replica")
@@ -179,6 +194,11 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 raise ValidationError("truncate_prompt_tokens", f"must be >= 1, got {keep}")
             prompt_ids = prompt_ids[-keep:]
         overrides = parameter_overrides(request.parameters)
+        constraint = None
+        if request.HasField("constraint"):
+            constraint, allowed_token_ids = constraint_from_proto(request.constraint)
+            if allowed_token_ids:
+                overrides["allowed_token_ids"] = allowed_token_ids
         params = self.engine.engine.make_parameters(prompt_length=len(prompt_ids), **overrides)
         prompt_text = ""
         if request.echo_prompt and self.engine.tokenizer is not None:
@@ -189,12 +209,15 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             request_id=request.request_id or None,
             client_id=_client_id(context),
             top_logprobs=request.top_logprobs if wants_logprobs else None,
+            processed_logprobs=request.logprobs_mode == pb.PROCESSED_LOGPROBS,
             # The client's gRPC deadline drives scheduling: refused early if unreachable, dropped if it expires queued.
             deadline=time.monotonic() + remaining if remaining is not None and not request.resumable else None,
             partial_on_deadline=request.partial_on_deadline,
             priority=Priority.BATCH if request.priority == pb.BATCH else Priority.INTERACTIVE,
             logits_processors=tuple((c.name, c.json_args) for c in request.logits_processors),
             stopping_criteria=tuple((c.name, c.json_args) for c in request.stopping_criteria),
+            constraint=constraint,
+            negative_prompt_ids=self._negative_prompt_ids(request),
         )
         return PreparedRequest(prompt_ids, params, prompt_text, options)
 

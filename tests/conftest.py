@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel, load_model
@@ -34,9 +35,26 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer for the tiny model: ids 0-2 special, one token per byte after them (259 < 320)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": TINY_EOS}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 @pytest.fixture(scope="session")
 def tiny() -> LoadedModel:
     return LoadedModel(model=tiny_model(), tokenizer=None, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny: LoadedModel) -> LoadedModel:
+    """The same tiny model, with text in and out (for what needs a tokenizer: constraints, text prompts)."""
+    return LoadedModel(model=tiny.model, tokenizer=byte_tokenizer(), name="tiny-llama-bytes")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,service/proto_gen/genserve/v1/generate.proto\x12\x0bgenserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.genserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x06\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\ttypical_p\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\n \x01(\x03H\t\x88\x01\x01\x12,\n\rbad_words_ids\x18\x0b \x03(\x0b\x32\x15.genserve.v1.TokenIds\x12\x14\n\x0c\x65os_token_id\x18\x0c \x03(\x03\x12\x14\n\x0cstop_strings\x18\r \x03(\t\x12\x15\n\x08max_time\x18\x0e \x01(\x01H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x0b\x88\x01\x01\x12\x17\n\nignore_eos\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x01H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x01H\x0e\x88\x01\x01\x12\x44\n\nlogit_bias\x18\x13 \x03(\x0b\x32\x30.genserve.v1.GenerationParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x0b\n\t_max_timeB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x8d\x05\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\tinput_ids\x18\x02 \x01(\x0b\x32\x15.genserve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.genserve.v1.ChatMessagesH\x00\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.genserve.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12\x13\n\x0b\x65\x63ho_prompt\x18\x07 \x01(\x08\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x1b\n\x13partial_on_deadline\x18\x0b \x01(\x08\x12\x11\n\tresumable\x18\x0c \x01(\x08\x12\x1e\n\x11resume_from_token\x18\r \x01(\rH\x02\x88\x01\x01\x12\'\n\x08priority\x18\x0e \x01(\x0e\x32\x15.genserve.v1.Priority\x12\x37\n\x11logits_processors\x18\x0f \x03(\x0b\x32\x1c.genserve.v1.CustomComponent\x12\x37\n\x11stopping_criteria\x18\x10 \x03(\x0b\x32\x1c.genserve.v1.CustomComponent\x12\x1c\n\x14num_return_sequences\x18\x11 \x01(\rB\x07\n\x05inputB\x19\n\x17_truncate_prompt_tokensB\x14\n\x12_resume_from_token\"2\n\x0f\x43ustomComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tjson_args\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.genserve.v1.TopLogprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\x84\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.genserve.v1.Usage\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\x12$\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x13.genserve.v1.Choice\"\xc6\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x05 \x01(\t\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\"\xcc\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x1a\n\rprompt_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.genserve.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\x12\x14\n\x0ctoken_offset\x18\t \x01(\r\x12\x13\n\x0btext_offset\x18\n \x01(\r\x12\r\n\x05index\x18\x0b \x01(\rB\x10\n\x0e_prompt_tokens\"q\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.genserve.v1.ChatMessagesH\x00\x12\x16\n\x0ereturn_offsets\x18\x03 \x01(\x08\x42\x07\n\x05input\")\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"P\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x07offsets\x18\x02 \x03(\x0b\x32\x18.genserve.v1.TokenOffset\"\x12\n\x10ModelInfoRequest\"d\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x04 \x01(\r\"\xe6\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x03\x12=\n\x12\x64\x65\x66\x61ult_parameters\x18\x05 \x01(\x0b\x32!.genserve.v1.GenerationParameters\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.genserve.v1.Limits\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08*@\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTIVE\x10\x01\x12\t\n\x05\x42\x41TCH\x10\x02*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x0f\n\x0bSTOP_STRING\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x15\n\x11STOPPING_CRITERIA\x10\x06\x32\xc5\x02\n\x0eTextGeneration\x12G\n\x08Generate\x12\x1c.genserve.v1.GenerateRequest\x1a\x1d.genserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.genserve.v1.GenerateRequest\x1a#.genserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.genserve.v1.TokenizeRequest\x1a\x1d.genserve.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.genserve.v1.ModelInfoRequest\x1a\x1e.genserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,service/proto_gen/genserve/v1/generate.proto\x12\x0bgenserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.genserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x8e\x08\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\ttypical_p\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\n \x01(\x03H\t\x88\x01\x01\x12,\n\rbad_words_ids\x18\x0b \x03(\x0b\x32\x15.genserve.v1.TokenIds\x12\x14\n\x0c\x65os_token_id\x18\x0c \x03(\x03\x12\x14\n\x0cstop_strings\x18\r \x03(\t\x12\x15\n\x08max_time\x18\x0e \x01(\x01H\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x04H\x0b\x88\x01\x01\x12\x17\n\nignore_eos\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x11 \x01(\x01H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x12 \x01(\x01H\x0e\x88\x01\x01\x12\x44\n\nlogit_bias\x18\x13 \x03(\x0b\x32\x30.genserve.v1.GenerationParameters.LogitBiasEntry\x12\x1b\n\x0eguidance_scale\x18\x14 \x01(\x01H\x0f\x88\x01\x01\x12%\n\x18prompt_lookup_num_tokens\x18\x15 \x01(\x03H\x10\x88\x01\x01\x12!\n\x14num_assistant_tokens\x18\x16 \x01(\x03H\x11\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x0c\n\n_typical_pB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x0b\n\t_max_timeB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_guidance_scaleB\x1b\n\x19_prompt_lookup_num_tokensB\x17\n\x15_num_assistant_tokens\"\xcd\x06\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\tinput_ids\x18\x02 \x01(\x0b\x32\x15.genserve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.genserve.v1.ChatMessagesH\x00\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.genserve.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10return_token_ids\x18\x06 \x01(\x08\x12\x13\n\x0b\x65\x63ho_prompt\x18\x07 \x01(\x08\x12#\n\x16truncate_prompt_tokens\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x1b\n\x13partial_on_deadline\x18\x0b \x01(\x08\x12\x11\n\tresumable\x18\x0c \x01(\x08\x12\x1e\n\x11resume_from_token\x18\r \x01(\rH\x03\x88\x01\x01\x12\'\n\x08priority\x18\x0e \x01(\x0e\x32\x15.genserve.v1.Priority\x12\x37\n\x11logits_processors\x18\x0f \x03(\x0b\x32\x1c.genserve.v1.CustomComponent\x12\x37\n\x11stopping_criteria\x18\x10 \x03(\x0b\x32\x1c.genserve.v1.CustomComponent\x12\x1c\n\x14num_return_sequences\x18\x11 \x01(\r\x12+\n\nconstraint\x18\x12 \x01(\x0b\x32\x17.genserve.v1.Constraint\x12\x17\n\rnegative_text\x18\x13 \x01(\tH\x01\x12\x33\n\x12negative_input_ids\x18\x14 \x01(\x0b\x32\x15.genserve.v1.TokenIdsH\x01\x12\x30\n\rlogprobs_mode\x18\x15 \x01(\x0e\x32\x19.genserve.v1.LogprobsModeB\x07\n\x05inputB\x11\n\x0fnegative_promptB\x19\n\x17_truncate_prompt_tokensB\x14\n\x12_resume_from_token\"\xab\x01\n\nConstraint\x12\x0f\n\x05regex\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x14.genserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x32\n\x11\x61llowed_token_ids\x18\x05 \x01(\x0b\x32\x15.genserve.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"2\n\x0f\x43ustomComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tjson_args\x18\x02 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.genserve.v1.TopLogprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\x84\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.genserve.v1.Usage\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\x12$\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x13.genserve.v1.Choice\"\xc6\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x05 \x01(\t\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\"\xcc\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x1a\n\rprompt_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.genserve.v1.Usage\x12+\n\x08logprobs\x18\x08 \x03(\x0b\x32\x19.genserve.v1.TokenLogprob\x12\x14\n\x0ctoken_offset\x18\t \x01(\r\x12\x13\n\x0btext_offset\x18\n \x01(\r\x12\r\n\x05index\x18\x0b \x01(\rB\x10\n\x0e_prompt_tokens\"q\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.genserve.v1.ChatMessagesH\x00\x12\x16\n\x0ereturn_offsets\x18\x03 \x01(\x08\x42\x07\n\x05input\")\n\x0bTokenOffset\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"P\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12)\n\x07offsets\x18\x02 \x03(\x0b\x32\x18.genserve.v1.TokenOffset\"\x12\n\x10ModelInfoRequest\"d\n\x06Limits\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x11\n\tmax_queue\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x04 \x01(\r\"\xe6\x01\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x03\x12=\n\x12\x64\x65\x66\x61ult_parameters\x18\x05 \x01(\x0b\x32!.genserve.v1.GenerationParameters\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.genserve.v1.Limits\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08*8\n\x0cLogprobsMode\x12\x10\n\x0cRAW_LOGPROBS\x10\x00\x12\x16\n\x12PROCESSED_LOGPROBS\x10\x01*@\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINTERACTIVE\x10\x01\x12\t\n\x05\x42\x41TCH\x10\x02*\xa8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\r\n\tEOS_TOKEN\x10\x02\x12\x0f\n\x0bSTOP_STRING\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x15\n\x11STOPPING_CRITERIA\x10\x06\x12\x17\n\x13\x43ONSTRAINT_COMPLETE\x10\x07\x32\xc5\x02\n\x0eTextGeneration\x12G\n\x08Generate\x12\x1c.genserve.v1.GenerateRequest\x1a\x1d.genserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.genserve.v1.GenerateRequest\x1a#.genserve.v1.GenerateStreamResponse0\x01\x12G\n\x08Tokenize\x12\x1c.genserve.v1.TokenizeRequest\x1a\x1d.genserve.v1.TokenizeResponse\x12J\n\tModelInfo\x12\x1d.genserve.v1.ModelInfoRequest\x1a\x1e.genserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_PRIORITY']._serialized_start=3355
-  _globals['_PRIORITY']._serialized_end=3419
-  _globals['_FINISHREASON']._serialized_start=3422
-  _globals['_FINISHREASON']._serialized_end=3565
+  _globals['_LOGPROBSMODE']._serialized_start=3925
+  _globals['_LOGPROBSMODE']._serialized_end=3981
+  _globals['_PRIORITY']._serialized_start=3983
+  _globals['_PRIORITY']._serialized_end=4047
+  _globals['_FINISHREASON']._serialized_start=4050
+  _globals['_FINISHREASON']._serialized_end=4218
   _globals['_CHATMESSAGE']._serialized_start=61
   _globals['_CHATMESSAGE']._serialized_end=105
   _globals['_CHATMESSAGES']._serialized_start=107
@@ -44,37 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=167
   _globals['_TOKENIDS']._serialized_end=190
   _globals['_GENERATIONPARAMETERS']._serialized_start=193
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1055
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=767
-  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=815
-  _globals['_GENERATEREQUEST']._serialized_start=1058
-  _globals['_GENERATEREQUEST']._serialized_end=1711
-  _globals['_CUSTOMCOMPONENT']._serialized_start=1713
-  _globals['_CUSTOMCOMPONENT']._serialized_end=1763
-  _globals['_TOPLOGPROB']._serialized_start=1765
-  _globals['_TOPLOGPROB']._serialized_end=1812
-  _globals['_TOKENLOGPROB']._serialized_start=1814
-  _globals['_TOKENLOGPROB']._serialized_end=1901
-  _globals['_USAGE']._serialized_start=1903
-  _globals['_USAGE']._serialized_end=1959
-  _globals['_GENERATERESPONSE']._serialized_start=1962
-  _globals['_GENERATERESPONSE']._serialized_end=2222
-  _globals['_CHOICE']._serialized_start=2225
-  _globals['_CHOICE']._serialized_end=2423
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2426
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2758
-  _globals['_TOKENIZEREQUEST']._serialized_start=2760
-  _globals['_TOKENIZEREQUEST']._serialized_end=2873
-  _globals['_TOKENOFFSET']._serialized_start=2875
-  _globals['_TOKENOFFSET']._serialized_end=2916
-  _globals['_TOKENIZERESPONSE']._serialized_start=2918
-  _globals['_TOKENIZERESPONSE']._serialized_end=2998
-  _globals['_MODELINFOREQUEST']._serialized_start=3000
-  _globals['_MODELINFOREQUEST']._serialized_end=3018
-  _globals['_LIMITS']._serialized_start=3020
-  _globals['_LIMITS']._serialized_end=3120
-  _globals['_MODELINFORESPONSE']._serialized_start=3123
-  _globals['_MODELINFORESPONSE']._serialized_end=3353
-  _globals['_TEXTGENERATION']._serialized_start=3568
-  _globals['_TEXTGENERATION']._serialized_end=3893
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1231
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_start=870
+  _globals['_GENERATIONPARAMETERS_LOGITBIASENTRY']._serialized_end=918
+  _globals['_GENERATEREQUEST']._serialized_start=1234
+  _globals['_GENERATEREQUEST']._serialized_end=2079
+  _globals['_CONSTRAINT']._serialized_start=2082
+  _globals['_CONSTRAINT']._serialized_end=2253
+  _globals['_CHOICES']._serialized_start=2255
+  _globals['_CHOICES']._serialized_end=2281
+  _globals['_CUSTOMCOMPONENT']._serialized_start=2283
+  _globals['_CUSTOMCOMPONENT']._serialized_end=2333
+  _globals['_TOPLOGPROB']._serialized_start=2335
+  _globals['_TOPLOGPROB']._serialized_end=2382
+  _globals['_TOKENLOGPROB']._serialized_start=2384
+  _globals['_TOKENLOGPROB']._serialized_end=2471
+  _globals['_USAGE']._serialized_start=2473
+  _globals['_USAGE']._serialized_end=2529
+  _globals['_GENERATERESPONSE']._serialized_start=2532
+  _globals['_GENERATERESPONSE']._serialized_end=2792
+  _globals['_CHOICE']._serialized_start=2795
+  _globals['_CHOICE']._serialized_end=2993
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2996
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=3328
+  _globals['_TOKENIZEREQUEST']._serialized_start=3330
+  _globals['_TOKENIZEREQUEST']._serialized_end=3443
+  _globals['_TOKENOFFSET']._serialized_start=3445
+  _globals['_TOKENOFFSET']._serialized_end=3486
+  _globals['_TOKENIZERESPONSE']._serialized_start=3488
+  _globals['_TOKENIZERESPONSE']._serialized_end=3568
+  _globals['_MODELINFOREQUEST']._serialized_start=3570
+  _globals['_MODELINFOREQUEST']._serialized_end=3588
+  _globals['_LIMITS']._serialized_start=3590
+  _globals['_LIMITS']._serialized_end=3690
+  _globals['_MODELINFORESPONSE']._serialized_start=3693
+  _globals['_MODELINFORESPONSE']._serialized_end=3923
+  _globals['_TEXTGENERATION']._serialized_start=4221
+  _globals['_TEXTGENERATION']._serialized_end=4546
 # @@protoc_insertion_point(module_scope)
