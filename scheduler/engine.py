@@ -50,6 +50,8 @@ class StepStats:
     seconds: float
     queue_waits: tuple[tuple[Priority, float], ...]  # arrival to prefill, for each request admitted this step
     num_preempted: int = 0  # batch rows that yielded to interactive requests before this step
+    prefix_queried_tokens: int = 0  # prompt tokens prefilled this step with prefix caching on
+    prefix_hit_tokens: int = 0  # of which copied from the prefix cache instead of computed
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,15 @@ class Engine:
         config: SchedulerConfig = SchedulerConfig(),
         seed: int = 0,
         plugins: PluginRegistry = PluginRegistry(),
+        prefix_cache_tokens: int = 0,
     ) -> None:
+        """`prefix_cache_tokens` > 0 enables prefix caching with a pool of that many tokens (see prefix_cache.py)."""
         self.plugins = plugins
         self.loaded = loaded
         self.config = config
-        self.runner = ModelRunner(loaded.model, config.max_running, config.max_context, seed=seed)
+        self.runner = ModelRunner(
+            loaded.model, config.max_running, config.max_context, seed=seed, prefix_cache_tokens=prefix_cache_tokens
+        )
         self.scheduler = Scheduler(config)
         self.model_defaults = model_generation_defaults(loaded.model.generation_config)
         self.grammars = GrammarCompiler(loaded.tokenizer, self.runner.vocab_size)
@@ -244,6 +250,7 @@ class Engine:
         started = time.monotonic()
         for seq in admitted:
             seq.start_time = started
+        prefix_before = self.runner.prefix_cache_counts()
         try:
             output = self.runner.step(admitted)
         except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
@@ -291,7 +298,8 @@ class Engine:
         self.estimator.record_step(now - started, sum(seq.num_tokens for seq in admitted))
         self.estimator.record_finished(len(leaving), now)
         waits = tuple((seq.options.priority, started - seq.arrival_time) for seq in admitted)
-        self.on_step(StepStats(len(admitted), len(results), now - started, waits, num_preempted))
+        queried, hits = (after - before for after, before in zip(self.runner.prefix_cache_counts(), prefix_before))
+        self.on_step(StepStats(len(admitted), len(results), now - started, waits, num_preempted, queried, hits))
         return True
 
     def _apply_cancels(self) -> list[TokenEvent]:

@@ -20,6 +20,7 @@ class _Pass:
     is_prefill: bool
     first_row: int
     num_rows: int
+    offset: int = 0  # prefill: positions already in the slot (a cached prefix) that attention also reads
     positions: torch.Tensor | None = None  # decode: the per-row write position
     read_length: int = 0  # decode: how many positions attention reads
 
@@ -72,8 +73,8 @@ class SlotKVCache:
                     layer_caches.append(grown)
         self.capacity = new_capacity
 
-    def begin_prefill(self, first_row: int, num_rows: int) -> None:
-        self._pass = _Pass(is_prefill=True, first_row=first_row, num_rows=num_rows)
+    def begin_prefill(self, first_row: int, num_rows: int, offset: int = 0) -> None:
+        self._pass = _Pass(is_prefill=True, first_row=first_row, num_rows=num_rows, offset=offset)
 
     def begin_decode(self, positions: torch.Tensor, read_length: int) -> None:
         self._pass = _Pass(
@@ -90,9 +91,11 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if current.is_prefill:
             rows = slice(current.first_row, current.first_row + current.num_rows)
-            length = key_states.shape[2]
-            keys[rows, :, :length] = key_states
-            values[rows, :, :length] = value_states
+            end = current.offset + key_states.shape[2]
+            keys[rows, :, current.offset : end] = key_states
+            values[rows, :, current.offset : end] = value_states
+            if current.offset:  # after a cached prefix: attention reads it too
+                return keys[rows, :, :end], values[rows, :, :end]
             # New rows have no earlier context: attention reads exactly what was just computed.
             return key_states, value_states
         row_index = torch.arange(current.num_rows, device=self.device)

@@ -19,6 +19,7 @@ from scheduler.constraints import TokenBitmasks, advance
 from scheduler.kv_cache import SlotKVCache
 from scheduler.logits_processing import process_logits
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
+from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
 
@@ -53,7 +54,9 @@ class RowResult:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, max_rows: int, max_context: int, seed: int = 0) -> None:
+    def __init__(
+        self, model: PreTrainedModel, max_rows: int, max_context: int, seed: int = 0, prefix_cache_tokens: int = 0
+    ) -> None:
         config = model.config.get_text_config()
         self.model = model
         self.device = next(model.parameters()).device
@@ -75,6 +78,7 @@ class ModelRunner:
         )
         self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
         self.bitmasks = TokenBitmasks(max_rows, self.vocab_size, self.device)
+        self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens else None
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(seed)
 
@@ -98,6 +102,11 @@ class ModelRunner:
     def num_tokens_held(self) -> int:
         """Tokens of the running rows (prompt and generated): what the KV cache holds for them."""
         return sum(seq.num_tokens for seq in list(self.state.rows))
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """(prompt tokens looked up, tokens found) since start; zeros without prefix caching."""
+        cache = self.prefix_cache
+        return (cache.queried_tokens, cache.hit_tokens) if cache is not None else (0, 0)
 
     def kv_usage_ratio(self) -> float:
         return self.num_tokens_held() / (self.max_rows * self.max_context)
@@ -277,10 +286,17 @@ class ModelRunner:
         if twin is not None:
             self.cache.copy_prefix(twin[0], row, len(tokens))
             return twin[1]
-        self.cache.begin_prefill(row, 1)
-        input_ids = torch.tensor([tokens], device=self.device)
-        positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
-        hidden = self._forward(input_ids, positions, None)[:, -1]
+        cached = self.prefix_cache.load(tokens, row) if self.prefix_cache is not None else 0
+        self.cache.begin_prefill(row, 1, offset=cached)
+        input_ids = torch.tensor([tokens[cached:]], device=self.device)
+        positions = torch.arange(cached, len(tokens), device=self.device).unsqueeze(0)
+        mask = None  # a plain causal prefill, unless it continues a cached prefix:
+        if cached:
+            mask = torch.ones(len(tokens) - cached, len(tokens), dtype=torch.bool, device=self.device)
+            mask = mask.tril(diagonal=cached)[None, None]
+        hidden = self._forward(input_ids, positions, mask)[:, -1]
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(tokens, row)
         prefilled[tuple(tokens)] = (row, hidden)
         return hidden
 

@@ -59,6 +59,35 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine features")
+    group.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        default=_env("enable_prefix_caching", "") == "1",
+        help="reuse the KV of prompt prefixes seen before (system prompts, few-shot examples); off by default "
+        "because reused keys shift logits by ~1e-5, so outputs may differ from generate() at near-ties",
+    )
+    group.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=int(_env("prefix_cache_tokens", "16384")),
+        help="tokens of KV the prefix cache keeps (least recently used blocks are evicted)",
+    )
+
+
+def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
+    from scheduler.engine import Engine
+    from scheduler.plugins import PluginRegistry
+
+    return Engine(
+        loaded,
+        _scheduler_config(args),
+        plugins=plugins or PluginRegistry(),
+        prefix_cache_tokens=args.prefix_cache_tokens if args.enable_prefix_caching else 0,
+    )
+
+
 def _scheduler_config(args: argparse.Namespace):  # noqa: ANN202 - keeps torch-free imports lazy
     from scheduler.scheduler import SchedulerConfig
 
@@ -99,7 +128,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from scheduler.engine import Engine
     from scheduler.plugins import PluginRegistry, parse_registrations
     from service.security import TLSConfig, read_tokens
     from service.server import GenerationServer, ServerOptions
@@ -129,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logits_processors=parse_registrations(args.logits_processor),
         stopping_criteria=parse_registrations(args.stopping_criteria),
     )
-    server = GenerationServer(Engine(loaded, _scheduler_config(args), plugins=plugins), options)
+    server = GenerationServer(_engine(args, loaded, plugins), options)
     asyncio.run(server.serve_until_signal())
     return 0
 
@@ -320,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(serve)
     add_engine_arguments(serve)
+    add_feature_arguments(serve)
     serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=int(_env("port", "50051")))
     serve.add_argument(

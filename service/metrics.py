@@ -53,6 +53,12 @@ class Metrics:
         self.preemptions = Counter(
             "genserve_preemptions", "Batch rows that yielded their row to interactive requests", registry=r
         )
+        self.prefix_cache_queried = Counter(
+            "genserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "genserve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", registry=r
+        )
         self.inter_token_latency = Histogram(
             "genserve_inter_token_latency_seconds",
             "Time between consecutive tokens of a stream",
@@ -93,6 +99,8 @@ class Metrics:
         self.batch_size.set(stats.num_rows)
         self.prefilled_requests.inc(stats.num_prefilled)
         self.preemptions.inc(stats.num_preempted)
+        self.prefix_cache_queried.inc(stats.prefix_queried_tokens)
+        self.prefix_cache_hits.inc(stats.prefix_hit_tokens)
         for priority, wait in stats.queue_waits:
             self.queue_wait.labels(priority=priority.name.lower()).observe(wait)
 

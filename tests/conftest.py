@@ -94,8 +94,8 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationPar
 class StepDriver:
     """Drives an Engine step by step in the test's thread, recording every event per request."""
 
-    def __init__(self, loaded: LoadedModel, **config: int) -> None:
-        self.engine = Engine(loaded, SchedulerConfig(**config))
+    def __init__(self, loaded: LoadedModel, engine_options: dict | None = None, **config: int) -> None:
+        self.engine = Engine(loaded, SchedulerConfig(**config), **(engine_options or {}))
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, FinishReason | None] = {}
         self.errors: dict[str, str] = {}

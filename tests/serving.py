@@ -26,9 +26,12 @@ class ServerThread:
         metrics: bool = False,
         options: ServerOptions | None = None,
         plugins: PluginRegistry | None = None,
+        engine_options: dict | None = None,
         **config: int,
     ) -> None:
-        self.engine = Engine(loaded, SchedulerConfig(**config), plugins=plugins or PluginRegistry())
+        self.engine = Engine(
+            loaded, SchedulerConfig(**config), plugins=plugins or PluginRegistry(), **(engine_options or {})
+        )
         options = options or ServerOptions(port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None)
         self.server = GenerationServer(self.engine, options)
         self.loop = asyncio.new_event_loop()

@@ -1,0 +1,61 @@
+"""Prefix caching: requests sharing a prompt prefix reuse its KV, and their outputs equal uncached ones."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from tests.conftest import StepDriver, hf_generate
+from tests.serving import ServerThread, ids_request
+
+SYSTEM = list(range(100, 148))  # a 48-token shared prefix: three 16-token blocks
+
+
+def _requests(count: int) -> dict[int, list[tuple[str, list[int], dict]]]:
+    """Requests that share SYSTEM and differ after it, arriving every few steps, greedy and sampled."""
+    schedule: dict[int, list[tuple[str, list[int], dict]]] = {}
+    for i in range(count):
+        overrides = dict(max_new_tokens=12 + i)
+        if i % 3 == 2:
+            overrides.update(do_sample=True, seed=i, top_k=30)
+        schedule.setdefault(2 * i, []).append((f"r{i}", SYSTEM + [10 + i, 20 + i * 3, 7], overrides))
+    return schedule
+
+
+def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None:
+    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=256), max_running=4)
+    plain = StepDriver(tiny, max_running=4)
+    cached.run(_requests(8))
+    plain.run(_requests(8))
+    assert cached.tokens == plain.tokens and len(cached.tokens) == 8
+    queried, hits = cached.engine.runner.prefix_cache_counts()
+    assert queried == 8 * (len(SYSTEM) + 3)
+    assert hits == 7 * len(SYSTEM)  # every request after the first finds the three system blocks
+    params = plain.engine.make_parameters(max_new_tokens=12)
+    assert cached.tokens["r0"] == hf_generate(tiny.model, SYSTEM + [10, 20, 7], params)
+
+
+def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
+    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=32), max_running=3)
+    plain = StepDriver(tiny, max_running=3)
+    schedule = {i: [(f"p{i}", [(7 * i + j) % 300 + 3 for j in range(40)], dict(max_new_tokens=6))] for i in range(6)}
+    schedule[8] = [("again", schedule[0][0][1], dict(max_new_tokens=6))]
+    cached.run(dict(schedule))
+    plain.run(dict(schedule))
+    assert cached.tokens == plain.tokens
+    assert cached.engine.runner.prefix_cache.num_blocks == 2
+
+
+def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
+    server = ServerThread(tiny, metrics=True, engine_options=dict(prefix_cache_tokens=256), max_running=4)
+    try:
+        for i in range(3):
+            server.stub.Generate(ids_request(SYSTEM + [i + 3], max_new_tokens=3))
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+        values = {
+            line.split()[0]: float(line.split()[1]) for line in body.splitlines() if line.startswith("genserve_prefix")
+        }
+        assert values["genserve_prefix_cache_hit_tokens_total"] == 2 * len(SYSTEM)
+        # The warm-up request is looked up too.
+        assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1)
+    finally:
+        server.close()
