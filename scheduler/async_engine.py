@@ -94,6 +94,8 @@ class AsyncEngine:
                         delta = detokenizer.push(token_id)
                         text += delta.text
                         stop_string = delta.stop_string
+                        if stop_string is not None:
+                            break  # tokens after it in this chunk (accepted speculation) are not part of the output
                 finish_reason = event.finish_reason
                 if stop_string is not None:
                     finish_reason = FinishReason.STOP_STRING

@@ -15,6 +15,7 @@ import torch
 
 from scheduler.params import GenerationParameters
 from scheduler.request import Sequence
+from scheduler.speculation import can_speculate
 
 
 @dataclass
@@ -57,6 +58,8 @@ class BatchState:
         self.token_counts = zeros(torch.int32, vocab_size)
         self.presence_penalty = zeros(torch.float32)
         self.frequency_penalty = zeros(torch.float32)
+        self.lookup_tokens = zeros(torch.long)  # prompt-lookup proposals per step (0: the row does not speculate)
+        self.assistant_tokens = zeros(torch.long)  # assistant-model proposals per step (rows not using lookup)
         self.history = zeros(torch.long, capacity)
         self._slot_tensors = [
             self.temperature,
@@ -77,6 +80,8 @@ class BatchState:
             self.token_counts,
             self.presence_penalty,
             self.frequency_penalty,
+            self.lookup_tokens,
+            self.assistant_tokens,
         ]
         self.refresh_composition()
 
@@ -106,6 +111,9 @@ class BatchState:
         self.stops_on_eos[slot] = not params.ignore_eos
         self.presence_penalty[slot] = params.presence_penalty
         self.frequency_penalty[slot] = params.frequency_penalty
+        lookup, assistant = _speculation(seq)
+        self.lookup_tokens[slot] = lookup
+        self.assistant_tokens[slot] = assistant
         tokens = seq.prompt_ids + seq.generated_ids
         self.seq_length[slot] = len(tokens)
         self.ensure_capacity(len(tokens) + 1)
@@ -142,15 +150,17 @@ class BatchState:
                 tensor[destinations] = tensor[sources]
         return movers, holes
 
-    def record_tokens(self, next_tokens: torch.Tensor) -> None:
-        """Append each row's new token to its history and counts (device-side, no sync)."""
-        num_rows = next_tokens.shape[0]
-        row_index = torch.arange(num_rows, device=self.device)
-        self.history[row_index, self.seq_length[:num_rows]] = next_tokens
-        self.token_counts[:num_rows].index_put_(
-            (row_index, next_tokens), torch.ones(num_rows, dtype=torch.int32, device=self.device), accumulate=True
-        )
-        self.seq_length[:num_rows] += 1
+    def record_tokens(self, tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append the first `counts[b]` of `tokens[b]` ([B, W]) to each row's history and token counts
+        (device-side, no sync: positions past a row's count are rewritten with what they held)."""
+        num_rows, width = tokens.shape
+        keep = torch.arange(width, device=self.device) < counts.unsqueeze(1)
+        positions = self.seq_length[:num_rows].unsqueeze(1) + torch.arange(width, device=self.device)
+        history = self.history[:num_rows]
+        history.scatter_(1, positions, torch.where(keep, tokens, history.gather(1, positions)))
+        row_index = torch.arange(num_rows, device=self.device).unsqueeze(1).expand(-1, width)
+        self.token_counts[:num_rows].index_put_((row_index, tokens), keep.to(torch.int32), accumulate=True)
+        self.seq_length[:num_rows] += counts
 
     def refresh_composition(self) -> None:
         """Recompute the host-side selectors of code paths; called only when rows join or leave."""
@@ -164,6 +174,9 @@ class BatchState:
         self.uses_single_token_bans = any(len(b) == 1 for p in params for b in p.bad_words_ids)
         self.uses_min_new_tokens = any(p.min_new_tokens > 0 for p in params)
         self.uses_allowed_tokens = any(p.allowed_token_ids for p in params)
+        speculation = [_speculation(seq) for seq in self.rows]
+        self.max_lookup_tokens = max((lookup for lookup, _ in speculation), default=0)
+        self.max_assistant_tokens = max((assistant for _, assistant in speculation), default=0)
         self.constrained_rows = [i for i, seq in enumerate(self.rows) if seq.grammar is not None]
         wanted = [s.options.top_logprobs for s in self.rows if s.options.top_logprobs is not None]
         self.max_top_logprobs = max(wanted, default=-1)
@@ -180,6 +193,14 @@ class BatchState:
         self.uses_top_p = any(p.top_p < 1.0 for p in sampled)
         self.uses_min_p = any(p.min_p is not None for p in sampled)
         self.uses_typical_p = any(p.typical_p < 1.0 for p in sampled)
+
+
+def _speculation(seq: Sequence) -> tuple[int, int]:
+    """Tokens the row proposes per step by prompt lookup and by the assistant model (lookup wins if both)."""
+    if not can_speculate(seq):
+        return 0, 0
+    lookup = seq.params.prompt_lookup_num_tokens
+    return lookup, 0 if lookup else seq.params.num_assistant_tokens or 0
 
 
 def _seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

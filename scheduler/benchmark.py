@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -21,6 +22,7 @@ from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfi
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions, TokenEvent
+from scheduler.runner import TokenCounters
 from scheduler.scheduler import SchedulerConfig
 
 _QUESTIONS = [
@@ -55,6 +57,7 @@ class BenchResult:
     seconds: float
     generated_tokens: int
     outputs: list[list[int]] | None = None  # per request, in workload order
+    counters: TokenCounters | None = None  # genserve's prefix-cache and speculation totals
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,8 +99,17 @@ def _useful(tokens: list[int], budget: int, eos: set[int]) -> list[int]:
     return tokens
 
 
-def run_genserve(loaded: LoadedModel, workload: Workload, max_batch_size: int) -> BenchResult:
-    engine = Engine(loaded, SchedulerConfig(max_running=max_batch_size, max_queue=len(workload.prompts) + 1))
+def run_genserve(
+    loaded: LoadedModel,
+    workload: Workload,
+    max_batch_size: int,
+    name: str = "genserve",
+    engine_options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> BenchResult:
+    """The workload through the engine; `engine_options` go to Engine, `overrides` to every request."""
+    config = SchedulerConfig(max_running=max_batch_size, max_queue=len(workload.prompts) + 1)
+    engine = Engine(loaded, config, **(engine_options or {}))
     outputs: dict[str, list[int]] = {}
 
     def collect(events: list[TokenEvent]) -> None:
@@ -107,14 +119,15 @@ def run_genserve(loaded: LoadedModel, workload: Workload, max_batch_size: int) -
     engine.on_events = collect
     started = time.perf_counter()
     for i, (prompt, budget) in enumerate(zip(workload.prompts, workload.max_new_tokens)):
-        engine.submit(prompt, engine.make_parameters(max_new_tokens=budget), RequestOptions(request_id=str(i)))
-    with tqdm(total=len(workload.prompts), desc="genserve", unit="req", leave=False) as bar:
+        params = engine.make_parameters(max_new_tokens=budget, **(overrides or {}))
+        engine.submit(prompt, params, RequestOptions(request_id=str(i)))
+    with tqdm(total=len(workload.prompts), desc=name, unit="req", leave=False) as bar:
         while engine.step():
             bar.n = len(workload.prompts) - engine.num_running - engine.num_waiting
             bar.refresh()
     seconds = time.perf_counter() - started
     ordered = [outputs[str(i)] for i in range(len(workload.prompts))]
-    return BenchResult("genserve", seconds, sum(map(len, ordered)), ordered)
+    return BenchResult(name, seconds, sum(map(len, ordered)), ordered, engine.runner.counters())
 
 
 @torch.inference_mode()

@@ -23,7 +23,7 @@ from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, ValidationError, model_generation_defaults
 from scheduler.plugins import PluginRegistry
 from scheduler.request import FinishReason, Priority, RequestOptions, Sequence, TokenEvent
-from scheduler.runner import ModelRunner, StopCode, is_out_of_memory
+from scheduler.runner import ModelRunner, StopCode, TokenCounters, is_out_of_memory
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ class StepStats:
     seconds: float
     queue_waits: tuple[tuple[Priority, float], ...]  # arrival to prefill, for each request admitted this step
     num_preempted: int = 0  # batch rows that yielded to interactive requests before this step
-    prefix_queried_tokens: int = 0  # prompt tokens prefilled this step with prefix caching on
-    prefix_hit_tokens: int = 0  # of which copied from the prefix cache instead of computed
+    tokens: TokenCounters = TokenCounters()  # this step's prefix-cache and speculation figures
 
 
 @dataclass(frozen=True)
@@ -74,14 +73,26 @@ class Engine:
         seed: int = 0,
         plugins: PluginRegistry = PluginRegistry(),
         prefix_cache_tokens: int = 0,
+        assistant: LoadedModel | None = None,
+        num_assistant_tokens: int = 4,
     ) -> None:
-        """`prefix_cache_tokens` > 0 enables prefix caching with a pool of that many tokens (see prefix_cache.py)."""
+        """`prefix_cache_tokens` > 0 enables prefix caching with a pool of that many tokens (see prefix_cache.py).
+        `assistant` is a draft model for speculative decoding; greedy requests use it with `num_assistant_tokens`
+        proposals per step unless they set their own (0 turns it off)."""
         self.plugins = plugins
         self.loaded = loaded
         self.config = config
+        if assistant is not None:
+            _check_assistant(loaded, assistant)
         self.runner = ModelRunner(
-            loaded.model, config.max_running, config.max_context, seed=seed, prefix_cache_tokens=prefix_cache_tokens
+            loaded.model,
+            config.max_running,
+            config.max_context,
+            seed=seed,
+            prefix_cache_tokens=prefix_cache_tokens,
+            assistant_model=assistant.model if assistant is not None else None,
         )
+        self.num_assistant_tokens = num_assistant_tokens if assistant is not None else 0
         self.scheduler = Scheduler(config)
         self.model_defaults = model_generation_defaults(loaded.model.generation_config)
         self.grammars = GrammarCompiler(loaded.tokenizer, self.runner.vocab_size)
@@ -120,6 +131,10 @@ class Engine:
         a long prompt is not refused for a limit the client never asked for."""
         params = GenerationParameters.resolve(self.model_defaults, overrides)
         params.validate_for_model(self.vocab_size)
+        if params.num_assistant_tokens is None:
+            params = dataclasses.replace(params, num_assistant_tokens=self.num_assistant_tokens)
+        elif params.num_assistant_tokens and self.runner.draft is None:
+            raise ValidationError("num_assistant_tokens", "the server has no assistant model (--assistant-model)")
         if prompt_length is not None and overrides.get("max_new_tokens") is None:
             room = self.config.max_context - prompt_length
             if 1 <= room < params.max_new_tokens:
@@ -250,7 +265,7 @@ class Engine:
         started = time.monotonic()
         for seq in admitted:
             seq.start_time = started
-        prefix_before = self.runner.prefix_cache_counts()
+        counters_before = self.runner.counters()
         try:
             output = self.runner.step(admitted)
         except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
@@ -275,7 +290,7 @@ class Engine:
                 leaving.add(row)
                 events.append(_failure(seq, output.row_errors[row]))
                 continue
-            seq.generated_ids.append(result.token_id)
+            seq.generated_ids.extend(result.token_ids)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if result.stop in _STOP_REASONS:
@@ -289,7 +304,7 @@ class Engine:
             logprobs = (result.logprob,) if result.logprob is not None else ()
             events.append(
                 TokenEvent(
-                    seq.request_id, (result.token_id,), seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs
+                    seq.request_id, result.token_ids, seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs
                 )
             )
         self.runner.release(leaving)
@@ -298,8 +313,8 @@ class Engine:
         self.estimator.record_step(now - started, sum(seq.num_tokens for seq in admitted))
         self.estimator.record_finished(len(leaving), now)
         waits = tuple((seq.options.priority, started - seq.arrival_time) for seq in admitted)
-        queried, hits = (after - before for after, before in zip(self.runner.prefix_cache_counts(), prefix_before))
-        self.on_step(StepStats(len(admitted), len(results), now - started, waits, num_preempted, queried, hits))
+        counters = self.runner.counters() - counters_before
+        self.on_step(StepStats(len(admitted), len(results), now - started, waits, num_preempted, counters))
         return True
 
     def _apply_cancels(self) -> list[TokenEvent]:
@@ -387,6 +402,16 @@ class Engine:
     def _emit(self, events: list[TokenEvent]) -> None:
         if events:
             self.on_events(events)
+
+
+def _check_assistant(loaded: LoadedModel, assistant: LoadedModel) -> None:
+    """A draft model must speak the same tokens: same vocabulary size and, where both have one, tokenizer."""
+    sizes = [model.get_output_embeddings().weight.shape[0] for model in (loaded.model, assistant.model)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the assistant model's vocabulary ({sizes[1]}) differs from the model's ({sizes[0]})")
+    if loaded.tokenizer is not None and assistant.tokenizer is not None:
+        if loaded.tokenizer.get_vocab() != assistant.tokenizer.get_vocab():
+            raise ValueError("the assistant model's tokenizer differs from the model's")
 
 
 def _failure(seq: Sequence, message: str) -> TokenEvent:

@@ -21,7 +21,7 @@ class _Pass:
     first_row: int
     num_rows: int
     offset: int = 0  # prefill: positions already in the slot (a cached prefix) that attention also reads
-    positions: torch.Tensor | None = None  # decode: the per-row write position
+    positions: torch.Tensor | None = None  # decode: [rows, queries] write positions
     read_length: int = 0  # decode: how many positions attention reads
 
 
@@ -36,12 +36,15 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device,
         initial_capacity: int = 256,
+        spare_positions: int = 0,
     ) -> None:
+        """`spare_positions` past `max_context` take the writes of speculative steps near the end of the context
+        (their proposals are cut at the context, but the batched pass still writes them)."""
         self.num_layers = num_layers
         self.max_rows = max_rows
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.max_context = max_context
+        self.max_positions = max_context + spare_positions
         self.dtype = dtype
         self.device = device
         self.capacity = 0
@@ -49,6 +52,23 @@ class SlotKVCache:
         self.values: list[torch.Tensor] = []
         self._pass: _Pass | None = None
         self.ensure_capacity(min(initial_capacity, max_context))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, max_rows: int, max_context: int, spare_positions: int) -> SlotKVCache:
+        """A cache shaped for this HF model's attention layers, in its dtype and on its device."""
+        config = model.config.get_text_config()
+        num_heads = config.num_attention_heads
+        parameter = next(model.parameters())
+        return cls(
+            num_layers=config.num_hidden_layers,
+            max_rows=max_rows,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            max_context=max_context,
+            dtype=parameter.dtype,
+            device=parameter.device,
+            spare_positions=spare_positions,
+        )
 
     @property
     def bytes_per_token(self) -> int:
@@ -60,7 +80,7 @@ class SlotKVCache:
         new_capacity = max(self.capacity, 1)
         while new_capacity < num_positions:
             new_capacity *= 2
-        new_capacity = min(new_capacity, self.max_context)
+        new_capacity = min(new_capacity, self.max_positions)
         shape = (self.max_rows, self.num_kv_heads, new_capacity, self.head_dim)
         for layer_caches in (self.keys, self.values):
             for layer in range(self.num_layers):
@@ -98,9 +118,9 @@ class SlotKVCache:
                 return keys[rows, :, :end], values[rows, :, :end]
             # New rows have no earlier context: attention reads exactly what was just computed.
             return key_states, value_states
-        row_index = torch.arange(current.num_rows, device=self.device)
-        keys[row_index, :, current.positions] = key_states[:, :, 0]
-        values[row_index, :, current.positions] = value_states[:, :, 0]
+        row_index = torch.arange(current.num_rows, device=self.device).unsqueeze(1)
+        keys[row_index, :, current.positions] = key_states.transpose(1, 2)
+        values[row_index, :, current.positions] = value_states.transpose(1, 2)
         return keys[: current.num_rows, :, : current.read_length], values[: current.num_rows, :, : current.read_length]
 
     # The two queries HF's mask builder asks a cache. Only prefill passes leave the mask to HF (decode passes bring
@@ -116,7 +136,43 @@ class SlotKVCache:
             for cache in layer_caches:
                 cache[destination_row, :, :length] = cache[source_row, :, :length]
 
-    def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+    def move_rows(self, sources: list[int], destinations: list[int]) -> None:
+        if not sources:
+            return
+        source_index = torch.tensor(sources, device=self.device)
+        destination_index = torch.tensor(destinations, device=self.device)
         for layer_caches in (self.keys, self.values):
             for cache in layer_caches:
-                cache[destinations] = cache[sources]
+                cache[destination_index] = cache[source_index]
+
+
+def visible_positions(positions: torch.Tensor, read_length: int) -> torch.Tensor:
+    """The attention mask [rows, 1, queries, read_length] of queries at `positions` ([rows, queries]): each sees
+    its own row's positions up to its own, nothing after."""
+    keys = torch.arange(read_length, device=positions.device)
+    return (keys.view(1, 1, -1) <= positions.unsqueeze(2)).unsqueeze(1)
+
+
+def run_decoder(
+    decoder: torch.nn.Module,
+    cache: SlotKVCache,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One forward of a HF decoder stack over the slot cache (in the pass begun on it); the last hidden states."""
+    output = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=cache, use_cache=True)
+    return output.last_hidden_state
+
+
+def decode_pass(
+    decoder: torch.nn.Module,
+    cache: SlotKVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    read_length: int,
+) -> torch.Tensor:
+    """Feed the first rows `tokens` ([rows, queries]) at `positions`, attending to what each row has cached."""
+    cache.ensure_capacity(read_length)
+    cache.begin_decode(positions, read_length)
+    return run_decoder(decoder, cache, tokens, positions, visible_positions(positions, read_length))

@@ -44,6 +44,22 @@ def process_logits(scores: torch.Tensor, state: BatchState, max_seq_length: int)
     return scores
 
 
+def process_later_positions(scores: torch.Tensor, state: BatchState) -> torch.Tensor:
+    """The processors of speculating rows at their proposed positions ([B, K, V]): only masks and biases apply
+    to such rows (see `GenerationParameters.allows_speculation`), and they are the same at every position."""
+    num_rows = scores.shape[0]
+    if state.uses_single_token_bans:
+        scores = scores.masked_fill(state.single_token_bans[:num_rows].unsqueeze(1), NEG_INF)
+    if state.uses_allowed_tokens:
+        scores = scores.masked_fill(~state.allowed_tokens[:num_rows].unsqueeze(1), NEG_INF)
+    if state.logit_bias is not None:
+        bias = state.logit_bias
+        dense = torch.zeros(state.num_rows, scores.shape[2], device=scores.device)
+        dense.index_put_((bias.row, bias.token), bias.bias, accumulate=True)
+        scores = scores + dense[:num_rows].unsqueeze(1)
+    return scores
+
+
 def apply_classifier_free_guidance(scores: torch.Tensor, state: BatchState) -> torch.Tensor:
     """HF's UnbatchedClassifierFreeGuidanceLogitsProcessor with the unconditional branch as a companion row:
     guided = scale * (log_softmax(conditional) - log_softmax(unconditional)) + log_softmax(unconditional)."""

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+MAX_SPECULATIVE = 16  # tokens proposed per step at most (speculation.MAX_SPECULATIVE_TOKENS)
 # vLLM and TGI give a generous default; transformers' own default (max_length=20 in total) truncates most answers.
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -47,6 +48,9 @@ class GenerationParameters:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # when set, every generated token is one of these
     guidance_scale: float | None = None  # classifier-free guidance; None or 1 disables it
+    # Speculative decoding (greedy rows): tokens proposed per step by prompt lookup / by the assistant model.
+    prompt_lookup_num_tokens: int = 0
+    num_assistant_tokens: int | None = None  # None: the server's default when it has an assistant model
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -78,6 +82,9 @@ class GenerationParameters:
         for token_id, bias in self.logit_bias:
             _check_int("logit_bias", token_id, minimum=0)
             _check_float("logit_bias", bias, minimum=-100.0, maximum=100.0)
+        _check_int("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens, minimum=0, maximum=MAX_SPECULATIVE)
+        if self.num_assistant_tokens is not None:
+            _check_int("num_assistant_tokens", self.num_assistant_tokens, minimum=0, maximum=MAX_SPECULATIVE)
         if self.guidance_scale is not None:
             _check_float("guidance_scale", self.guidance_scale, minimum=0.0, maximum=100.0)
         for token_id in self.allowed_token_ids:
@@ -88,6 +95,21 @@ class GenerationParameters:
     @property
     def uses_guidance(self) -> bool:
         return self.guidance_scale is not None and self.guidance_scale != 1.0
+
+    @property
+    def allows_speculation(self) -> bool:
+        """Greedy, and every processor it uses is the same at every position (masks and biases), so the picks
+        at all verified positions come from one batched pass."""
+        return not (
+            self.is_sampling
+            or self.uses_guidance
+            or self.repetition_penalty != 1.0
+            or self.no_repeat_ngram_size
+            or any(len(words) > 1 for words in self.bad_words_ids)
+            or self.min_new_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
 
     @property
     def is_sampling(self) -> bool:

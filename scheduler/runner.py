@@ -16,12 +16,15 @@ from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
 from scheduler.constraints import TokenBitmasks, advance
-from scheduler.kv_cache import SlotKVCache
-from scheduler.logits_processing import process_logits
+from scheduler.draft_model import DraftModel
+from scheduler.kv_cache import SlotKVCache, decode_pass, run_decoder, visible_positions
+from scheduler.logits_processing import process_later_positions, process_logits
+from scheduler.params import MAX_SPECULATIVE
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
 from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
+from scheduler.speculation import Drafts, accepted_counts, merge_drafts, prompt_lookup
 
 
 class StopCode(enum.IntEnum):
@@ -47,15 +50,34 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class TokenCounters:
+    """Running totals of the runner's token savings (zeros for what is off)."""
+
+    prefix_queried: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which copied from it instead of computed
+    speculated: int = 0  # proposals verified by speculative decoding
+    accepted: int = 0  # of which the model agreed with (each saves a forward pass)
+
+    def __sub__(self, other: TokenCounters) -> TokenCounters:
+        return TokenCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclass(frozen=True)
 class RowResult:
-    token_id: int
+    token_ids: tuple[int, ...]  # one, or more when speculation was accepted
     stop: StopCode
     logprob: TokenLogprob | None = None
 
 
 class ModelRunner:
     def __init__(
-        self, model: PreTrainedModel, max_rows: int, max_context: int, seed: int = 0, prefix_cache_tokens: int = 0
+        self,
+        model: PreTrainedModel,
+        max_rows: int,
+        max_context: int,
+        seed: int = 0,
+        prefix_cache_tokens: int = 0,
+        assistant_model: PreTrainedModel | None = None,
     ) -> None:
         config = model.config.get_text_config()
         self.model = model
@@ -66,19 +88,13 @@ class ModelRunner:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)
-        num_heads = config.num_attention_heads
-        self.cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            max_rows=max_rows,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            max_context=max_context,
-            dtype=next(model.parameters()).dtype,
-            device=self.device,
-        )
+        self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
+        self.speculated_tokens = 0  # proposals verified since start
+        self.accepted_tokens = 0  # of which the model agreed with
         self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
         self.bitmasks = TokenBitmasks(max_rows, self.vocab_size, self.device)
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens else None
+        self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(seed)
 
@@ -103,10 +119,14 @@ class ModelRunner:
         """Tokens of the running rows (prompt and generated): what the KV cache holds for them."""
         return sum(seq.num_tokens for seq in list(self.state.rows))
 
-    def prefix_cache_counts(self) -> tuple[int, int]:
-        """(prompt tokens looked up, tokens found) since start; zeros without prefix caching."""
+    def counters(self) -> TokenCounters:
         cache = self.prefix_cache
-        return (cache.queried_tokens, cache.hit_tokens) if cache is not None else (0, 0)
+        return TokenCounters(
+            prefix_queried=cache.queried_tokens if cache is not None else 0,
+            prefix_hits=cache.hit_tokens if cache is not None else 0,
+            speculated=self.speculated_tokens,
+            accepted=self.accepted_tokens,
+        )
 
     def kv_usage_ratio(self) -> float:
         return self.num_tokens_held() / (self.max_rows * self.max_context)
@@ -126,8 +146,10 @@ class ModelRunner:
 
     def _step(self, num_running: int, admitted: list[Sequence]) -> StepOutput:
         logits, failed = [], []
+        drafts = self._propose(num_running) if num_running else None
         if num_running:
-            logits.append(self._decode(num_running))
+            decode_logits = self._decode(num_running, drafts)
+            logits.append(decode_logits[:, 0])
         if admitted:
             prefill_logits, failed = self._prefill(admitted)
             if prefill_logits is not None:
@@ -140,7 +162,7 @@ class ModelRunner:
             scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
         slots = self.state.rows
         max_seq_length = max(seq.num_tokens for seq in slots)
-        self.state.ensure_capacity(max_seq_length + 1)
+        self.state.ensure_capacity(max_seq_length + 1 + (drafts.width if drafts is not None else 0))
         raw_scores = scores
         scores = process_logits(scores, self.state, max_seq_length)
         if self.state.constrained_rows:
@@ -153,12 +175,18 @@ class ModelRunner:
         if self.state.guidance is not None:  # the unconditional branch continues with its request's token
             guidance = self.state.guidance
             next_tokens = next_tokens.index_put((guidance.companion,), next_tokens[guidance.guided])
-        stops = self._stop_codes(next_tokens)
-        self.state.record_tokens(next_tokens)
+        # Every row emits its pick; a speculating row also the proposals the model agreed with, and the pick after.
+        emitted, counts = next_tokens.unsqueeze(1), torch.ones_like(next_tokens)
+        proposed = accepted = torch.zeros_like(next_tokens)
+        if drafts is not None:
+            emitted, counts, proposed, accepted = self._verify(drafts, decode_logits, next_tokens)
+        counts, stops = self._limit(emitted, counts)
+        self.state.record_tokens(emitted, counts)
         if self.state.uses_custom_criteria:
             hits = custom_stop_hits(scores, slots, self.state.history, row_errors)
             stops = torch.where(hits & (stops == int(StopCode.RUNNING)), int(StopCode.STOPPING_CRITERIA), stops)
-        columns = [next_tokens.double().unsqueeze(1), stops.double().unsqueeze(1)]
+        columns = [counts, stops, proposed, accepted, emitted]
+        columns = [column.double().unsqueeze(1) if column.dim() == 1 else column.double() for column in columns]
         num_top = self.state.max_top_logprobs
         if num_top >= 0:
             wants_processed = self.state.processed_logprob_rows
@@ -167,7 +195,9 @@ class ModelRunner:
             columns += self._logprob_columns(raw_scores, next_tokens, num_top)
         # The one device-to-host copy of the step (token ids are exact in float64).
         host_rows = torch.cat(columns, dim=1).tolist()
-        results = [self._row_result(seq, values, num_top) for seq, values in zip(slots, host_rows)]
+        results = [self._row_result(seq, values, emitted.shape[1], num_top) for seq, values in zip(slots, host_rows)]
+        self.speculated_tokens += sum(int(values[2]) for values in host_rows)
+        self.accepted_tokens += sum(int(values[3]) for values in host_rows)
         if self.state.constrained_rows:
             results = self._advance_constraints(results, row_errors)
         request_slots = self.state.request_slots
@@ -185,7 +215,7 @@ class ModelRunner:
             if result.stop is not StopCode.RUNNING or slot in row_errors:
                 continue  # the row ends here anyway
             try:
-                if advance(self.state.rows[slot].grammar, result.token_id):
+                if advance(self.state.rows[slot].grammar, result.token_ids[0]):
                     results[slot] = dataclasses.replace(result, stop=StopCode.CONSTRAINT_COMPLETE)
             except RuntimeError as error:
                 row_errors[slot] = str(error)
@@ -201,14 +231,17 @@ class ModelRunner:
         return [chosen.double(), top_ids.double(), top_values.double()]
 
     @staticmethod
-    def _row_result(seq: Sequence, values: list[float], num_top: int) -> RowResult:
-        token, code = int(values[0]), StopCode(int(values[1]))
+    def _row_result(seq: Sequence, values: list[float], width: int, num_top: int) -> RowResult:
+        """One row of the host copy: count, stop, proposed, accepted, `width` tokens, then any logprobs."""
+        count, code = int(values[0]), StopCode(int(values[1]))
+        tokens = tuple(int(token) for token in values[4 : 4 + count])
         wanted = seq.options.top_logprobs
         if wanted is None:
-            return RowResult(token, code)
-        ids, logprobs = values[3 : 3 + num_top], values[3 + num_top :]
+            return RowResult(tokens, code)
+        chosen, rest = values[4 + width], values[5 + width :]
+        ids, logprobs = rest[:num_top], rest[num_top:]
         top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
-        return RowResult(token, code, TokenLogprob(token, values[2], top))
+        return RowResult(tokens, code, TokenLogprob(tokens[0], chosen, top))
 
     def release(self, leaving: set[int]) -> None:
         """Free the requests at these indices of `rows` (and their guidance companions)."""
@@ -224,36 +257,78 @@ class ModelRunner:
         if not leaving:
             return
         sources, destinations = self.state.remove_rows(leaving)
-        if sources:
-            self.cache.move_rows(
-                torch.tensor(sources, device=self.device), torch.tensor(destinations, device=self.device)
-            )
+        self.cache.move_rows(sources, destinations)
+        if self.draft is not None:
+            self.draft.move_rows(sources, destinations, self.state.num_rows)
         self.state.refresh_composition()
 
-    def _stop_codes(self, next_tokens: torch.Tensor) -> torch.Tensor:
-        state, num_rows = self.state, next_tokens.shape[0]
-        hits_eos = (
-            state.eos_mask[:num_rows].gather(1, next_tokens.unsqueeze(1)).squeeze(1) & state.stops_on_eos[:num_rows]
+    def _limit(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut each row's emitted tokens at its first eos and at its length limits; returns the counts kept and
+        the stop codes."""
+        state, num_rows, width = self.state, emitted.shape[0], emitted.shape[1]
+        offsets = torch.arange(width, device=self.device)
+        is_eos = state.eos_mask[:num_rows].gather(1, emitted) & state.stops_on_eos[:num_rows].unsqueeze(1)
+        is_eos &= offsets < counts.unsqueeze(1)
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), width)
+        lengths = state.seq_length[:num_rows]
+        room = torch.minimum(
+            state.max_new_tokens[:num_rows] - (lengths - state.prompt_length[:num_rows]), self.max_context - lengths
         )
-        generated = state.seq_length[:num_rows] - state.prompt_length[:num_rows] + 1
-        hits_length = (generated >= state.max_new_tokens[:num_rows]) | (
-            state.seq_length[:num_rows] + 1 >= self.max_context
-        )
-        return torch.where(
+        hits_eos = first_eos + 1 <= torch.minimum(counts, room)
+        counts = torch.where(hits_eos, first_eos + 1, torch.minimum(counts, room))
+        hits_length = counts >= room
+        stops = torch.where(
             hits_eos, int(StopCode.EOS_TOKEN), torch.where(hits_length, int(StopCode.LENGTH), int(StopCode.RUNNING))
         )
+        return counts, stops
 
-    def _decode(self, num_rows: int) -> torch.Tensor:
+    def _propose(self, num_rows: int) -> Drafts | None:
+        """This step's proposals for the running rows, or None when none of them speculates."""
         state = self.state
-        read_length = max(seq.num_tokens for seq in self.state.rows)
-        self.cache.ensure_capacity(read_length)
+        lookup_width, assistant_width = state.max_lookup_tokens, state.max_assistant_tokens if self.draft else 0
+        if not lookup_width and not assistant_width:
+            return None
+        lengths = [seq.num_tokens for seq in state.rows[:num_rows]]
+        state.ensure_capacity(max(lengths) + 1 + max(lookup_width, assistant_width))
+        proposals = []
+        if lookup_width:
+            history = state.history[:num_rows, : max(lengths)]
+            proposals.append(
+                prompt_lookup(history, state.seq_length[:num_rows], state.lookup_tokens[:num_rows], lookup_width)
+            )
+        if assistant_width:
+            proposals.append(self.draft.propose(state, lengths, state.assistant_tokens[:num_rows], assistant_width))
+        return merge_drafts(proposals)
+
+    def _verify(
+        self, drafts: Drafts, decode_logits: torch.Tensor, next_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The speculating rows' tokens: the model's picks at every proposed position, as many as it agreed
+        with plus one. Rows past the decoding ones (prefilled this step) keep their single pick."""
+        later = decode_logits[:, 1:].float()
+        if self.logit_softcap:
+            later = torch.tanh(later / self.logit_softcap) * self.logit_softcap
+        num_decoding = later.shape[0]
+        picks = torch.cat([next_tokens[:num_decoding, None], process_later_positions(later, self.state).argmax(-1)], 1)
+        accepted = accepted_counts(drafts, picks)
+        emitted = next_tokens.unsqueeze(1).repeat(1, picks.shape[1])
+        emitted[:num_decoding] = picks
+        padding = torch.zeros(next_tokens.shape[0] - num_decoding, dtype=torch.long, device=self.device)
+        accepted, proposed = torch.cat([accepted, padding]), torch.cat([drafts.counts, padding])
+        return emitted, 1 + accepted, proposed, accepted
+
+    def _decode(self, num_rows: int, drafts: Drafts | None) -> torch.Tensor:
+        """Logits [rows, 1 + proposals, vocab]: after each row's newest token, and after each of its proposals."""
+        state = self.state
+        width = 1 + (drafts.width if drafts is not None else 0)
+        read_length = max(seq.num_tokens for seq in self.state.rows[:num_rows]) + width - 1
         lengths = state.seq_length[:num_rows]
-        positions = lengths - 1  # the newest token is in the history but not yet in the cache
-        last_tokens = state.history[torch.arange(num_rows, device=self.device), positions]
-        mask = torch.arange(read_length, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
-        self.cache.begin_decode(positions, read_length)
-        hidden = self._forward(last_tokens.unsqueeze(1), positions.unsqueeze(1), mask[:, None, None, :])
-        return self.lm_head(hidden[:, -1])
+        # The newest token is in the history but not yet in the cache; proposals follow it.
+        positions = (lengths - 1).unsqueeze(1) + torch.arange(width, device=self.device)
+        tokens = state.history[torch.arange(num_rows, device=self.device), lengths - 1].unsqueeze(1)
+        if drafts is not None:
+            tokens = torch.cat([tokens, drafts.tokens], dim=1)
+        return self.lm_head(decode_pass(self.decoder, self.cache, tokens, positions, read_length))
 
     def _prefill(self, admitted: list[Sequence]) -> tuple[torch.Tensor | None, list[tuple[Sequence, str]]]:
         """One forward per new row, unpadded: prefill is compute-bound here, so padding would be pure waste, and
@@ -282,6 +357,8 @@ class ModelRunner:
         tokens = seq.prompt_ids + seq.generated_ids
         self.cache.ensure_capacity(len(tokens) + 1)
         row = self.state.add_row(seq)
+        if self.draft is not None:
+            self.draft.add_row()
         twin = prefilled.get(tuple(tokens))
         if twin is not None:
             self.cache.copy_prefix(twin[0], row, len(tokens))
@@ -290,18 +367,10 @@ class ModelRunner:
         self.cache.begin_prefill(row, 1, offset=cached)
         input_ids = torch.tensor([tokens[cached:]], device=self.device)
         positions = torch.arange(cached, len(tokens), device=self.device).unsqueeze(0)
-        mask = None  # a plain causal prefill, unless it continues a cached prefix:
-        if cached:
-            mask = torch.ones(len(tokens) - cached, len(tokens), dtype=torch.bool, device=self.device)
-            mask = mask.tril(diagonal=cached)[None, None]
-        hidden = self._forward(input_ids, positions, mask)[:, -1]
+        # A plain causal prefill (HF's own mask), unless it continues a cached prefix.
+        mask = visible_positions(positions, len(tokens)) if cached else None
+        hidden = run_decoder(self.decoder, self.cache, input_ids, positions, mask)[:, -1]
         if self.prefix_cache is not None:
             self.prefix_cache.store(tokens, row)
         prefilled[tuple(tokens)] = (row, hidden)
         return hidden
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        output = self.decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
-        )
-        return output.last_hidden_state

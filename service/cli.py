@@ -74,17 +74,35 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(_env("prefix_cache_tokens", "16384")),
         help="tokens of KV the prefix cache keeps (least recently used blocks are evicted)",
     )
+    group.add_argument(
+        "--assistant-model",
+        default=_env("assistant_model", "") or None,
+        help="a smaller model with the same tokenizer (HF folder or .gguf) for speculative decoding: it proposes, "
+        "the model verifies a batch of proposals per pass; greedy outputs stay identical",
+    )
+    group.add_argument(
+        "--num-assistant-tokens",
+        type=int,
+        default=int(_env("num_assistant_tokens", "4")),
+        help="tokens the assistant proposes per step, unless a request sets its own (0 turns it off)",
+    )
 
 
 def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
     from scheduler.engine import Engine
+    from scheduler.model_loader import load_model
     from scheduler.plugins import PluginRegistry
 
+    assistant = None
+    if args.assistant_model:
+        assistant = load_model(args.assistant_model, dtype=args.dtype, device=args.device, load_format=args.load_format)
     return Engine(
         loaded,
         _scheduler_config(args),
         plugins=plugins or PluginRegistry(),
         prefix_cache_tokens=args.prefix_cache_tokens if args.enable_prefix_caching else 0,
+        assistant=assistant,
+        num_assistant_tokens=args.num_assistant_tokens,
     )
 
 
@@ -109,19 +127,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from scheduler.benchmark import default_workload, format_report, run_benchmark
 
     loaded = _load(args)
-    workload = default_workload(
-        loaded,
-        num_prompts=args.num_prompts,
-        min_new_tokens=args.min_new_tokens,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    baselines = tuple(b for b in args.baselines.split(",") if b)
-    results, ceiling = run_benchmark(
-        loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr)
-    )
-    print(format_report(results, ceiling, args.max_batch_size))
+    features = [feature for feature in args.features.split(",") if feature]
+    unknown = set(features) - {"prompt-lookup", "prefix-cache"}
+    if unknown:
+        raise SystemExit(f"unknown --features {sorted(unknown)}; choose from prompt-lookup, prefix-cache")
+    if not args.only_features:
+        workload = default_workload(
+            loaded,
+            num_prompts=args.num_prompts,
+            min_new_tokens=args.min_new_tokens,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        baselines = tuple(b for b in args.baselines.split(",") if b)
+        results, ceiling = run_benchmark(
+            loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr)
+        )
+        print(format_report(results, ceiling, args.max_batch_size))
+    for feature in features:
+        print()
+        print(_feature_report(feature, loaded, args))
     return 0
+
+
+def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
+    from scheduler import feature_benchmark as bench
+
+    prompts, batch, new_tokens = args.feature_prompts, args.feature_batch_size, args.feature_max_new_tokens
+    if feature == "prompt-lookup":
+        workload = bench.quoting_workload(loaded, prompts, new_tokens, seed=args.seed)
+        comparison = bench.compare_prompt_lookup(loaded, workload, batch, args.lookup_tokens)
+    else:
+        workload = bench.shared_prefix_workload(loaded, prompts, new_tokens)
+        comparison = bench.compare_prefix_caching(loaded, workload, batch, cache_tokens=16384)
+    return bench.format_feature_report(comparison, workload)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -337,6 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="sequential,static,continuous",
         help="comma-separated subset of: sequential, static, continuous",
     )
+    features = bench.add_argument_group(
+        "features", "genserve with and without a feature, on a workload made for it, in the same run"
+    )
+    features.add_argument(
+        "--features",
+        default="",
+        help="comma-separated: prompt-lookup (quote-back prompts), prefix-cache (shared few-shot system prompt)",
+    )
+    features.add_argument("--only-features", action="store_true", help="skip the HF baseline comparison")
+    features.add_argument("--feature-prompts", type=int, default=16, help="requests per feature workload")
+    features.add_argument("--feature-batch-size", type=int, default=8, help="engine rows for the feature runs")
+    features.add_argument("--feature-max-new-tokens", type=int, default=128)
+    features.add_argument("--lookup-tokens", type=int, default=8, help="prompt_lookup_num_tokens for its run")
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

@@ -26,6 +26,8 @@ _SCALAR_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "guidance_scale",
+    "prompt_lookup_num_tokens",
+    "num_assistant_tokens",
 )
 
 FINISH_REASONS = {

@@ -59,6 +59,14 @@ class Metrics:
         self.prefix_cache_hits = Counter(
             "genserve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", registry=r
         )
+        self.speculated = Counter(
+            "genserve_speculative_proposed_tokens", "Tokens proposed by speculative decoding and verified", registry=r
+        )
+        self.speculation_accepted = Counter(
+            "genserve_speculative_accepted_tokens",
+            "Proposed tokens the model agreed with (acceptance rate: accepted / proposed)",
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
             "genserve_inter_token_latency_seconds",
             "Time between consecutive tokens of a stream",
@@ -99,8 +107,10 @@ class Metrics:
         self.batch_size.set(stats.num_rows)
         self.prefilled_requests.inc(stats.num_prefilled)
         self.preemptions.inc(stats.num_preempted)
-        self.prefix_cache_queried.inc(stats.prefix_queried_tokens)
-        self.prefix_cache_hits.inc(stats.prefix_hit_tokens)
+        self.prefix_cache_queried.inc(stats.tokens.prefix_queried)
+        self.prefix_cache_hits.inc(stats.tokens.prefix_hits)
+        self.speculated.inc(stats.tokens.speculated)
+        self.speculation_accepted.inc(stats.tokens.accepted)
         for priority, wait in stats.queue_waits:
             self.queue_wait.labels(priority=priority.name.lower()).observe(wait)
 

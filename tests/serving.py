@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
@@ -65,6 +67,17 @@ def ids_request(prompt: list[int], request_id: str = "", **parameters: object) -
     return pb.GenerateRequest(
         input_ids=pb.TokenIds(ids=prompt), parameters=message, return_token_ids=True, request_id=request_id
     )
+
+
+def scrape(server: ServerThread) -> dict[str, float]:
+    """The server's /metrics, parsed: sample name (labels left out) -> value, for unlabelled samples."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if not sample.labels
+    }
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 from tests.conftest import StepDriver, hf_generate
-from tests.serving import ServerThread, ids_request
+from tests.serving import ServerThread, ids_request, scrape
 
 SYSTEM = list(range(100, 148))  # a 48-token shared prefix: three 16-token blocks
 
@@ -27,9 +25,9 @@ def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None
     cached.run(_requests(8))
     plain.run(_requests(8))
     assert cached.tokens == plain.tokens and len(cached.tokens) == 8
-    queried, hits = cached.engine.runner.prefix_cache_counts()
-    assert queried == 8 * (len(SYSTEM) + 3)
-    assert hits == 7 * len(SYSTEM)  # every request after the first finds the three system blocks
+    counters = cached.engine.runner.counters()
+    assert counters.prefix_queried == 8 * (len(SYSTEM) + 3)
+    assert counters.prefix_hits == 7 * len(SYSTEM)  # every request after the first finds the three system blocks
     params = plain.engine.make_parameters(max_new_tokens=12)
     assert cached.tokens["r0"] == hf_generate(tiny.model, SYSTEM + [10, 20, 7], params)
 
@@ -50,10 +48,7 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
     try:
         for i in range(3):
             server.stub.Generate(ids_request(SYSTEM + [i + 3], max_new_tokens=3))
-        body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
-        values = {
-            line.split()[0]: float(line.split()[1]) for line in body.splitlines() if line.startswith("genserve_prefix")
-        }
+        values = scrape(server)
         assert values["genserve_prefix_cache_hit_tokens_total"] == 2 * len(SYSTEM)
         # The warm-up request is looked up too.
         assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1)

@@ -178,14 +178,14 @@ def test_failure_in_one_requests_prefill_fails_only_thatids_request(tiny, monkey
     isolated = ServerThread(tiny, max_running=8)
     poison = 313
     runner = isolated.engine.runner
-    original = runner._forward
+    original = runner.decoder.forward
 
-    def forward(input_ids, position_ids, mask):  # noqa: ANN001, ANN202
+    def forward(input_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if (input_ids == poison).any():
             raise ValueError("injected fault for this request")
-        return original(input_ids, position_ids, mask)
+        return original(input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(runner, "_forward", forward)
+    monkeypatch.setattr(runner.decoder, "forward", forward)
     try:
         prompts = [[5, 6, 7 + i] for i in range(6)]
         futures = [isolated.stub.Generate.future(ids_request(p, max_new_tokens=30)) for p in prompts[:3]]
@@ -206,11 +206,11 @@ def test_out_of_memory_is_survived(tiny, monkeypatch) -> None:
     original = runner._decode
     injected = threading.Event()
 
-    def decode(num_rows: int) -> torch.Tensor:
+    def decode(num_rows: int, drafts: object) -> torch.Tensor:
         if num_rows >= 4 and not injected.is_set():
             injected.set()
             raise torch.OutOfMemoryError("injected: out of memory")
-        return original(num_rows)
+        return original(num_rows, drafts)
 
     monkeypatch.setattr(runner, "_decode", decode)
     try:

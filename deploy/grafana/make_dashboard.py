@@ -64,6 +64,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         [(quantiles("genserve_time_to_first_token_seconds", by="priority")[2][0], "{{priority}}")],
     ),
     ("Preemptions / s", "short", [(f"sum(rate(genserve_preemptions_total{RATE}))", "batch rows preempted")]),
+    (
+        "Prefix cache and speculation tokens / s",
+        "short",
+        [
+            (f"sum(rate(genserve_prefix_cache_queried_tokens_total{RATE}))", "prompt tokens looked up"),
+            (f"sum(rate(genserve_prefix_cache_hit_tokens_total{RATE}))", "prompt tokens from the cache"),
+            (f"sum(rate(genserve_speculative_proposed_tokens_total{RATE}))", "speculated"),
+            (f"sum(rate(genserve_speculative_accepted_tokens_total{RATE}))", "accepted"),
+        ],
+    ),
     ("Model", "short", [("max by (model) (genserve_model_info)", "{{model}}")]),
 ]
 
