@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--feature-prompts", type=int, default=16, help="requests per feature workload")
     features.add_argument("--feature-batch-size", type=int, default=8, help="engine rows for the feature runs")
     features.add_argument("--feature-max-new-tokens", type=int, default=128)
-    features.add_argument("--lookup-tokens", type=int, default=8, help="prompt_lookup_num_tokens for its run")
+    features.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for its run")
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

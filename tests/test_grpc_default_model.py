@@ -104,3 +104,33 @@ def test_node_client_streams_text(server) -> None:
     assert "Paris" in summary["text"]
     unary = server.stub.Generate(_chat("What is the capital of France?", max_new_tokens=20))
     assert summary["text"] == unary.text
+
+
+def test_json_schema_answers_validate_and_speculation_keeps_parity(server) -> None:
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    questions = ["What is the capital of France?", "Name a large city in Japan.", "Which city hosts the Colosseum?"]
+    futures = []
+    for question in questions:
+        request = _chat(f"{question} Answer in JSON with the city and its population.", max_new_tokens=60)
+        request.constraint.json_schema = json.dumps(schema)
+        futures.append(server.stub.Generate.future(request))
+    plain = _chat(
+        "Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox.", max_new_tokens=40
+    )
+    reference = server.stub.Generate.future(plain)
+    plain.parameters.prompt_lookup_num_tokens = 4
+    speculative = server.stub.Generate(plain)
+    for future in futures:
+        response = future.result(timeout=120)
+        assert response.finish_reason == pb.CONSTRAINT_COMPLETE, response.text
+        jsonschema.validate(json.loads(response.text), schema)
+    assert list(speculative.token_ids) == list(reference.result(timeout=60).token_ids)
