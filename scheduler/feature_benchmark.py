@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from scheduler.benchmark import BenchResult, Workload, run_genserve
 from scheduler.model_loader import LoadedModel
@@ -102,34 +103,21 @@ def _warm_up(loaded: LoadedModel, workload: Workload, max_batch_size: int) -> No
     run_genserve(loaded, Workload(workload.prompts[:2], [8, 8]), max_batch_size, name="warm-up")
 
 
-def compare_prompt_lookup(
-    loaded: LoadedModel, workload: Workload, max_batch_size: int, num_tokens: int
+def compare(
+    feature: str,
+    loaded: LoadedModel,
+    workload: Workload,
+    max_batch_size: int,
+    engine_options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> FeatureComparison:
+    """The workload through plain genserve, then with the feature on (engine options or request overrides)."""
     _warm_up(loaded, workload, max_batch_size)
     plain = run_genserve(loaded, workload, max_batch_size, name="genserve")
-    lookup = run_genserve(
-        loaded,
-        workload,
-        max_batch_size,
-        name=f"genserve + prompt lookup ({num_tokens})",
-        overrides=dict(prompt_lookup_num_tokens=num_tokens),
+    enabled = run_genserve(
+        loaded, workload, max_batch_size, f"genserve + {feature}", engine_options=engine_options, overrides=overrides
     )
-    return FeatureComparison("prompt lookup", plain, lookup)
-
-
-def compare_prefix_caching(
-    loaded: LoadedModel, workload: Workload, max_batch_size: int, cache_tokens: int
-) -> FeatureComparison:
-    _warm_up(loaded, workload, max_batch_size)
-    plain = run_genserve(loaded, workload, max_batch_size, name="genserve")
-    cached = run_genserve(
-        loaded,
-        workload,
-        max_batch_size,
-        name="genserve + prefix caching",
-        engine_options=dict(prefix_cache_tokens=cache_tokens),
-    )
-    return FeatureComparison("prefix caching", plain, cached)
+    return FeatureComparison(feature, plain, enabled)
 
 
 def format_feature_report(comparison: FeatureComparison, workload: Workload) -> str:

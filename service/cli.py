@@ -156,10 +156,12 @@ def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # n
     prompts, batch, new_tokens = args.feature_prompts, args.feature_batch_size, args.feature_max_new_tokens
     if feature == "prompt-lookup":
         workload = bench.quoting_workload(loaded, prompts, new_tokens, seed=args.seed)
-        comparison = bench.compare_prompt_lookup(loaded, workload, batch, args.lookup_tokens)
+        lookup = dict(prompt_lookup_num_tokens=args.lookup_tokens)
+        comparison = bench.compare("prompt lookup", loaded, workload, batch, overrides=lookup)
     else:
         workload = bench.shared_prefix_workload(loaded, prompts, new_tokens)
-        comparison = bench.compare_prefix_caching(loaded, workload, batch, cache_tokens=16384)
+        caching = dict(prefix_cache_tokens=16384)
+        comparison = bench.compare("prefix caching", loaded, workload, batch, engine_options=caching)
     return bench.format_feature_report(comparison, workload)
 
 

@@ -52,6 +52,20 @@ def _constrained(seed: int, **constraint: object) -> pb.GenerateRequest:
     return request
 
 
+def _hf_constrained(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, allowed) -> list[int]:  # noqa: ANN001
+    """HF's own constrained greedy decoding: generate(prefix_allowed_tokens_fn=allowed)."""
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=TINY_EOS,
+            pad_token_id=0,
+            prefix_allowed_tokens_fn=allowed,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
 def _text_before_eos(response: pb.GenerateResponse) -> str:
     assert response.finish_reason in (pb.CONSTRAINT_COMPLETE, pb.EOS_TOKEN), response
     return response.text
@@ -110,16 +124,7 @@ def test_greedy_regex_equals_generate_with_prefix_allowed_tokens_fn(server, tiny
         bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.flatten()[:320].nonzero().flatten().tolist()
 
-    with torch.inference_mode():
-        output = tiny_with_tokenizer.model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=30,
-            do_sample=False,
-            eos_token_id=TINY_EOS,
-            pad_token_id=0,
-            prefix_allowed_tokens_fn=allowed,
-        )
-    expected = output[0, len(prompt) :].tolist()
+    expected = _hf_constrained(tiny_with_tokenizer.model, prompt, 30, allowed)
     request = ids_request(prompt, max_new_tokens=30)
     request.constraint.regex = EMAIL
     plain = server.stub.Generate.future(ids_request([70, 71], max_new_tokens=30))
@@ -138,16 +143,8 @@ def test_allowed_token_ids_equal_generate_with_the_same_restriction(server, tiny
     request.constraint.allowed_token_ids.ids.extend(allowed)
     plain = server.stub.Generate.future(ids_request(prompt, max_new_tokens=20))
     response = server.stub.Generate(request)
-    with torch.inference_mode():
-        output = tiny_with_tokenizer.model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=20,
-            do_sample=False,
-            eos_token_id=TINY_EOS,
-            pad_token_id=0,
-            prefix_allowed_tokens_fn=lambda batch_id, ids: allowed,
-        )
-    assert list(response.token_ids) == output[0, len(prompt) :].tolist()
+    expected = _hf_constrained(tiny_with_tokenizer.model, prompt, 20, lambda batch_id, ids: allowed)
+    assert list(response.token_ids) == expected
     assert set(response.token_ids) <= set(allowed)
     params = server.engine.make_parameters(max_new_tokens=20)
     assert list(plain.result(timeout=30).token_ids) == hf_generate(tiny_with_tokenizer.model, prompt, params)
