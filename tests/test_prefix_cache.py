@@ -46,11 +46,15 @@ def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
 def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
     server = ServerThread(tiny, metrics=True, engine_options=dict(prefix_cache_tokens=256), max_running=4)
     try:
-        for i in range(3):
-            server.stub.Generate(ids_request(SYSTEM + [i + 3], max_new_tokens=3))
+        server.stub.Generate(ids_request(SYSTEM + [3], max_new_tokens=3))  # fills the cache
+        prompts = [SYSTEM + [i + 4] for i in range(2)] + [[7, 8, 9]]  # two hits, one plain request beside them
+        futures = [server.stub.Generate.future(ids_request(prompt, max_new_tokens=10)) for prompt in prompts]
+        params = server.engine.make_parameters(max_new_tokens=10)
+        for prompt, future in zip(prompts, futures):
+            assert list(future.result(timeout=60).token_ids) == hf_generate(tiny.model, prompt, params)
         values = scrape(server)
         assert values["genserve_prefix_cache_hit_tokens_total"] == 2 * len(SYSTEM)
         # The warm-up request is looked up too.
-        assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1)
+        assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1) + 3
     finally:
         server.close()

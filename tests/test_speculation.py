@@ -146,13 +146,14 @@ def test_speculation_over_grpc_with_stop_strings_and_metrics(tiny_with_tokenizer
         text = plain.text
         stop = text[len(text) // 2 : len(text) // 2 + 2]
         futures = [
+            server.stub.Generate.future(ids_request(prompt, max_new_tokens=40)),  # a plain batch-mate
             server.stub.Generate.future(ids_request(prompt, max_new_tokens=40, prompt_lookup_num_tokens=6)),
             server.stub.Generate.future(
                 ids_request(prompt, max_new_tokens=40, prompt_lookup_num_tokens=6, stop_strings=[stop])
             ),
         ]
-        speculative, stopped = (future.result(timeout=60) for future in futures)
-        assert speculative.text == text and list(speculative.token_ids) == list(plain.token_ids)
+        again, speculative, stopped = (future.result(timeout=60) for future in futures)
+        assert speculative.text == again.text == text and list(speculative.token_ids) == list(plain.token_ids)
         assert stopped.text == text[: text.index(stop)] and stopped.stop_string == stop
         streamed = "".join(
             chunk.text
