@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = set(features) - {"prompt-lookup", "prefix-cache"}
     if unknown:
         raise SystemExit(f"unknown --features {sorted(unknown)}; choose from prompt-lookup, prefix-cache")
-    if not args.only_features:
+    if not args.skip_main:
         workload = default_workload(
             loaded,
             num_prompts=args.num_prompts,
@@ -147,6 +147,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for feature in features:
         print()
         print(_feature_report(feature, loaded, args))
+    if args.decode_latency:
+        from scheduler.decode_benchmark import decode_latencies, format_decode_report
+
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+        results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context)
+        print()
+        print(format_decode_report(results, bandwidth, loaded.device))
     return 0
 
 
@@ -386,11 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated: prompt-lookup (quote-back prompts), prefix-cache (shared few-shot system prompt)",
     )
-    features.add_argument("--only-features", action="store_true", help="skip the HF baseline comparison")
+    features.add_argument(
+        "--skip-main", action="store_true", help="skip the main workload (genserve against the HF baselines)"
+    )
     features.add_argument("--feature-prompts", type=int, default=16, help="requests per feature workload")
     features.add_argument("--feature-batch-size", type=int, default=8, help="engine rows for the feature runs")
     features.add_argument("--feature-max-new-tokens", type=int, default=128)
     features.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for its run")
+    decode = bench.add_argument_group(
+        "decode latency", "one engine decode step per batch size against the memory-bandwidth floor"
+    )
+    decode.add_argument("--decode-latency", action="store_true", help="measure and print the table")
+    decode.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
+    decode.add_argument("--decode-context", type=int, default=256, help="tokens each row holds")
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

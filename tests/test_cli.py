@@ -44,3 +44,16 @@ def test_bench_reports_ratios_and_exactness(tmp_path: Path, capsys) -> None:
     assert "HF generate(), one at a time" in report and "static batches of 4" in report
     assert "bare decode-step ceiling at batch 4" in report
     assert "greedy outputs identical to generate(): 6/6 requests" in report
+
+
+def test_bench_decode_latency_table(tmp_path: Path, capsys) -> None:
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--decode-latency"]
+    code = main([*arguments, "--batch-sizes", "1,4", "--decode-context", "16"])
+    report = capsys.readouterr().out
+    assert code == 0 and "measured copy bandwidth" in report
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| 1 ") or line.startswith("| 4 ")]
+    assert len(rows) == 2
+    for row in rows:
+        step_ms, floor_ms = float(row[3].split()[0]), float(row[4].split()[0])
+        assert step_ms > 0 and floor_ms > 0

@@ -165,3 +165,16 @@ def test_speculation_over_grpc_with_stop_strings_and_metrics(tiny_with_tokenizer
         assert values["genserve_speculative_proposed_tokens_total"] >= accepted > 0
     finally:
         server.close()
+
+
+def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> None:
+    from scheduler.benchmark import Workload
+    from scheduler.feature_benchmark import compare, format_feature_report
+
+    workload = Workload([QUOTE * 3, [5, 6, 7] * 4, [9, 10]], [20, 15, 10])
+    comparison = compare("prompt lookup", tiny, workload, 2, overrides=dict(prompt_lookup_num_tokens=4))
+    assert comparison.identical == 3
+    counters = comparison.enabled.counters
+    assert counters.speculated >= counters.accepted > 0
+    report = format_feature_report(comparison, workload)
+    assert "outputs identical to plain genserve: 3/3" in report and "acceptance:" in report

@@ -1,0 +1,108 @@
+"""`genserve bench --decode-latency`: one genserve decode step at several batch sizes, against the memory-bandwidth
+floor of this device.
+
+A decode step must read every weight once and each row's KV cache; for a small model that traffic, not the
+arithmetic, sets the pace. The floor is those bytes divided by the device's measured copy bandwidth (a large
+tensor copy, read plus write): no implementation of the step can beat it on this hardware. The step measured is
+the engine's whole `step()`: scheduling, the batched forward, processing, sampling and the one host copy.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.engine import Engine
+from scheduler.model_loader import LoadedModel
+from scheduler.request import RequestOptions
+from scheduler.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class DecodeLatency:
+    batch_size: int
+    context: int
+    seconds: float  # median engine step, decode only
+    floor_seconds: float  # bytes the step must read / measured bandwidth
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.floor_seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a large device-to-device copy moves (each byte counted once read, once written)."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    destination = torch.empty_like(source)
+    destination.copy_(source)
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        destination.copy_(source)
+    _synchronize(device)
+    return 2 * source.numel() * repeats / (time.perf_counter() - started)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+
+
+def measure_decode_step(loaded: LoadedModel, batch_size: int, context: int, steps: int = 8) -> float:
+    """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each."""
+    config = SchedulerConfig(
+        max_running=batch_size, max_context=context + steps + 2, max_prefill_tokens=batch_size * context
+    )
+    engine = Engine(loaded, config)
+    rng = random.Random(0)
+    vocab = engine.vocab_size
+    for index in range(batch_size):
+        prompt = [rng.randrange(vocab) for _ in range(context)]
+        params = engine.make_parameters(max_new_tokens=steps + 2, ignore_eos=True)
+        engine.submit(prompt, params, RequestOptions(request_id=str(index)))
+    engine.step()  # prefills every row
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()  # ends with the step's host copy, so the device work is done
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def decode_latencies(
+    loaded: LoadedModel, batch_sizes: list[int], context: int, steps: int = 8
+) -> tuple[list[DecodeLatency], float]:
+    """Per-step latency and floor at each batch size, and the bandwidth (bytes/s) the floors assume."""
+    device = loaded.device
+    bandwidth = copy_bandwidth(device)
+    engine = Engine(loaded, SchedulerConfig(max_running=1, max_context=context + steps + 2))
+    kv_bytes_per_token = engine.runner.cache.bytes_per_token
+    weights = weight_bytes(loaded.model)
+    results = []
+    for batch_size in batch_sizes:
+        seconds = measure_decode_step(loaded, batch_size, context, steps)
+        floor = (weights + batch_size * context * kv_bytes_per_token) / bandwidth
+        results.append(DecodeLatency(batch_size, context, seconds, floor))
+    return results, bandwidth
+
+
+def format_decode_report(results: list[DecodeLatency], bandwidth: float, device: torch.device) -> str:
+    lines = [
+        f"decode step latency on {device} (measured copy bandwidth {bandwidth / 1e9:.1f} GB/s)",
+        "| batch | context | step | bandwidth floor | step / floor | tokens/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        lines.append(
+            f"| {result.batch_size} | {result.context} | {result.seconds * 1e3:.3g} ms | "
+            f"{result.floor_seconds * 1e3:.3g} ms | {result.ratio:.2f}x | {result.batch_size / result.seconds:.0f} |"
+        )
+    return "\n".join(lines)
