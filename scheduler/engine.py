@@ -93,6 +93,7 @@ class Engine:
             assistant_model=assistant.model if assistant is not None else None,
         )
         self.num_assistant_tokens = num_assistant_tokens if assistant is not None else 0
+        self.assistant_name = assistant.name if assistant is not None else ""
         self.scheduler = Scheduler(config)
         self.model_defaults = model_generation_defaults(loaded.model.generation_config)
         self.grammars = GrammarCompiler(loaded.tokenizer, self.runner.vocab_size)

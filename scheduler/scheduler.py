@@ -103,7 +103,10 @@ class Scheduler:
             for level in self._levels.values():
                 while level:
                     client, queue = next(iter(level.items()))
-                    if num_running + queue[0].num_slots > limit or (admitted and queue[0].num_tokens > budget):
+                    slots = queue[0].num_slots
+                    # An empty batch takes a guided request (two rows) even under a row limit lowered to one.
+                    fits = num_running + slots <= limit or (num_running == 0 and slots <= self.config.max_running)
+                    if not fits or (admitted and queue[0].num_tokens > budget):
                         break
                     num_running += queue[0].num_slots
                     budget -= queue[0].num_tokens

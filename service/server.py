@@ -379,6 +379,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 max_prefill_tokens=config.max_prefill_tokens,
             ),
             has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
+            prefix_caching=engine.runner.prefix_cache is not None,
+            assistant_model=engine.assistant_name,
         )
 
 

@@ -184,6 +184,7 @@ def test_model_info(server) -> None:
     assert info.vocab_size == TINY_VOCAB and info.model_name == "tiny-llama"
     assert list(info.eos_token_ids) == [TINY_EOS]
     assert info.default_parameters.top_k == 50 and info.limits.max_batch_size == 8
+    assert not info.prefix_caching and info.assistant_model == ""
 
 
 def test_logprobs_equal_log_softmax_of_hf_logits(server, tiny) -> None:

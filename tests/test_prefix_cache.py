@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import StepDriver, hf_generate
 from tests.serving import ServerThread, ids_request, scrape
 
@@ -53,6 +54,7 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
         for prompt, future in zip(prompts, futures):
             assert list(future.result(timeout=60).token_ids) == hf_generate(tiny.model, prompt, params)
         values = scrape(server)
+        assert server.stub.ModelInfo(pb.ModelInfoRequest()).prefix_caching
         assert values["genserve_prefix_cache_hit_tokens_total"] == 2 * len(SYSTEM)
         # The warm-up request is looked up too.
         assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1) + 3

@@ -76,3 +76,16 @@ def test_requeue_puts_requests_back_first_and_row_limit_caps_admission() -> None
     scheduler.requeue(taken)
     assert scheduler.num_waiting == 3
     assert [s.request_id for s in scheduler.admit(0)] == ["a", "b", "c"]
+
+
+def test_guided_requests_count_two_rows_and_an_empty_batch_always_takes_one() -> None:
+    scheduler = Scheduler(SchedulerConfig(max_running=4))
+    guided = [_seq(name, 3) for name in "gh"]
+    for seq in guided:
+        seq.companion = Sequence(f"{seq.request_id}/unconditional", [1], GenerationParameters(), is_companion=True)
+        scheduler.add(seq)
+    scheduler.add(_seq("p", 3))
+    assert [s.request_id for s in scheduler.admit(num_running=1)] == ["g"]  # 1 + 2 rows; h would need 5
+    # After an out-of-memory lowered the row limit to one, an empty batch still admits a guided request.
+    assert [s.request_id for s in scheduler.admit(num_running=0, row_limit=1)] == ["h"]
+    assert [s.request_id for s in scheduler.admit(num_running=2, row_limit=3)] == ["p"]
