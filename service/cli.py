@@ -221,10 +221,34 @@ def _client_request(args: argparse.Namespace, messages: list[dict[str, str]] | N
     # A CLI user who sets a temperature wants sampling (generate() would need do_sample=True as well).
     parameters.do_sample = bool(args.temperature) or args.do_sample
     parameters.stop_strings.extend(args.stop)
+    if args.prompt_lookup is not None:
+        parameters.prompt_lookup_num_tokens = args.prompt_lookup
+    if args.guidance_scale is not None:
+        parameters.guidance_scale = args.guidance_scale
     if messages is not None:
         chat = pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
-        return pb.GenerateRequest(messages=chat, parameters=parameters)
-    return pb.GenerateRequest(text=args.prompt, parameters=parameters)
+        request = pb.GenerateRequest(messages=chat, parameters=parameters)
+    else:
+        request = pb.GenerateRequest(text=args.prompt, parameters=parameters)
+    if args.negative_prompt is not None:
+        request.negative_text = args.negative_prompt
+    if args.regex is not None:
+        request.constraint.regex = args.regex
+    elif args.json_schema is not None:
+        request.constraint.json_schema = _text_or_file(args.json_schema)
+    elif args.choice:
+        request.constraint.choice.choices.extend(args.choice)
+    elif args.grammar is not None:
+        request.constraint.grammar = _text_or_file(args.grammar)
+    return request
+
+
+def _text_or_file(value: str) -> str:
+    """A flag that takes either its text or the path of a file holding it."""
+    from pathlib import Path
+
+    path = Path(value)
+    return path.read_text() if len(value) < 4096 and path.is_file() else value
 
 
 def _stub(target: str):  # noqa: ANN202
@@ -358,6 +382,16 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--prompt-lookup", type=int, help="speculative decoding: N tokens proposed by prompt lookup")
+    parser.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance scale (> 1 steers away from --negative-prompt)"
+    )
+    parser.add_argument("--negative-prompt", help="guidance's negative prompt (default: the prompt's last token)")
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--regex", help="the output full-matches this regular expression")
+    constraint.add_argument("--json-schema", help="the output is JSON valid against this schema (a file or JSON text)")
+    constraint.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
+    constraint.add_argument("--grammar", help="the output follows this Lark/GBNF grammar (a file or the text)")
 
 
 def build_parser() -> argparse.ArgumentParser:

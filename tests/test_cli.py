@@ -57,3 +57,28 @@ def test_bench_decode_latency_table(tmp_path: Path, capsys) -> None:
     for row in rows:
         step_ms, floor_ms = float(row[3].split()[0]), float(row[4].split()[0])
         assert step_ms > 0 and floor_ms > 0
+
+
+def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tmp_path: Path, capsys) -> None:
+    import json
+    import re
+
+    from tests.serving import ServerThread
+
+    server = ServerThread(tiny_with_tokenizer, max_running=4)
+    try:
+        schema = tmp_path / "schema.json"
+        schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+        target = ["--target", server.target, "--max-new-tokens", "40"]
+        assert main(["generate", "hello", *target, "--regex", "[a-c]{2,5}!"]) == 0
+        assert re.fullmatch(r"[a-c]{2,5}!", capsys.readouterr().out.strip())
+        assert main(["generate", "hello", *target, "--json-schema", str(schema), "--seed", "3", "--do-sample"]) == 0
+        assert isinstance(json.loads(capsys.readouterr().out)["ok"], bool)
+        assert main(["generate", "hello", *target, "--choice", "yes", "--choice", "no", "--stream"]) == 0
+        assert capsys.readouterr().out.strip() in {"yes", "no"}
+        assert main(["generate", "hi", *target, "--guidance-scale", "2", "--negative-prompt", "x"]) == 0
+        assert main(["generate", "hi", *target, "--prompt-lookup", "3"]) == 0
+        assert main(["generate", "hi", *target, "--regex", "(("]) == 1
+        assert "INVALID_ARGUMENT: regex" in capsys.readouterr().err
+    finally:
+        server.close()
