@@ -62,7 +62,8 @@ class PrefixCache:
         return length
 
     def store(self, tokens: list[int], row: int) -> None:
-        """Keep the full blocks of `tokens` (now in `row`'s slot) that the pool does not hold yet."""
+        """Keep the full blocks of `tokens` (now in `row`'s slot) that the pool does not hold yet: a prompt after
+        its prefill, a whole conversation when its row leaves."""
         chain = self._chain(tokens)
         numbers, indexes = [], []
         for number, digest in enumerate(chain):

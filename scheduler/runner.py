@@ -249,6 +249,10 @@ class ModelRunner:
         slots = {state.request_slots[row] for row in leaving}
         slot_of = {id(seq): slot for slot, seq in enumerate(state.rows)}
         companions = {slot_of.get(id(state.rows[slot].companion)) for slot in slots} - {None}
+        if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
+            for slot in slots | companions:
+                seq = state.rows[slot]
+                self.prefix_cache.store((seq.prompt_ids + seq.generated_ids)[:-1], slot)  # the newest is not cached
         self._release_slots(slots | companions)
 
     @torch.inference_mode()

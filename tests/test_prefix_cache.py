@@ -60,3 +60,17 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
         assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1) + 3
     finally:
         server.close()
+
+
+def test_the_next_chat_turn_reuses_the_previous_answer(tiny) -> None:
+    first_prompt = list(range(60, 100))
+    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=512), max_running=2)
+    cached.run({0: [("turn1", first_prompt, dict(max_new_tokens=30, ignore_eos=True))]})
+    second_prompt = first_prompt + cached.tokens["turn1"] + [5, 6, 7]
+    before = cached.engine.runner.counters()
+    cached.run({0: [("turn2", second_prompt, dict(max_new_tokens=10))]})
+    hits = (cached.engine.runner.counters() - before).prefix_hits
+    assert hits == 64  # 40 prompt + 29 cached answer tokens: four whole blocks
+    plain = StepDriver(tiny, max_running=2)
+    plain.run({0: [("turn2", second_prompt, dict(max_new_tokens=10))]})
+    assert cached.tokens["turn2"] == plain.tokens["turn2"]
