@@ -12,6 +12,8 @@ import llguidance.hf
 import llguidance.torch
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scheduler.constraints import Constraint
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -230,3 +232,28 @@ def test_processed_logprobs_are_the_distribution_sampled_from(server, tiny_with_
     # The raw distribution keeps tokens top-k removed: its 5th alternative is finite, below the processed one.
     assert all(lp.top[4].logprob > float("-inf") for lp in raw_response.logprobs)
     assert any(r.logprob < p.logprob for r, p in zip(raw_response.logprobs, response.logprobs))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["regex", "json_schema", "grammar", "choice"]),
+    text=st.one_of(
+        st.text(max_size=40),
+        st.sampled_from(['{"type": "integer"', "[a-z", "start: a\na: a", '{"type": 5}', "root ::= x", "(?P<", ".*"]),
+    ),
+)
+def test_fuzzed_constraints_are_served_or_refused_clearly(server, kind, text) -> None:
+    constraint = pb.Constraint(choice=pb.Choices(choices=[text])) if kind == "choice" else pb.Constraint(**{kind: text})
+    request = ids_request([5, 6], max_new_tokens=8)
+    request.constraint.CopyFrom(constraint)
+    try:
+        server.stub.Generate(request, timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{error.code()}: {error.details()}"
+
+
+def test_after_fuzzed_constraints_the_server_is_exact(server, tiny_with_tokenizer) -> None:
+    params = server.engine.make_parameters(max_new_tokens=12)
+    response = server.stub.Generate(ids_request([9, 8, 7], max_new_tokens=12))
+    assert list(response.token_ids) == hf_generate(tiny_with_tokenizer.model, [9, 8, 7], params)
+    assert server.engine.runner.num_slots == 0

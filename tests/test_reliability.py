@@ -57,8 +57,10 @@ def test_cancel_and_disconnect_storm_leave_nothing_behind(server, tiny) -> None:
         chunks_before_leaving, disconnect = plan
         channel = grpc.insecure_channel(server.target) if disconnect else server.channel
         stub = generate_pb2_grpc.TextGenerationStub(channel)
+        # Plain, guided (a companion row each) and speculating rows: every kind must leave nothing behind.
+        extra = [{}, dict(guidance_scale=2.0), dict(prompt_lookup_num_tokens=4)][chunks_before_leaving % 3]
         stream = stub.GenerateStream(
-            ids_request([rng.randrange(3, TINY_VOCAB)] * 5, max_new_tokens=200, ignore_eos=True)
+            ids_request([rng.randrange(3, TINY_VOCAB)] * 5, max_new_tokens=200, ignore_eos=True, **extra)
         )
         try:
             for _, _chunk in zip(range(chunks_before_leaving), stream):
@@ -73,6 +75,7 @@ def test_cancel_and_disconnect_storm_leave_nothing_behind(server, tiny) -> None:
     with ThreadPoolExecutor(max_workers=24) as pool:
         list(pool.map(storm, plans))
     _wait_idle(server)
+    assert server.engine.runner.num_slots == 0  # no orphaned guidance companion
     assert server.engine.runner.kv_usage_ratio() == idle_kv == 0.0
     assert not server.server.service.in_flight
     assert server.server.async_engine.num_streams == 0
@@ -124,7 +127,20 @@ _parameters = st.fixed_dictionaries(
         "ignore_eos": st.booleans(),
         "eos_token_id": st.lists(_ints, max_size=40),
         "stop_strings": st.lists(st.text(max_size=20), max_size=5),
+        "presence_penalty": _numbers,
+        "frequency_penalty": _numbers,
+        "guidance_scale": _numbers,
+        "prompt_lookup_num_tokens": _ints,
+        "num_assistant_tokens": _ints,
     },
+)
+_constraints = st.one_of(
+    st.none(),
+    st.builds(lambda ids: pb.Constraint(allowed_token_ids=pb.TokenIds(ids=ids)), st.lists(_ints, max_size=20)),
+    st.builds(lambda text: pb.Constraint(regex=text), st.text(max_size=30)),
+    st.builds(lambda text: pb.Constraint(json_schema=text), st.text(max_size=30)),
+    st.builds(lambda items: pb.Constraint(choice=pb.Choices(choices=items)), st.lists(st.text(max_size=8), max_size=4)),
+    st.just(pb.Constraint()),
 )
 _inputs = st.one_of(
     st.builds(lambda ids: {"input_ids": pb.TokenIds(ids=ids)}, st.lists(_ints, max_size=3000)),
@@ -145,9 +161,12 @@ _inputs = st.one_of(
     bad_words=st.lists(st.lists(_ints, max_size=4), max_size=5),
     truncate=st.one_of(st.none(), _ints),
     top_logprobs=st.integers(0, 40),
+    constraint=_constraints,
+    negative=st.one_of(st.none(), st.lists(_ints, max_size=20)),
+    processed=st.booleans(),
 )
 def test_fuzzed_requests_get_ok_or_a_clear_refusal(
-    server, inputs, parameters, bad_words, truncate, top_logprobs
+    server, inputs, parameters, bad_words, truncate, top_logprobs, constraint, negative, processed
 ) -> None:
     message = pb.GenerationParameters()
     for name, value in parameters.items():
@@ -163,6 +182,14 @@ def test_fuzzed_requests_get_ok_or_a_clear_refusal(
     request = pb.GenerateRequest(parameters=message, top_logprobs=top_logprobs, **inputs)
     if truncate is not None:
         request.truncate_prompt_tokens = truncate
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
+    if negative is not None:
+        try:
+            request.negative_input_ids.ids.extend(negative)
+        except ValueError:
+            pass
+    request.logprobs_mode = pb.PROCESSED_LOGPROBS if processed else pb.RAW_LOGPROBS
     try:
         server.stub.Generate(request, timeout=30)
     except grpc.RpcError as error:
