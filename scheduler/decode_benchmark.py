@@ -13,8 +13,10 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
@@ -87,7 +89,7 @@ def decode_latencies(
     kv_bytes_per_token = engine.runner.cache.bytes_per_token
     weights = weight_bytes(loaded.model)
     results = []
-    for batch_size in batch_sizes:
+    for batch_size in tqdm(batch_sizes, desc="decode latency", unit="batch size", leave=False):
         seconds = measure_decode_step(loaded, batch_size, context, steps)
         floor = (weights + batch_size * context * kv_bytes_per_token) / bandwidth
         results.append(DecodeLatency(batch_size, context, seconds, floor))
@@ -106,3 +108,30 @@ def format_decode_report(results: list[DecodeLatency], bandwidth: float, device:
             f"{result.floor_seconds * 1e3:.3g} ms | {result.ratio:.2f}x | {result.batch_size / result.seconds:.0f} |"
         )
     return "\n".join(lines)
+
+
+def plot_decode_latency(results: list[DecodeLatency], bandwidth: float, device: torch.device, path: Path) -> None:
+    """Step time and bandwidth floor per batch size, side by side (log scale: they span orders of magnitude)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(result.batch_size) for result in results]
+    positions = range(len(results))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.bar([p - 0.2 for p in positions], [r.seconds * 1e3 for r in results], width=0.4, label="genserve step")
+    axis.bar([p + 0.2 for p in positions], [r.floor_seconds * 1e3 for r in results], width=0.4, label="floor")
+    for position, result in zip(positions, results):
+        axis.annotate(f"{result.ratio:.1f}x", (position - 0.2, result.seconds * 1e3), ha="center", va="bottom")
+    axis.set_xticks(list(positions), labels)
+    axis.set_xlabel(f"batch size (context {results[0].context} tokens per row)")
+    axis.set_ylabel("ms per decode step")
+    axis.set_yscale("log")
+    axis.set_title(f"decode step vs memory-bandwidth floor on {device} ({bandwidth / 1e9:.0f} GB/s)")
+    axis.legend()
+    axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

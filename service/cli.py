@@ -148,12 +148,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(_feature_report(feature, loaded, args))
     if args.decode_latency:
-        from scheduler.decode_benchmark import decode_latencies, format_decode_report
+        from pathlib import Path
+
+        from scheduler.decode_benchmark import decode_latencies, format_decode_report, plot_decode_latency
 
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
         results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context)
         print()
         print(format_decode_report(results, bandwidth, loaded.device))
+        if args.decode_plot:
+            plot_decode_latency(results, bandwidth, loaded.device, Path(args.decode_plot))
     return 0
 
 
@@ -440,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--decode-latency", action="store_true", help="measure and print the table")
     decode.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
     decode.add_argument("--decode-context", type=int, default=256, help="tokens each row holds")
+    decode.add_argument("--decode-plot", help="also draw the table as a bar chart into this PNG file")
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

@@ -49,9 +49,11 @@ def test_bench_reports_ratios_and_exactness(tmp_path: Path, capsys) -> None:
 def test_bench_decode_latency_table(tmp_path: Path, capsys) -> None:
     tiny_model().save_pretrained(tmp_path / "tiny")
     arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--decode-latency"]
-    code = main([*arguments, "--batch-sizes", "1,4", "--decode-context", "16"])
+    plot = tmp_path / "decode.png"
+    code = main([*arguments, "--batch-sizes", "1,4", "--decode-context", "16", "--decode-plot", str(plot)])
     report = capsys.readouterr().out
     assert code == 0 and "measured copy bandwidth" in report
+    assert plot.read_bytes().startswith(b"\x89PNG")
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| 1 ") or line.startswith("| 4 ")]
     assert len(rows) == 2
     for row in rows:
