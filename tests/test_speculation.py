@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -178,3 +180,37 @@ def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> No
     assert counters.speculated >= counters.accepted > 0
     report = format_feature_report(comparison, workload)
     assert "outputs identical to plain genserve: 3/3" in report and "acceptance:" in report
+
+
+def test_preempted_speculating_and_guided_rows_resume_exactly(tiny) -> None:
+    """Batch rows (one speculating with an assistant, one guided) yield to interactive ones, are recomputed
+    on readmission, and still end with exactly the tokens of an undisturbed run."""
+    from scheduler.request import Priority, RequestOptions
+
+    preempted: list[int] = []
+
+    def run(preempt: bool) -> dict[str, list[int]]:
+        driver = StepDriver(tiny, engine_options=dict(assistant=tiny, num_assistant_tokens=3), max_running=4)
+        engine = driver.engine
+        engine.on_step = lambda stats: preempted.append(stats.num_preempted)
+        batch = RequestOptions(priority=Priority.BATCH)
+        submissions = [
+            ("spec", QUOTE * 2, dict(max_new_tokens=40, prompt_lookup_num_tokens=4)),
+            ("draft", [5, 6, 7], dict(max_new_tokens=40)),
+            ("guided", [8, 9], dict(max_new_tokens=30, guidance_scale=2.0)),
+        ]
+        for name, prompt, overrides in submissions:
+            engine.submit(prompt, engine.make_parameters(**overrides), replace(batch, request_id=name))
+        for step in range(200):
+            if preempt and step == 6:
+                for index in range(3):
+                    driver.submit(f"urgent{index}", [20 + index, 21], max_new_tokens=5)
+            if not engine.step() and step > 6:
+                break
+        return driver.tokens
+
+    disturbed = run(preempt=True)
+    assert sum(preempted) >= 2  # the guided request alone frees two rows
+    undisturbed = run(preempt=False)
+    for name in ("spec", "draft", "guided"):
+        assert disturbed[name] == undisturbed[name], name
