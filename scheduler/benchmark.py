@@ -215,12 +215,13 @@ def run_benchmark(
     max_batch_size: int,
     baselines: tuple[str, ...] = ("sequential", "static", "continuous"),
     log: Callable[[str], None] = print,
+    engine_options: dict[str, Any] | None = None,
 ) -> tuple[list[BenchResult], float]:
     # Warm-up: first calls pay one-off costs (allocator, kernels) that belong to nobody's throughput.
     warm = Workload(workload.prompts[:2], [4, 4])
-    run_genserve(loaded, warm, max_batch_size)
+    run_genserve(loaded, warm, max_batch_size, engine_options=engine_options)
     run_hf_sequential(loaded, warm)
-    results = [run_genserve(loaded, workload, max_batch_size)]
+    results = [run_genserve(loaded, workload, max_batch_size, engine_options=engine_options)]
     log(f"genserve: {results[0].tokens_per_second:.1f} tokens/s")
     runners = {
         "sequential": lambda: run_hf_sequential(loaded, workload),

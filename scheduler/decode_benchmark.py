@@ -58,12 +58,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
 
 
-def measure_decode_step(loaded: LoadedModel, batch_size: int, context: int, steps: int = 8) -> float:
+def measure_decode_step(
+    loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, decode_mode: str = "auto"
+) -> float:
     """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each."""
     config = SchedulerConfig(
         max_running=batch_size, max_context=context + steps + 2, max_prefill_tokens=batch_size * context
     )
-    engine = Engine(loaded, config)
+    engine = Engine(loaded, config, decode_mode=decode_mode)
     rng = random.Random(0)
     vocab = engine.vocab_size
     for index in range(batch_size):
@@ -80,17 +82,17 @@ def measure_decode_step(loaded: LoadedModel, batch_size: int, context: int, step
 
 
 def decode_latencies(
-    loaded: LoadedModel, batch_sizes: list[int], context: int, steps: int = 8
+    loaded: LoadedModel, batch_sizes: list[int], context: int, steps: int = 8, decode_mode: str = "auto"
 ) -> tuple[list[DecodeLatency], float]:
     """Per-step latency and floor at each batch size, and the bandwidth (bytes/s) the floors assume."""
     device = loaded.device
     bandwidth = copy_bandwidth(device)
-    engine = Engine(loaded, SchedulerConfig(max_running=1, max_context=context + steps + 2))
-    kv_bytes_per_token = engine.runner.cache.bytes_per_token
+    config = SchedulerConfig(max_running=1, max_context=context + steps + 2)
+    kv_bytes_per_token = Engine(loaded, config, decode_mode="eager").runner.cache.bytes_per_token
     weights = weight_bytes(loaded.model)
     results = []
     for batch_size in tqdm(batch_sizes, desc="decode latency", unit="batch size", leave=False):
-        seconds = measure_decode_step(loaded, batch_size, context, steps)
+        seconds = measure_decode_step(loaded, batch_size, context, steps, decode_mode)
         floor = (weights + batch_size * context * kv_bytes_per_token) / bandwidth
         results.append(DecodeLatency(batch_size, context, seconds, floor))
     return results, bandwidth

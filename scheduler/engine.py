@@ -75,10 +75,11 @@ class Engine:
         prefix_cache_tokens: int = 0,
         assistant: LoadedModel | None = None,
         num_assistant_tokens: int = 4,
+        decode_mode: str = "auto",
     ) -> None:
         """`prefix_cache_tokens` > 0 enables prefix caching with a pool of that many tokens (see prefix_cache.py).
         `assistant` is a draft model for speculative decoding; greedy requests use it with `num_assistant_tokens`
-        proposals per step unless they set their own (0 turns it off)."""
+        proposals per step unless they set their own (0 turns it off). `decode_mode`: see ModelRunner."""
         self.plugins = plugins
         self.loaded = loaded
         self.config = config
@@ -91,6 +92,7 @@ class Engine:
             seed=seed,
             prefix_cache_tokens=prefix_cache_tokens,
             assistant_model=assistant.model if assistant is not None else None,
+            decode_mode=decode_mode,
         )
         self.num_assistant_tokens = num_assistant_tokens if assistant is not None else 0
         self.assistant_name = assistant.name if assistant is not None else ""

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
 from scheduler.constraints import TokenBitmasks, advance
+from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
 from scheduler.kv_cache import SlotKVCache, decode_pass, run_decoder, visible_positions
 from scheduler.logits_processing import process_later_positions, process_logits
@@ -78,7 +79,11 @@ class ModelRunner:
         seed: int = 0,
         prefix_cache_tokens: int = 0,
         assistant_model: PreTrainedModel | None = None,
+        decode_mode: str = "auto",
     ) -> None:
+        """`decode_mode`: "auto" runs plain decode steps from CUDA graphs on a GPU and eagerly on CPU, "eager"
+        never captures (--no-cuda-graphs), "static" pads to the graphs' buckets even on CPU (what tests use to
+        run the captured code path without a GPU)."""
         config = model.config.get_text_config()
         self.model = model
         self.device = next(model.parameters()).device
@@ -95,6 +100,10 @@ class ModelRunner:
         self.bitmasks = TokenBitmasks(max_rows, self.vocab_size, self.device)
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens else None
         self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
+        if decode_mode not in ("auto", "eager", "static"):
+            raise ValueError(f"decode_mode must be auto, eager or static, got {decode_mode!r}")
+        static = decode_mode == "static" or (decode_mode == "auto" and self.device.type == "cuda")
+        self.static_decoder = StaticDecoder(self.decoder, self.lm_head, self.cache, capture=True) if static else None
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(seed)
 
@@ -330,6 +339,8 @@ class ModelRunner:
         # The newest token is in the history but not yet in the cache; proposals follow it.
         positions = (lengths - 1).unsqueeze(1) + torch.arange(width, device=self.device)
         tokens = state.history[torch.arange(num_rows, device=self.device), lengths - 1].unsqueeze(1)
+        if drafts is None and self.static_decoder is not None:
+            return self.static_decoder.logits(tokens, positions, read_length).unsqueeze(1)
         if drafts is not None:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
         return self.lm_head(decode_pass(self.decoder, self.cache, tokens, positions, read_length))

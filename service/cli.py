@@ -24,6 +24,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default=_env("device", "auto"), help="auto (CUDA when present), cpu, cuda, cuda:N")
     group.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        default=_env("no_cuda_graphs", "") == "1",
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured per batch-size bucket",
+    )
+    group.add_argument(
         "--load-format",
         default=_env("load_format", "auto"),
         choices=["auto", "dummy"],
@@ -103,7 +109,12 @@ def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, AN
         prefix_cache_tokens=args.prefix_cache_tokens if args.enable_prefix_caching else 0,
         assistant=assistant,
         num_assistant_tokens=args.num_assistant_tokens,
+        decode_mode=_decode_mode(args),
     )
+
+
+def _decode_mode(args: argparse.Namespace) -> str:
+    return "eager" if args.no_cuda_graphs else "auto"
 
 
 def _scheduler_config(args: argparse.Namespace):  # noqa: ANN202 - keeps torch-free imports lazy
@@ -141,7 +152,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         baselines = tuple(b for b in args.baselines.split(",") if b)
         results, ceiling = run_benchmark(
-            loaded, workload, args.max_batch_size, baselines, log=lambda m: print(m, file=sys.stderr)
+            loaded,
+            workload,
+            args.max_batch_size,
+            baselines,
+            log=lambda m: print(m, file=sys.stderr),
+            engine_options=dict(decode_mode=_decode_mode(args)),
         )
         print(format_report(results, ceiling, args.max_batch_size))
     for feature in features:
@@ -153,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from scheduler.decode_benchmark import decode_latencies, format_decode_report, plot_decode_latency
 
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context)
+        results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context, decode_mode=_decode_mode(args))
         print()
         print(format_decode_report(results, bandwidth, loaded.device))
         if args.decode_plot:
