@@ -58,6 +58,7 @@ class BenchResult:
     generated_tokens: int
     outputs: list[list[int]] | None = None  # per request, in workload order
     counters: TokenCounters | None = None  # genserve's prefix-cache and speculation totals
+    first_token_seconds: tuple[float, ...] = ()  # per request, from the start of the run (all arrive at once)
 
     @property
     def tokens_per_second(self) -> float:
@@ -111,10 +112,13 @@ def run_genserve(
     config = SchedulerConfig(max_running=max_batch_size, max_queue=len(workload.prompts) + 1)
     engine = Engine(loaded, config, **(engine_options or {}))
     outputs: dict[str, list[int]] = {}
+    first_token_at: dict[str, float] = {}
 
     def collect(events: list[TokenEvent]) -> None:
+        now = time.perf_counter()
         for event in events:
             outputs.setdefault(event.request_id, []).extend(event.token_ids)
+            first_token_at.setdefault(event.request_id, now)
 
     engine.on_events = collect
     started = time.perf_counter()
@@ -127,7 +131,8 @@ def run_genserve(
             bar.refresh()
     seconds = time.perf_counter() - started
     ordered = [outputs[str(i)] for i in range(len(workload.prompts))]
-    return BenchResult(name, seconds, sum(map(len, ordered)), ordered, engine.runner.counters())
+    first_tokens = tuple(first_token_at[str(i)] - started for i in range(len(workload.prompts)))
+    return BenchResult(name, seconds, sum(map(len, ordered)), ordered, engine.runner.counters(), first_tokens)
 
 
 @torch.inference_mode()

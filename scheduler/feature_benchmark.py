@@ -10,6 +10,7 @@ run against plain genserve on a workload made for it.
 from __future__ import annotations
 
 import random
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,10 @@ def format_feature_report(comparison: FeatureComparison, workload: Workload) -> 
         lines.append(
             f"prompt tokens computed: {prompt_tokens} without the cache, {computed} with it "
             f"({prompt_tokens / max(computed, 1):.2f}x less prefill; {counters.prefix_hits} tokens from the cache)"
+        )
+        ttft = [statistics.mean(result.first_token_seconds) for result in (plain, enabled)]
+        lines.append(
+            f"mean time to first token: {ttft[0]:.2f} s without, {ttft[1]:.2f} s with ({ttft[0] / ttft[1]:.2f}x)"
         )
     lines.append(f"outputs identical to plain genserve: {comparison.identical}/{len(workload.prompts)}")
     return "\n".join(lines)

@@ -176,6 +176,7 @@ def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> No
     workload = Workload([QUOTE * 3, [5, 6, 7] * 4, [9, 10]], [20, 15, 10])
     comparison = compare("prompt lookup", tiny, workload, 2, overrides=dict(prompt_lookup_num_tokens=4))
     assert comparison.identical == 3
+    assert len(comparison.plain.first_token_seconds) == 3 and min(comparison.plain.first_token_seconds) > 0
     counters = comparison.enabled.counters
     assert counters.speculated >= counters.accepted > 0
     report = format_feature_report(comparison, workload)
