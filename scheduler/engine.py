@@ -76,10 +76,12 @@ class Engine:
         assistant: LoadedModel | None = None,
         num_assistant_tokens: int = 4,
         decode_mode: str = "auto",
+        speculation_max_rows: int = 16,
     ) -> None:
         """`prefix_cache_tokens` > 0 enables prefix caching with a pool of that many tokens (see prefix_cache.py).
         `assistant` is a draft model for speculative decoding; greedy requests use it with `num_assistant_tokens`
-        proposals per step unless they set their own (0 turns it off). `decode_mode`: see ModelRunner."""
+        proposals per step unless they set their own (0 turns it off). `decode_mode`, `speculation_max_rows`:
+        see ModelRunner."""
         self.plugins = plugins
         self.loaded = loaded
         self.config = config
@@ -93,6 +95,7 @@ class Engine:
             prefix_cache_tokens=prefix_cache_tokens,
             assistant_model=assistant.model if assistant is not None else None,
             decode_mode=decode_mode,
+            speculation_max_rows=speculation_max_rows,
         )
         self.num_assistant_tokens = num_assistant_tokens if assistant is not None else 0
         self.assistant_name = assistant.name if assistant is not None else ""

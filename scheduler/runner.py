@@ -80,10 +80,12 @@ class ModelRunner:
         prefix_cache_tokens: int = 0,
         assistant_model: PreTrainedModel | None = None,
         decode_mode: str = "auto",
+        speculation_max_rows: int = 16,
     ) -> None:
         """`decode_mode`: "auto" runs plain decode steps from CUDA graphs on a GPU and eagerly on CPU, "eager"
         never captures (--no-cuda-graphs), "static" pads to the graphs' buckets even on CPU (what tests use to
-        run the captured code path without a GPU)."""
+        run the captured code path without a GPU). Speculation runs only in steps decoding at most
+        `speculation_max_rows` rows: past that, verifying proposals costs more compute than it saves passes."""
         config = model.config.get_text_config()
         self.model = model
         self.device = next(model.parameters()).device
@@ -94,6 +96,7 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
+        self.speculation_max_rows = speculation_max_rows
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
         self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
@@ -299,7 +302,7 @@ class ModelRunner:
         """This step's proposals for the running rows, or None when none of them speculates."""
         state = self.state
         lookup_width, assistant_width = state.max_lookup_tokens, state.max_assistant_tokens if self.draft else 0
-        if not lookup_width and not assistant_width:
+        if not (lookup_width or assistant_width) or num_rows > self.speculation_max_rows:
             return None
         lengths = [seq.num_tokens for seq in state.rows[:num_rows]]
         state.ensure_capacity(max(lengths) + 1 + max(lookup_width, assistant_width))

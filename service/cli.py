@@ -92,6 +92,14 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
         default=int(_env("num_assistant_tokens", "4")),
         help="tokens the assistant proposes per step, unless a request sets its own (0 turns it off)",
     )
+    group.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=int(_env("speculative_max_batch_size", "16")),
+        help="speculate (prompt lookup, assistant) only in steps decoding at most this many rows: verifying "
+        "proposals costs compute, which a large batch no longer has spare (measured on CPU: 1.42x faster at "
+        "8 rows, 0.86x at 32)",
+    )
 
 
 def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
@@ -110,6 +118,7 @@ def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, AN
         assistant=assistant,
         num_assistant_tokens=args.num_assistant_tokens,
         decode_mode=_decode_mode(args),
+        speculation_max_rows=args.speculative_max_batch_size,
     )
 
 

@@ -215,3 +215,17 @@ def test_preempted_speculating_and_guided_rows_resume_exactly(tiny) -> None:
     undisturbed = run(preempt=False)
     for name in ("spec", "draft", "guided"):
         assert disturbed[name] == undisturbed[name], name
+
+
+def test_no_speculation_past_the_batch_size_limit(tiny) -> None:
+    limited = StepDriver(tiny, engine_options=dict(speculation_max_rows=1), max_running=8)
+    unlimited = StepDriver(tiny, max_running=8)
+    plain = StepDriver(tiny, max_running=8)
+    for driver, lookup in ((limited, 6), (unlimited, 6), (plain, 0)):
+        driver.run(_schedule(lookup=lookup))
+    assert limited.tokens == unlimited.tokens == plain.tokens
+    # Limited to one row, the lookup rows speculated only in the steps they decoded alone.
+    assert limited.engine.runner.counters().speculated < unlimited.engine.runner.counters().speculated
+    lone = StepDriver(tiny, engine_options=dict(speculation_max_rows=1), max_running=8)
+    lone.run({0: [("quote", QUOTE * 3, dict(max_new_tokens=20, prompt_lookup_num_tokens=6))]})
+    assert lone.engine.runner.counters().accepted > 0
