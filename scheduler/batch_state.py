@@ -165,7 +165,15 @@ class BatchState:
     def refresh_composition(self) -> None:
         """Recompute the host-side selectors of code paths; called only when rows join or leave."""
         self.request_slots = [slot for slot, seq in enumerate(self.rows) if not seq.is_companion]
-        self.guidance = _guidance(self.rows, self.device)
+        self.request_rows = [self.rows[slot] for slot in self.request_slots]
+        slot_of = {id(seq): slot for slot, seq in enumerate(self.rows)}
+        # A guided request's slot -> its unconditional companion's slot.
+        self.companion_slots = {
+            slot: slot_of[id(seq.companion)]
+            for slot, seq in enumerate(self.rows)
+            if seq.companion is not None and id(seq.companion) in slot_of
+        }
+        self.guidance = _guidance(self.rows, self.companion_slots, self.device)
         params = [seq.params for seq in self.rows]
         self.sampling_rows = [i for i, p in enumerate(params) if p.is_sampling]
         self.sampling_index = torch.tensor(self.sampling_rows, dtype=torch.long, device=self.device)
@@ -244,16 +252,11 @@ class Guidance:
     scale: torch.Tensor  # [G, 1]
 
 
-def _guidance(rows: list[Sequence], device: torch.device) -> Guidance | None:
-    slot_of = {id(seq): slot for slot, seq in enumerate(rows)}
-    pairs = [
-        (slot, slot_of[id(seq.companion)], seq.params.guidance_scale)
-        for slot, seq in enumerate(rows)
-        if seq.companion is not None and id(seq.companion) in slot_of
-    ]
-    if not pairs:
+def _guidance(rows: list[Sequence], companion_slots: dict[int, int], device: torch.device) -> Guidance | None:
+    if not companion_slots:
         return None
-    guided, companion, scale = zip(*pairs)
+    guided, companion = zip(*companion_slots.items())
+    scale = [rows[slot].params.guidance_scale for slot in guided]
     return Guidance(
         guided=torch.tensor(guided, device=device),
         companion=torch.tensor(companion, device=device),

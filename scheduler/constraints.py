@@ -87,10 +87,8 @@ class GrammarCompiler:
                 grammar = llguidance.grammar_from(constraint.kind, constraint.spec)
         except ValueError as error:
             raise ValidationError(constraint.kind, str(error)) from None
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise ValidationError(constraint.kind, messages[0])
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)  # never raises: an invalid grammar
+        # leaves the matcher in an error state that says why
         if matcher.is_error():
             raise ValidationError(constraint.kind, matcher.get_error())
         return matcher
@@ -100,7 +98,6 @@ class TokenBitmasks:
     """The per-row allowed-token bitmasks of one batch: filled on the host, expanded and applied on the device."""
 
     def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
-        self.vocab_size = vocab_size
         self.device = device
         self.host = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)
         self.bit_positions = torch.arange(32, dtype=torch.int32, device=device)

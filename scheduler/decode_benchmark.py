@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from scheduler.engine import Engine
+from scheduler.kv_cache import SlotKVCache
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions
 from scheduler.scheduler import SchedulerConfig
@@ -87,8 +88,7 @@ def decode_latencies(
     """Per-step latency and floor at each batch size, and the bandwidth (bytes/s) the floors assume."""
     device = loaded.device
     bandwidth = copy_bandwidth(device)
-    config = SchedulerConfig(max_running=1, max_context=context + steps + 2)
-    kv_bytes_per_token = Engine(loaded, config, decode_mode="eager").runner.cache.bytes_per_token
+    kv_bytes_per_token = SlotKVCache.for_model(loaded.model, 1, 1, 0).bytes_per_token
     weights = weight_bytes(loaded.model)
     results = []
     for batch_size in tqdm(batch_sizes, desc="decode latency", unit="batch size", leave=False):

@@ -19,7 +19,6 @@ from scheduler.speculation import Drafts
 
 class DraftModel:
     def __init__(self, model: PreTrainedModel, max_rows: int, max_context: int, spare_positions: int) -> None:
-        self.model = model
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.device = next(model.parameters()).device

@@ -2,7 +2,7 @@
 
 A step prefills the rows admitted this step and decodes the rows already running, then processes all their
 logits together, picks the next tokens and decides stops on the device. Exactly one device-to-host copy
-happens per step: the (next token, stop code) pairs the engine needs.
+happens per step: each row's new tokens (one, or more when speculation was accepted), stop code and logprobs.
 """
 
 from __future__ import annotations
@@ -113,10 +113,7 @@ class ModelRunner:
     @property
     def rows(self) -> list[Sequence]:
         """The running requests, in the order of each step's results (guidance companions are internal)."""
-        state = self.state
-        return (
-            state.rows if len(state.request_slots) == state.num_rows else [state.rows[s] for s in state.request_slots]
-        )
+        return self.state.request_rows
 
     @property
     def num_rows(self) -> int:
@@ -259,8 +256,7 @@ class ModelRunner:
         """Free the requests at these indices of `rows` (and their guidance companions)."""
         state = self.state
         slots = {state.request_slots[row] for row in leaving}
-        slot_of = {id(seq): slot for slot, seq in enumerate(state.rows)}
-        companions = {slot_of.get(id(state.rows[slot].companion)) for slot in slots} - {None}
+        companions = {state.companion_slots[slot] for slot in slots if slot in state.companion_slots}
         if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
             for slot in slots | companions:
                 seq = state.rows[slot]
