@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-tools bench proto clean
+.PHONY: serve test test-tools bench proto architectures clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) -m service.proto_build
+
+# The README's table of served and refused architectures, from the parity suite's registry.
+architectures: $(STAMP)
+	$(PY) -m tests.architectures
 
 clean:
 	rm -rf $(VENV) .cache

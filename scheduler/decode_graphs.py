@@ -36,9 +36,8 @@ class _Captured:
 
 
 class StaticDecoder:
-    def __init__(self, decoder: torch.nn.Module, lm_head: torch.nn.Module, cache: SlotKVCache, capture: bool) -> None:
-        self.decoder = decoder
-        self.lm_head = lm_head
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, capture: bool) -> None:
+        self.model = model
         self.cache = cache
         self.device = cache.device
         self.capture = capture and self.device.type == "cuda"
@@ -64,8 +63,7 @@ class StaticDecoder:
         return bucket.logits[:num_rows]
 
     def _forward(self, bucket: _Captured) -> torch.Tensor:
-        hidden = decode_pass(self.decoder, self.cache, bucket.tokens, bucket.positions, bucket.read_length)
-        return self.lm_head(hidden[:, -1])
+        return decode_pass(self.model, self.cache, bucket.tokens, bucket.positions, bucket.read_length)[:, -1]
 
     def _prepare(self, batch: int, length: int) -> _Captured:
         bucket = _Captured(

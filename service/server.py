@@ -381,6 +381,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
             prefix_caching=engine.runner.prefix_cache is not None,
             assistant_model=engine.assistant_name,
+            architecture=engine.loaded.architecture,
+            attn_implementation=engine.loaded.attn_implementation,
         )
 
 

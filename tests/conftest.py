@@ -67,7 +67,7 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationPar
     kwargs = dict(
         max_new_tokens=params.max_new_tokens,
         do_sample=params.is_sampling,
-        eos_token_id=list(params.eos_token_id),
+        eos_token_id=[] if params.ignore_eos else list(params.eos_token_id),
         pad_token_id=model.generation_config.pad_token_id or 0,
     )
     if params.min_new_tokens:

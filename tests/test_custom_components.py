@@ -134,14 +134,14 @@ def test_identical_prompts_admitted_together_share_one_prefill(tiny, monkeypatch
 
     driver = StepDriver(tiny, max_running=4)
     runner = driver.engine.runner
-    original, prefills = runner.decoder.forward, []
+    original, prefills = runner.model.get_decoder().forward, []
 
     def counting(input_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if input_ids.shape[1] > 1:
             prefills.append(input_ids.shape[1])
         return original(input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(runner.decoder, "forward", counting)
+    monkeypatch.setattr(runner.model.get_decoder(), "forward", counting)
     prompt = [90, 91, 92, 93]
     for index in range(3):
         driver.submit(f"s{index}", prompt, max_new_tokens=12)

@@ -205,14 +205,14 @@ def test_failure_in_one_requests_prefill_fails_only_thatids_request(tiny, monkey
     isolated = ServerThread(tiny, max_running=8)
     poison = 313
     runner = isolated.engine.runner
-    original = runner.decoder.forward
+    original = runner.model.get_decoder().forward
 
     def forward(input_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if (input_ids == poison).any():
             raise ValueError("injected fault for this request")
         return original(input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(runner.decoder, "forward", forward)
+    monkeypatch.setattr(runner.model.get_decoder(), "forward", forward)
     try:
         prompts = [[5, 6, 7 + i] for i in range(6)]
         futures = [isolated.stub.Generate.future(ids_request(p, max_new_tokens=30)) for p in prompts[:3]]

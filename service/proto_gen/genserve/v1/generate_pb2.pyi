@@ -324,7 +324,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_context: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_context", "eos_token_ids", "default_parameters", "limits", "has_chat_template", "prefix_caching", "assistant_model")
+    __slots__ = ("model_name", "vocab_size", "max_context", "eos_token_ids", "default_parameters", "limits", "has_chat_template", "prefix_caching", "assistant_model", "architecture", "attn_implementation")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,8 @@ class ModelInfoResponse(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     ASSISTANT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    ATTN_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_context: int
@@ -343,4 +345,6 @@ class ModelInfoResponse(_message.Message):
     has_chat_template: bool
     prefix_caching: bool
     assistant_model: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., assistant_model: _Optional[str] = ...) -> None: ...
+    architecture: str
+    attn_implementation: str
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., assistant_model: _Optional[str] = ..., architecture: _Optional[str] = ..., attn_implementation: _Optional[str] = ...) -> None: ...
