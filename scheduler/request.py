@@ -106,6 +106,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int = 1  # one-based: 1 + how many tokens are strictly more likely
 
 
 @dataclass(frozen=True)

@@ -229,23 +229,25 @@ class ModelRunner:
     def _logprob_columns(scores: torch.Tensor, next_tokens: torch.Tensor, num_top: int) -> list[torch.Tensor]:
         logprobs = torch.log_softmax(scores, dim=-1)
         chosen = logprobs.gather(1, next_tokens.unsqueeze(1))
+        rank = (logprobs > chosen).sum(dim=1, keepdim=True) + 1
         if num_top == 0:
-            return [chosen.double()]
+            return [chosen.double(), rank.double()]
         top_values, top_ids = logprobs.topk(num_top, dim=-1)
-        return [chosen.double(), top_ids.double(), top_values.double()]
+        return [chosen.double(), rank.double(), top_ids.double(), top_values.double()]
 
     @staticmethod
     def _row_result(seq: Sequence, values: list[float], width: int, num_top: int) -> RowResult:
-        """One row of the host copy: count, stop, proposed, accepted, `width` tokens, then any logprobs."""
+        """One row of the host copy: count, stop, proposed, accepted, `width` tokens, then any logprobs (the
+        chosen token's, its rank, the top ids and their logprobs)."""
         count, code = int(values[0]), StopCode(int(values[1]))
         tokens = tuple(int(token) for token in values[4 : 4 + count])
         wanted = seq.options.top_logprobs
         if wanted is None:
             return RowResult(tokens, code)
-        chosen, rest = values[4 + width], values[5 + width :]
+        chosen, rank, rest = values[4 + width], int(values[5 + width]), values[6 + width :]
         ids, logprobs = rest[:num_top], rest[num_top:]
         top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
-        return RowResult(tokens, code, TokenLogprob(tokens[0], chosen, top))
+        return RowResult(tokens, code, TokenLogprob(tokens[0], chosen, top, rank))
 
     def release(self, leaving: set[int]) -> None:
         """Free the requests at these indices of `rows` (and their guidance companions)."""

@@ -102,6 +102,7 @@ def logprobs_to_proto(logprobs: tuple[TokenLogprob, ...]) -> list[pb.TokenLogpro
             token_id=item.token_id,
             logprob=item.logprob,
             top=[pb.TopLogprob(token_id=token_id, logprob=logprob) for token_id, logprob in item.top],
+            rank=item.rank,
         )
         for item in logprobs
     ]

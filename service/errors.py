@@ -1,14 +1,15 @@
 """Errors are part of the interface: every failure becomes a clear gRPC status, never a crash or UNKNOWN.
 
-One interceptor wraps every TextGeneration method: it maps the engine's exceptions to status codes, turns
-undecodable request bytes into INVALID_ARGUMENT, counts errors in the metrics, and ends every call, failed or
-not, with the engine's load in the ORCA trailers (RESOURCE_EXHAUSTED adds a RetryInfo).
+One interceptor wraps every generation method (genserve.v1, KServe v2 / Triton, TGIS): it maps the engine's
+exceptions to status codes, turns undecodable request bytes into INVALID_ARGUMENT, counts errors in the metrics,
+and ends every call, failed or not, with the engine's load in the ORCA trailers (RESOURCE_EXHAUSTED adds a
+RetryInfo).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -28,6 +29,10 @@ class DrainingError(RuntimeError):
     """The server is shutting down and takes no new requests; maps to UNAVAILABLE."""
 
 
+class ModelNotFoundError(LookupError):
+    """A request names a model this server does not serve; maps to NOT_FOUND."""
+
+
 _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -35,6 +40,7 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (RequestFailedError, grpc.StatusCode.INTERNAL),
     (DeadlineUnreachableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
 ]
 
 
@@ -71,14 +77,21 @@ def _check_decoded(request: object) -> None:
         raise ValidationError("request", f"the message does not parse: {request.reason}")
 
 
+async def _checked(requests: AsyncIterator[object]) -> AsyncIterator[object]:
+    """A client stream whose messages must each parse."""
+    async for request in requests:
+        _check_decoded(request)
+        yield request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike, and ends
     every call with the engine's load in an ORCA trailer."""
 
-    def __init__(self, metrics: Metrics, load: Callable[[], LoadReport], service_name: str) -> None:
+    def __init__(self, metrics: Metrics, load: Callable[[], LoadReport], service_names: tuple[str, ...]) -> None:
         self.metrics = metrics
         self.load = load
-        self.service_prefix = f"/{service_name}/"
+        self.service_prefixes = tuple(f"/{name}/" for name in service_names)
 
     async def intercept_service(
         self,
@@ -86,8 +99,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.service_prefix):
+        if handler is None or not details.method.startswith(self.service_prefixes):
             return handler
+        kwargs = dict(
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
@@ -103,32 +120,37 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     self._count_error(details.method, error)
                     await _abort_for(error, context, self.load())
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def stream(request, context):  # noqa: ANN001, ANN202
-                try:
-                    _check_decoded(request)
-                    async for response in inner_stream(request, context):
-                        yield response
-                    context.set_trailing_metadata(orca_trailer(self.load()))
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:  # noqa: BLE001
-                    self._count_error(details.method, error)
-                    await _abort_for(error, context, self.load())
+            async def checked_stream(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
+                _check_decoded(request)
+                async for response in inner_stream(request, context):
+                    yield response
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_stream_rpc_method_handler(self._guarded(details.method, checked_stream), **kwargs)
+        if handler.stream_stream is not None:
+            inner_bidi = handler.stream_stream
+            bidi = lambda requests, context: inner_bidi(_checked(requests), context)  # noqa: E731
+            return grpc.stream_stream_rpc_method_handler(self._guarded(details.method, bidi), **kwargs)
         return handler
+
+    def _guarded(self, method: str, inner: Callable) -> Callable:
+        """A streaming handler whose failures become statuses and whose end carries the ORCA trailer."""
+
+        async def guarded(request, context):  # noqa: ANN001, ANN202
+            try:
+                async for response in inner(request, context):
+                    yield response
+                context.set_trailing_metadata(orca_trailer(self.load()))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
+                self._count_error(method, error)
+                await _abort_for(error, context, self.load())
+
+        return guarded
 
     def _count_error(self, method: str, error: Exception) -> None:
         code = next((c for t, c in _STATUS_FOR_ERROR if isinstance(error, t)), grpc.StatusCode.INTERNAL)

@@ -10,7 +10,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-PROTO_FILES = ["genserve/v1/generate.proto"]
+PROTO_FILES = ["genserve/v1/generate.proto", "inference/grpc_service.proto", "fmaas/generation.proto"]
 # Generated modules live in service/proto_gen/; the virtual include path makes their imports package-absolute.
 PACKAGE_PREFIX = "service/proto_gen"
 

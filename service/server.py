@@ -6,6 +6,7 @@ Handlers only validate, submit and await the engine's per-request stream; the mo
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import signal
 import time
@@ -24,6 +25,7 @@ from scheduler.engine import DeadlineUnreachableError, Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import FinishReason, Priority, RequestOptions
 from scheduler.scheduler import QueueFullError
+from service import kserve, tgis
 from service.convert import (
     FINISH_REASONS,
     chat_messages,
@@ -34,12 +36,16 @@ from service.convert import (
 )
 from service.errors import DrainingError, ErrorInterceptor
 from service.metrics import Metrics
+from service.proto_gen.fmaas import generation_pb2_grpc
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from service.proto_gen.inference import grpc_service_pb2_grpc
 from service.security import AuthInterceptor, TLSConfig
 from service.stream_store import Chunk, StreamStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+# Every service that generates: health, reflection, errors and ORCA reports cover them alike.
+GENERATION_SERVICES = (SERVICE_NAME, kserve.SERVICE_NAME, tgis.SERVICE_NAME)
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 MAX_RETURN_SEQUENCES = 16
@@ -184,7 +190,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             return tuple(request.negative_input_ids.ids)
         return None
 
-    def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
+    def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
         if self.draining:
             raise DrainingError("the server is draining for shutdown; retry on another replica")
         prompt_ids = self._prompt_ids(request)
@@ -221,7 +227,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         )
         return PreparedRequest(prompt_ids, params, prompt_text, options)
 
-    async def _outputs(
+    async def outputs(
         self, method: str, prepared: PreparedRequest, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationOutput]:
         """The engine's outputs for this request, timed into the metrics on the way through."""
@@ -280,9 +286,9 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        samples = self._samples(self._prepare(request, context), request)
+        samples = self._samples(self.prepare(request, context), request)
         outputs: list[list[GenerationOutput]] = [[] for _ in samples]
-        sources = [self._outputs("Generate", sample, request, context) for sample in samples]
+        sources = [self.outputs("Generate", sample, request, context) for sample in samples]
         async for index, output in _merged(sources):
             outputs[index].append(output)
         choices = [_choice(index, items, request, samples[0].prompt_text) for index, items in enumerate(outputs)]
@@ -328,7 +334,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             async for chunk in self.streams.follow(stream, request.resume_from_token):
                 yield _stream_message(chunk, request, prompt_text="")
             return
-        prepared = self._prepare(request, context)
+        prepared = self.prepare(request, context)
         samples = self._samples(prepared, request)
         if request.resumable:
             if not request.request_id:
@@ -336,12 +342,12 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             if self.streams.is_retained(request.request_id):
                 raise ValidationError("request_id", f"a resumable stream {request.request_id!r} already exists")
             # The generation outlives this call: it runs in the store's task, this call only reads.
-            outputs = self._outputs("GenerateStream", prepared, request, context)
+            outputs = self.outputs("GenerateStream", prepared, request, context)
             chunks = self.streams.follow(self.streams.start(request.request_id, outputs))
             async for chunk in chunks:
                 yield _stream_message(chunk, request, prepared.prompt_text)
             return
-        sources = [_with_offsets(self._outputs("GenerateStream", sample, request, context)) for sample in samples]
+        sources = [_with_offsets(self.outputs("GenerateStream", sample, request, context)) for sample in samples]
         async for index, chunk in _merged(sources):
             message = _stream_message(chunk, request, prepared.prompt_text)
             message.index = index
@@ -386,6 +392,13 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         )
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("genserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -410,6 +423,9 @@ class GenerationServer:
         self.service = TextGenerationService(
             self.async_engine, self.metrics, options.max_requests_per_client, options.stream_retention_seconds
         )
+        # The standard protocols translate into the native service: same admission, metrics, limits, deadlines.
+        self.kserve = kserve.KServeService(self.service, engine.loaded.name, _package_version())
+        self.tgis = tgis.TGISService(self.service)
         self.grace_seconds = options.grace_seconds
         self.port = 0  # the bound port, known after start()
         self.health: health.aio.HealthServicer | None = None
@@ -420,7 +436,7 @@ class GenerationServer:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report, SERVICE_NAME)
+            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report, GENERATION_SERVICES)
         ]
         if self.options.auth_tokens is not None:
             interceptors.insert(0, AuthInterceptor(self.options.auth_tokens))
@@ -430,9 +446,11 @@ class GenerationServer:
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
         )
         generate_pb2_grpc.add_TextGenerationServicer_to_server(self.service, self.server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.server)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.tgis, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [*GENERATION_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
         address = f"{self.options.host}:{self.options.port}"
@@ -443,7 +461,7 @@ class GenerationServer:
         self._stopped = asyncio.Event()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", *GENERATION_SERVICES):
             await self.health.set(name, status)
 
     async def start(self) -> None:

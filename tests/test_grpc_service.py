@@ -207,6 +207,7 @@ def test_logprobs_equal_log_softmax_of_hf_logits(server, tiny) -> None:
         top_values, top_ids = expected[step].topk(5)
         assert [t.token_id for t in item.top] == top_ids.tolist()
         assert max(abs(t.logprob - v) for t, v in zip(item.top, top_values.tolist())) < 1e-4
+        assert item.rank == 1  # greedy: the most likely token
     assert not plain.result(timeout=30).logprobs
     streamed = [lp for chunk in server.stub.GenerateStream(request) for lp in chunk.logprobs]
     assert [lp.token_id for lp in streamed] == [lp.token_id for lp in response.logprobs]
@@ -275,3 +276,28 @@ def test_logit_bias_and_penalties_apply_only_to_their_rows(server, tiny) -> None
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Generate(bad)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in error.value.details()
+
+
+def test_sampled_tokens_report_their_rank_in_the_raw_distribution(server, tiny) -> None:
+    import torch
+
+    prompt = [31, 32, 33]
+    request = ids_request(prompt, max_new_tokens=10, do_sample=True, temperature=3.0, top_k=0, seed=5)
+    request.return_logprobs = True
+    response = server.stub.Generate(request)
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        reference = tiny.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=10,
+            do_sample=True,
+            temperature=3.0,
+            top_k=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert list(response.token_ids) == reference.sequences[0, len(prompt) :].tolist()
+    logprobs = torch.log_softmax(torch.cat(reference.logits).float(), dim=-1)
+    ranks = [int((logprobs[step] > logprobs[step, token]).sum()) + 1 for step, token in enumerate(response.token_ids)]
+    assert [item.rank for item in response.logprobs] == ranks
+    assert max(ranks) > 1  # a hot temperature picks unlikely tokens too
