@@ -18,7 +18,7 @@ from scheduler.async_engine import RequestFailedError
 from scheduler.engine import DeadlineUnreachableError, LoadReport
 from scheduler.params import ValidationError
 from scheduler.scheduler import QueueFullError
-from service.load_report import orca_trailer, retry_status
+from service.load_report import RequestRates, Trailer, orca_trailer, retry_status
 from service.metrics import Metrics
 from service.stream_store import StreamNotFoundError
 
@@ -44,8 +44,13 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
-async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, load: LoadReport) -> None:
-    trailer = orca_trailer(load)
+def status_for(error: Exception) -> grpc.StatusCode:
+    return next(
+        (code for error_type, code in _STATUS_FOR_ERROR if isinstance(error, error_type)), grpc.StatusCode.INTERNAL
+    )
+
+
+async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, load: LoadReport, trailer: Trailer) -> None:
     for error_type, code in _STATUS_FOR_ERROR:
         if isinstance(error, error_type):
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -86,12 +91,41 @@ async def _checked(requests: AsyncIterator[object]) -> AsyncIterator[object]:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps the engine's exceptions to gRPC status codes for every method, unary and streaming alike, and ends
-    every call with the engine's load in an ORCA trailer."""
+    every call with the engine's load in an ORCA trailer. Generation calls also get the report in their initial
+    metadata and count in the request rates the reports carry."""
 
-    def __init__(self, metrics: Metrics, load: Callable[[], LoadReport], service_names: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        load: Callable[[], LoadReport],
+        rates: RequestRates,
+        service_names: tuple[str, ...],
+        generation_methods: frozenset[str],
+    ) -> None:
         self.metrics = metrics
         self.load = load
+        self.rates = rates
         self.service_prefixes = tuple(f"/{name}/" for name in service_names)
+        self.generation_methods = generation_methods
+
+    def _report(self) -> Trailer:
+        return orca_trailer(self.load(), self.rates)
+
+    async def _begin(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if method in self.generation_methods:
+            await context.send_initial_metadata(self._report())
+
+    def _end(self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext) -> None:
+        if method in self.generation_methods:
+            self.rates.record(code)
+        if code == grpc.StatusCode.OK:
+            context.set_trailing_metadata(self._report())
+
+    async def _fail(self, method: str, error: Exception, context: grpc.aio.ServicerContext) -> None:
+        code = status_for(error)
+        self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()
+        self._end(method, code, context)
+        await _abort_for(error, context, self.load(), self._report())
 
     async def intercept_service(
         self,
@@ -111,14 +145,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):  # noqa: ANN001, ANN202 - grpc's handler signature
                 try:
                     _check_decoded(request)
+                    await self._begin(details.method, context)
                     response = await inner_unary(request, context)
-                    context.set_trailing_metadata(orca_trailer(self.load()))
+                    self._end(details.method, grpc.StatusCode.OK, context)
                     return response
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-                    self._count_error(details.method, error)
-                    await _abort_for(error, context, self.load())
+                    await self._fail(details.method, error, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
         if handler.unary_stream is not None:
@@ -141,17 +175,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request, context):  # noqa: ANN001, ANN202
             try:
+                await self._begin(method, context)
                 async for response in inner(request, context):
                     yield response
-                context.set_trailing_metadata(orca_trailer(self.load()))
+                self._end(method, grpc.StatusCode.OK, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001 - every error becomes a status, never a crash
-                self._count_error(method, error)
-                await _abort_for(error, context, self.load())
+                await self._fail(method, error, context)
 
         return guarded
-
-    def _count_error(self, method: str, error: Exception) -> None:
-        code = next((c for t, c in _STATUS_FOR_ERROR if isinstance(error, t)), grpc.StatusCode.INTERNAL)
-        self.metrics.requests.labels(method=method.rsplit("/", 1)[-1], finish_reason="", code=code.name).inc()

@@ -35,6 +35,7 @@ from service.convert import (
     parameters_to_proto,
 )
 from service.errors import DrainingError, ErrorInterceptor
+from service.load_report import OOB_SERVICE, RequestRates, out_of_band_handler
 from service.metrics import Metrics
 from service.proto_gen.fmaas import generation_pb2_grpc
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -46,6 +47,16 @@ from service.stream_store import Chunk, StreamStore
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 # Every service that generates: health, reflection, errors and ORCA reports cover them alike.
 GENERATION_SERVICES = (SERVICE_NAME, kserve.SERVICE_NAME, tgis.SERVICE_NAME)
+# The calls that generate: they count in the request rates that load reports carry.
+GENERATION_METHODS = frozenset(
+    f"/{service}/{method}"
+    for service, methods in (
+        (SERVICE_NAME, ("Generate", "GenerateStream")),
+        (kserve.SERVICE_NAME, ("ModelInfer", "ModelStreamInfer")),
+        (tgis.SERVICE_NAME, ("Generate", "GenerateStream")),
+    )
+    for method in methods
+)
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 MAX_RETURN_SEQUENCES = 16
@@ -426,6 +437,7 @@ class GenerationServer:
         # The standard protocols translate into the native service: same admission, metrics, limits, deadlines.
         self.kserve = kserve.KServeService(self.service, engine.loaded.name, _package_version())
         self.tgis = tgis.TGISService(self.service)
+        self.rates = RequestRates()
         self.grace_seconds = options.grace_seconds
         self.port = 0  # the bound port, known after start()
         self.health: health.aio.HealthServicer | None = None
@@ -436,7 +448,13 @@ class GenerationServer:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
         self.health = health.aio.HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            ErrorInterceptor(self.metrics, self.async_engine.engine.load_report, GENERATION_SERVICES)
+            ErrorInterceptor(
+                self.metrics,
+                self.async_engine.engine.load_report,
+                self.rates,
+                GENERATION_SERVICES,
+                GENERATION_METHODS,
+            )
         ]
         if self.options.auth_tokens is not None:
             interceptors.insert(0, AuthInterceptor(self.options.auth_tokens))
@@ -449,8 +467,14 @@ class GenerationServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.tgis, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_generic_rpc_handlers((out_of_band_handler(self.async_engine.engine.load_report, self.rates),))
         reflection.enable_server_reflection(
-            [*GENERATION_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            [
+                *GENERATION_SERVICES,
+                OOB_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         address = f"{self.options.host}:{self.options.port}"

@@ -170,9 +170,10 @@ def test_standard_orca_trailer_reaches_a_grpc_js_client(tiny) -> None:
 def test_queued_request_past_its_deadline_is_dropped_over_grpc(tiny) -> None:
     server = ServerThread(tiny, max_running=1)
     try:
+        # The prefill counter moves at the end of the step that admits a request, after the row is in place.
+        prefilled = server.engine.num_prefilled + 1
         long_call = server.stub.Generate.future(LONG)
-        wait_for(lambda: server.engine.num_running == 1)
-        prefilled = server.engine.num_prefilled
+        wait_for(lambda: server.engine.num_running == 1 and server.engine.num_prefilled == prefilled)
         with pytest.raises(grpc.RpcError) as error:
             server.stub.Generate(ids_request([8, 9], max_new_tokens=5), timeout=0.3)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
