@@ -46,4 +46,4 @@ architectures: $(STAMP)
 	$(PY) -m tests.architectures
 
 clean:
-	rm -rf $(VENV) $(CLIENTS) .cache
+	rm -rf $(VENV) $(CLIENTS) .venv-floors .cache

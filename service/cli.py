@@ -367,10 +367,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from service.loadtest import (
         SLO,
         WorkloadSpec,
+        completed_requests,
         format_priority_comparison,
         format_summary,
         plot,
         priority_comparison,
+        replica_shares,
         run_load,
         summarize,
     )
@@ -389,11 +391,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     )
     slo = SLO(args.slo_ttft, args.slo_itl)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
+    metrics_urls = [url for url in args.replica_metrics.split(",") if url]
     reports = []
     for rate in rates:
         run_spec = replace(spec, rate=rate, arrival="poisson") if rate is not None else spec
-        records, seconds = asyncio.run(run_load(args.target, run_spec))
+        before = [completed_requests(url) for url in metrics_urls]
+        records, seconds = asyncio.run(run_load(args.target, run_spec, lb_policy=args.lb_policy))
         report = summarize(records, seconds, slo)
+        if metrics_urls:
+            report["replicas"] = replica_shares(metrics_urls, before, [completed_requests(u) for u in metrics_urls])
+            print("requests per replica: " + ", ".join(f"{r['replica']} {r['share']:.0%}" for r in report["replicas"]))
         reports.append((rate, report))
         print((f"offered load {rate:g} req/s\n" if rate is not None else "") + format_summary(report))
     comparison = None
@@ -568,7 +575,22 @@ def build_parser() -> argparse.ArgumentParser:
         "SLOs. Writes loadtest.json and PNG plots (latency CDFs; with --rates, throughput and TTFT against "
         "offered load) to --output. Exits 1 if any request failed.",
     )
-    load.add_argument("--target", default=_env("target", "localhost:50051"))
+    load.add_argument(
+        "--target",
+        default=_env("target", "localhost:50051"),
+        help="host:port, or several comma-separated (balanced by --lb-policy), or a proxy in front of replicas",
+    )
+    load.add_argument(
+        "--lb-policy",
+        choices=["round_robin", "weighted_round_robin", "pick_first"],
+        default="round_robin",
+        help="how the client balances several targets; weighted_round_robin follows the replicas' ORCA reports",
+    )
+    load.add_argument(
+        "--replica-metrics",
+        default="",
+        help="comma-separated /metrics URLs of the replicas: the report gives each one's share of the requests",
+    )
     load.add_argument("--num-requests", type=int, default=100)
     load.add_argument("--arrival", choices=["poisson", "burst", "closed"], default="poisson")
     load.add_argument("--rate", type=float, default=4.0, help="requests/s for poisson arrivals")

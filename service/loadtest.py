@@ -1,7 +1,10 @@
 """`genserve loadtest`: a seeded workload against a running server, with latency percentiles, goodput and plots.
 
 Arrivals are Poisson at a rate, a burst (everything at once), or a closed loop of N concurrent clients. Every
-request streams, so time to first token and inter-token latency are measured as a client sees them.
+request streams, so time to first token and inter-token latency are measured as a client sees them. Several
+targets are balanced by the client's gRPC load-balancing policy (round robin, or weighted round robin on the
+replicas' ORCA reports); with the replicas' /metrics endpoints given, the report says which share of the requests
+each replica served, also when the load goes through a proxy such as Envoy.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import asyncio
 import json
 import random
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -104,8 +109,44 @@ async def _send(stub: generate_pb2_grpc.TextGenerationStub, request: pb.Generate
     record.done = time.perf_counter()
 
 
-async def run_load(target: str, spec: WorkloadSpec, progress: bool = True) -> tuple[list[RequestRecord], float]:
-    async with grpc.aio.insecure_channel(target) as channel:
+def channel_target(targets: str, lb_policy: str) -> tuple[str, list[tuple[str, str]]]:
+    """A gRPC target and channel options: one address as it is, several (comma-separated host:port) balanced by
+    `lb_policy` (round_robin, weighted_round_robin or pick_first)."""
+    addresses = [address.strip() for address in targets.split(",") if address.strip()]
+    if len(addresses) == 1:
+        return addresses[0], []
+    policy: dict = {lb_policy: {}}
+    if lb_policy == "weighted_round_robin":
+        policy = {lb_policy: {"blackoutPeriod": "1s", "weightUpdatePeriod": "0.5s"}}
+    config = json.dumps({"loadBalancingConfig": [policy]})
+    return "ipv4:" + ",".join(addresses), [("grpc.service_config", config)]
+
+
+def completed_requests(metrics_url: str) -> float:
+    """How many generation calls a replica has answered, from its /metrics (genserve_requests_total)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "genserve_requests_total"
+    )
+
+
+def replica_shares(metrics_urls: list[str], before: list[float], after: list[float]) -> list[dict]:
+    served = [end - start for start, end in zip(before, after)]
+    total = sum(served) or 1
+    return [
+        {"replica": url, "requests": int(count), "share": round(count / total, 3)}
+        for url, count in zip(metrics_urls, served)
+    ]
+
+
+async def run_load(
+    target: str, spec: WorkloadSpec, progress: bool = True, lb_policy: str = "round_robin"
+) -> tuple[list[RequestRecord], float]:
+    address, options = channel_target(target, lb_policy)
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = generate_pb2_grpc.TextGenerationStub(channel)
         info = await stub.ModelInfo(pb.ModelInfoRequest())
         requests = build_requests(spec, info.vocab_size)

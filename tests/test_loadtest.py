@@ -58,3 +58,38 @@ def test_loadtest_report_matches_server_metrics(tiny, tmp_path: Path) -> None:
         assert 0 < run["ttft_seconds"]["p50"] <= run["ttft_seconds"]["p99"] <= run["end_to_end_seconds"]["p99"]
     assert (tmp_path / "latency_cdf.png").stat().st_size > 10_000
     assert (tmp_path / "load_sweep.png").stat().st_size > 10_000
+
+
+def test_loadtest_over_several_replicas_reports_each_ones_share(tiny, tmp_path: Path) -> None:
+    replicas = [ServerThread(tiny, max_running=rows, metrics=True) for rows in (1, 8)]
+    try:
+        code = main(
+            [
+                "loadtest",
+                "--target",
+                ",".join(replica.target for replica in replicas),
+                "--lb-policy",
+                "round_robin",
+                "--replica-metrics",
+                ",".join(f"http://127.0.0.1:{replica.server.metrics_port}/metrics" for replica in replicas),
+                "--num-requests",
+                "20",
+                "--arrival",
+                "closed",
+                "--concurrency",
+                "4",
+                "--prompt-mode",
+                "ids",
+                "--max-new-tokens",
+                "4,8",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+    finally:
+        for replica in replicas:
+            replica.close()
+    assert code == 0
+    shares = json.loads((tmp_path / "loadtest.json").read_text())["runs"][0]["replicas"]
+    assert [share["requests"] for share in shares] == [10, 10]  # round robin, request by request
+    assert sum(share["share"] for share in shares) == 1
