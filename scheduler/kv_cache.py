@@ -328,6 +328,18 @@ def prefill_pass(
     return run_model(model, cache, tokens, positions, logits_to_keep=1)[:, -1]
 
 
+def prefill_batch_pass(
+    model: torch.nn.Module, cache: SlotKVCache, first_row: int, tokens: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Prefill new rows first_row.. with right-padded `tokens` ([rows, width]): the causal kernel hides each
+    row's padding from its real tokens. The logits at the positions `keep`, [rows, len(keep), vocab]."""
+    rows, width = tokens.shape
+    cache.ensure_capacity(width + 1)
+    cache.begin_prefill(first_row, rows, num_queries=width)
+    positions = torch.arange(width, device=cache.device).expand(rows, width)
+    return run_model(model, cache, tokens, positions, logits_to_keep=keep)
+
+
 def decode_pass(
     model: torch.nn.Module,
     cache: SlotKVCache,

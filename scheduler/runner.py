@@ -18,7 +18,7 @@ from scheduler.batch_state import BatchState
 from scheduler.constraints import TokenBitmasks, advance
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
-from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
+from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_batch_pass, prefill_pass
 from scheduler.logits_processing import process_later_positions, process_logits
 from scheduler.params import MAX_SPECULATIVE
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
@@ -340,26 +340,76 @@ class ModelRunner:
         return decode_pass(self.model, self.cache, tokens, positions, read_length)
 
     def _prefill(self, admitted: list[Sequence]) -> tuple[torch.Tensor | None, list[tuple[Sequence, str]]]:
-        """One forward per new row, unpadded: prefill is compute-bound here, so padding would be pure waste, and
-        each row then runs exactly the computation `generate()` runs for it alone (causal kernel, no mask).
-        Being per request, a failure is attributable: that request fails alone (out of memory excepted,
-        which the engine handles for the whole batch)."""
-        last_logits, failed = [], []
-        # Requests with the same tokens (n samples of one prompt) share one prefill: their KV is copied, which
-        # is bitwise what a prefill of their own would compute.
+        """Prefill the admitted requests into new rows; the logits after each new row's last token, in row order.
+
+        Fresh prompts of similar lengths are prefilled together, right-padded in one forward with the plain causal
+        kernel: a padded position comes after every real one, so causality hides it, and each real token runs
+        the computation `generate()` runs for it alone (tests compare the tokens). Requests that continue a cached
+        prefix, repeat a prompt of this step (n samples: KV copied) or bring a guidance companion go one by one.
+        A failure is attributable: a failed group is retried one by one, and a request whose own prefill raises
+        fails alone (out of memory excepted, which the engine handles for the whole batch)."""
+        by_slot: dict[int, torch.Tensor] = {}
+        failed: list[tuple[Sequence, str]] = []
         prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
+        one_by_one: list[Sequence] = []
+        fresh: dict[tuple[int, ...], Sequence] = {}
         for seq in admitted:
+            tokens = tuple(seq.prompt_ids + seq.generated_ids)
+            if seq.companion is None and self.prefix_cache is None and tokens not in fresh:
+                fresh[tokens] = seq
+            else:
+                one_by_one.append(seq)
+        for group in _padding_groups(list(fresh.values())):
+            if len(group) == 1:
+                one_by_one.insert(0, group[0])
+                continue
             first_slot = self.num_slots
             try:
-                logits = [self._prefill_row(member, prefilled) for member in (seq, seq.companion) if member]
+                by_slot.update(self._prefill_together(group, prefilled))
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
                 self._release_slots(set(range(first_slot, self.num_slots)))
+                one_by_one[:0] = group  # retried alone, so that only the request at fault fails
+        for seq in one_by_one:
+            first_slot = self.num_slots
+            try:
+                for member in (seq, seq.companion):
+                    if member is not None:
+                        slot = self.num_slots
+                        by_slot[slot] = self._prefill_row(member, prefilled)
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise
+                for slot in range(first_slot, self.num_slots):
+                    by_slot.pop(slot, None)
+                self._release_slots(set(range(first_slot, self.num_slots)))
                 failed.append((seq, f"{type(error).__name__}: {error}"))
-                continue
-            last_logits += logits
-        return (torch.cat(last_logits) if last_logits else None), failed
+        logits = [by_slot[slot] for slot in sorted(by_slot)]
+        return (torch.cat(logits) if logits else None), failed
+
+    def _prefill_together(
+        self, group: list[Sequence], prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Give each request of `group` a row (consecutive) and prefill them in one right-padded forward."""
+        prompts = [seq.prompt_ids + seq.generated_ids for seq in group]
+        lengths = [len(tokens) for tokens in prompts]
+        width = max(lengths)
+        slots = []
+        for seq in group:
+            slots.append(self.state.add_row(seq))
+            if self.draft is not None:
+                self.draft.add_row()
+        padded = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, tokens in enumerate(prompts):
+            padded[row, : len(tokens)] = torch.tensor(tokens, device=self.device)
+        last = sorted({length - 1 for length in lengths})  # the positions whose logits anyone needs
+        logits = prefill_batch_pass(self.model, self.cache, slots[0], padded, torch.tensor(last, device=self.device))
+        result = {}
+        for row, (slot, tokens) in enumerate(zip(slots, prompts)):
+            result[slot] = logits[row : row + 1, last.index(len(tokens) - 1)]
+            prefilled[tuple(tokens)] = (slot, result[slot])
+        return result
 
     def _prefill_row(self, seq: Sequence, prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Give `seq` a row and fill its KV cache; returns the logits after its last token."""
@@ -379,3 +429,17 @@ class ModelRunner:
             self.prefix_cache.store(tokens, row)
         prefilled[tuple(tokens)] = (row, logits)
         return logits
+
+
+def _padding_groups(seqs: list[Sequence], max_padding: float = 0.25) -> list[list[Sequence]]:
+    """Requests sorted by length and cut into groups whose padding stays under `max_padding` of their tokens."""
+    groups: list[list[Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: s.num_tokens):
+        group = groups[-1] if groups else None
+        if group and seq.num_tokens * (len(group) + 1) <= (1 + max_padding) * (
+            sum(s.num_tokens for s in group) + seq.num_tokens
+        ):
+            group.append(seq)
+        else:
+            groups.append([seq])
+    return groups

@@ -124,3 +124,21 @@ def test_serve_exits_at_start_up_naming_the_architecture(model_type: str, tmp_pa
 def test_readme_table_is_generated_from_the_suite() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert readme_table() in readme, "README's architecture table is stale: run `make architectures`"
+
+
+@pytest.mark.parametrize("case", SERVED, ids=[case.label for case in SERVED])
+def test_prompts_prefilled_together_equal_generate_alone(case: Case, tmp_path: Path) -> None:
+    """Prompts admitted in the same step share one right-padded prefill (past the sliding window)."""
+    from tests.conftest import StepDriver
+
+    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    driver = StepDriver(loaded, max_running=8)
+    # Ids from 3 up: generate() would mask a pad id (0) inside the reference prompt.
+    lengths = (12, 14, 13, 15, 11)
+    prompts = [[3 + (i * 7 + j * 13) % (VOCAB - 3) for j in range(length)] for i, length in enumerate(lengths)]
+    for index, prompt in enumerate(prompts):
+        driver.submit(f"r{index}", prompt, max_new_tokens=12, ignore_eos=True)
+    driver.run()
+    for index, prompt in enumerate(prompts):
+        expected = hf_generate(loaded.model, prompt, driver.engine.make_parameters(max_new_tokens=12, ignore_eos=True))
+        assert driver.tokens[f"r{index}"] == expected, f"{case.label} r{index}"

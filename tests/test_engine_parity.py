@@ -159,3 +159,26 @@ def test_rows_leaving_and_joining_reuse_slots(tiny) -> None:
     for i, prompt in enumerate(prompts):
         params = driver.engine.make_parameters(max_new_tokens=5 + (i * 7) % 23)
         assert driver.tokens[f"r{i}"] == hf_generate(tiny.model, prompt, params)
+
+
+def test_prompts_admitted_together_prefill_in_one_padded_pass_and_equal_generate(tiny, monkeypatch) -> None:
+    """Similar lengths share one right-padded forward; a much longer prompt gets its own; tokens stay exact."""
+    driver = StepDriver(tiny, max_running=8)
+    decoder = driver.engine.runner.model.get_decoder()
+    original, prefill_shapes = decoder.forward, []
+
+    def counting(input_ids, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if input_ids.shape[1] > 1:
+            prefill_shapes.append(tuple(input_ids.shape))
+        return original(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counting)
+    rng = random.Random(21)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(length)] for length in (30, 33, 28, 31, 90)]
+    for i, prompt in enumerate(prompts):
+        driver.submit(f"r{i}", prompt, max_new_tokens=20, ignore_eos=True)
+    driver.run()
+    assert sorted(prefill_shapes) == [(1, 90), (4, 33)]
+    for i, prompt in enumerate(prompts):
+        params = driver.engine.make_parameters(max_new_tokens=20, ignore_eos=True)
+        assert driver.tokens[f"r{i}"] == hf_generate(tiny.model, prompt, params), f"r{i}"
