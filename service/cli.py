@@ -160,7 +160,7 @@ def _load_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from scheduler.benchmark import default_workload, format_report, run_benchmark
+    from scheduler.benchmarks.throughput import default_workload, format_report, run_benchmark
 
     loaded = _load(args)
     features = [feature for feature in args.features.split(",") if feature]
@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.decode_latency:
         from pathlib import Path
 
-        from scheduler.decode_benchmark import decode_latencies, format_decode_report, plot_decode_latency
+        from scheduler.benchmarks.decode_latency import decode_latencies, format_decode_report, plot_decode_latency
 
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
         results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context, decode_mode=_decode_mode(args))
@@ -203,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
-    from scheduler import feature_benchmark as bench
+    from scheduler.benchmarks import features as bench
 
     prompts, batch, new_tokens = args.feature_prompts, args.feature_batch_size, args.feature_max_new_tokens
     if feature == "prompt-lookup":

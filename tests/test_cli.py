@@ -84,3 +84,16 @@ def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tm
         assert "INVALID_ARGUMENT: regex" in capsys.readouterr().err
     finally:
         server.close()
+
+
+def test_serving_imports_neither_the_benchmarks_nor_matplotlib() -> None:
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, service.server, service.cli; "
+        "loaded = [m for m in sys.modules if m == 'matplotlib' or m.startswith('scheduler.benchmarks')]; "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

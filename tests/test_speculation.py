@@ -170,8 +170,8 @@ def test_speculation_over_grpc_with_stop_strings_and_metrics(tiny_with_tokenizer
 
 
 def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> None:
-    from scheduler.benchmark import Workload
-    from scheduler.feature_benchmark import compare, format_feature_report
+    from scheduler.benchmarks.features import compare, format_feature_report
+    from scheduler.benchmarks.throughput import Workload
 
     workload = Workload([QUOTE * 3, [5, 6, 7] * 4, [9, 10]], [20, 15, 10])
     comparison = compare("prompt lookup", tiny, workload, 2, overrides=dict(prompt_lookup_num_tokens=4))

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.benchmark import BenchResult, Workload, run_genserve
+from scheduler.benchmarks.throughput import BenchResult, Workload, run_genserve
 from scheduler.model_loader import LoadedModel
 
 _PASSAGES = [
