@@ -167,6 +167,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = set(features) - {"prompt-lookup", "prefix-cache"}
     if unknown:
         raise SystemExit(f"unknown --features {sorted(unknown)}; choose from prompt-lookup, prefix-cache")
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    if "llama.cpp" in baselines:
+        print(_llama_cpp_report(loaded, args))
+        baselines = tuple(b for b in baselines if b != "llama.cpp")
+        if not baselines:
+            return 0
     if not args.skip_main:
         workload = default_workload(
             loaded,
@@ -175,7 +181,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
         )
-        baselines = tuple(b for b in args.baselines.split(",") if b)
         results, ceiling = run_benchmark(
             loaded,
             workload,
@@ -200,6 +205,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.decode_plot:
             plot_decode_latency(results, bandwidth, loaded.device, Path(args.decode_plot))
     return 0
+
+
+def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
+    from pathlib import Path
+
+    from scheduler.engine import Engine
+    from scheduler.model_loader import DEFAULT_MODEL, default_gguf_path
+    from scheduler.scheduler import SchedulerConfig
+    from service.llama_cpp_bench import compare, find_llama_server, format_comparison
+
+    if args.model == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+    elif args.model.endswith(".gguf"):
+        gguf = Path(args.model)
+    else:
+        raise SystemExit("the llama.cpp baseline serves a GGUF file: --model default or --model FILE.gguf")
+    config = SchedulerConfig(max_running=args.parallel, max_queue=args.parallel + 1)
+    engine = Engine(loaded, config, decode_mode=_decode_mode(args))
+    runs = compare(
+        engine,
+        gguf,
+        find_llama_server(args.llama_server),
+        args.parallel,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.threads or os.cpu_count() or 1,
+        f"genserve ({loaded.model.dtype}, {loaded.attn_implementation})".replace("torch.", ""),
+    )
+    return format_comparison(runs, args.parallel, args.prompt_tokens, args.new_tokens)
 
 
 def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
@@ -469,8 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baselines",
         default="sequential,static,continuous",
-        help="comma-separated subset of: sequential, static, continuous",
+        help="comma-separated subset of: sequential, static, continuous, llama.cpp (llama-server on the model's "
+        "GGUF, as shipped and requantized to F32, against genserve over gRPC; see the llama.cpp options)",
     )
+    llama = bench.add_argument_group("llama.cpp", "the llama.cpp baseline's workload: all requests sent at once")
+    llama.add_argument("--llama-server", help="path to llama-server (default: on PATH); llama-quantize beside it")
+    llama.add_argument("--parallel", type=int, default=16, help="requests, llama-server slots and genserve rows")
+    llama.add_argument("--prompt-tokens", type=int, default=80, help="tokens per prompt")
+    llama.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request (eos ignored)")
+    llama.add_argument("--threads", type=int, default=0, help="llama-server threads (0: every core)")
     features = bench.add_argument_group(
         "features", "genserve with and without a feature, on a workload made for it, in the same run"
     )
