@@ -108,7 +108,7 @@ def parameters_from_json(text: bytes | str) -> pb.GenerationParameters:
         field = fields.get(name)
         if name == "top_k" and str(value) == "-1":  # vLLM's "off"
             value = 0
-        if field is None or field.message_type is not None and name != "logit_bias":
+        if field is None or (field.message_type is not None and name != "logit_bias"):
             raise ValidationError(f"sampling_parameters.{key}", "unknown or unsupported parameter")
         try:
             _set(message, field, value)
