@@ -45,6 +45,8 @@ class BatchState:
         self.top_p_cutoff = zeros(torch.float32)
         self.min_p = zeros(torch.float32)
         self.typical_p = zeros(torch.float32)
+        self.epsilon_cutoff = zeros(torch.float32)
+        self.eta_cutoff = zeros(torch.float32)
         self.repetition_penalty = zeros(torch.float32)
         self.no_repeat_ngram_size = zeros(torch.long)
         self.min_new_tokens = zeros(torch.long)
@@ -67,6 +69,8 @@ class BatchState:
             self.top_p_cutoff,
             self.min_p,
             self.typical_p,
+            self.epsilon_cutoff,
+            self.eta_cutoff,
             self.repetition_penalty,
             self.no_repeat_ngram_size,
             self.min_new_tokens,
@@ -103,6 +107,8 @@ class BatchState:
         self.top_p_cutoff[slot] = 1.0 - params.top_p
         self.min_p[slot] = params.min_p or 0.0
         self.typical_p[slot] = params.typical_p
+        self.epsilon_cutoff[slot] = params.epsilon_cutoff
+        self.eta_cutoff[slot] = params.eta_cutoff
         self.repetition_penalty[slot] = params.repetition_penalty
         self.no_repeat_ngram_size[slot] = params.no_repeat_ngram_size
         self.min_new_tokens[slot] = params.min_new_tokens
@@ -201,6 +207,9 @@ class BatchState:
         self.uses_top_p = any(p.top_p < 1.0 for p in sampled)
         self.uses_min_p = any(p.min_p is not None for p in sampled)
         self.uses_typical_p = any(p.typical_p < 1.0 for p in sampled)
+        # As generate(): a cutoff applies when 0 < cutoff < 1.
+        self.uses_epsilon_cutoff = any(0.0 < p.epsilon_cutoff < 1.0 for p in sampled)
+        self.uses_eta_cutoff = any(0.0 < p.eta_cutoff < 1.0 for p in sampled)
 
 
 def _speculation(seq: Sequence) -> tuple[int, int]:

@@ -5,7 +5,7 @@ processor pass through unchanged, and a processor no running row needs is skippe
 `GenerationMixin._get_logits_processor`): classifier-free guidance, repetition penalty, no-repeat n-gram, bad
 words, min_new_tokens, allowed_token_ids (where HF's prefix_allowed_tokens_fn runs); then the OpenAI-style
 presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change nothing);
-then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p.
+then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p, epsilon, eta.
 """
 
 from __future__ import annotations
@@ -82,7 +82,31 @@ def warp_for_sampling(scores: torch.Tensor, state: BatchState, rows: torch.Tenso
         scores = apply_min_p(scores, state.min_p[rows])
     if state.uses_typical_p:
         scores = apply_typical_p(scores, state.typical_p[rows])
+    if state.uses_epsilon_cutoff:
+        scores = apply_epsilon_cutoff(scores, _active(state.epsilon_cutoff[rows]))
+    if state.uses_eta_cutoff:
+        scores = apply_eta_cutoff(scores, _active(state.eta_cutoff[rows]))
     return scores
+
+
+def _active(cutoff: torch.Tensor) -> torch.Tensor:
+    """A cutoff of 1 (allowed, but generate() skips the warper for it) removes nothing, like 0."""
+    return torch.where(cutoff < 1.0, cutoff, torch.zeros_like(cutoff))
+
+
+def apply_epsilon_cutoff(scores: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """HF's EpsilonLogitsWarper per row: drop tokens less likely than epsilon, keeping the most likely one."""
+    remove = scores.softmax(dim=-1) < epsilon.unsqueeze(1)
+    remove &= scores < scores.amax(dim=-1, keepdim=True)
+    return scores.masked_fill(remove, NEG_INF)
+
+
+def apply_eta_cutoff(scores: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
+    """HF's EtaLogitsWarper per row: the cutoff is min(epsilon, sqrt(epsilon) * exp(-entropy)); 0 keeps all."""
+    entropy = torch.distributions.Categorical(logits=scores).entropy()
+    eta = torch.minimum(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy)).unsqueeze(1)
+    remove = (scores.softmax(dim=-1) < eta) & (scores < scores.amax(dim=-1, keepdim=True))
+    return scores.masked_fill(remove, NEG_INF)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

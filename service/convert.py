@@ -18,6 +18,8 @@ _SCALAR_FIELDS = (
     "top_p",
     "min_p",
     "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
     "repetition_penalty",
     "no_repeat_ngram_size",
     "max_time",

@@ -69,7 +69,14 @@ def test_length_finish_reason_and_ignore_eos(tiny) -> None:
 
 
 @pytest.mark.parametrize(
-    "sampling", [{"temperature": 0.7, "top_k": 20}, {"top_p": 0.8, "min_p": 0.05}, {"typical_p": 0.9}]
+    "sampling",
+    [
+        {"temperature": 0.7, "top_k": 20},
+        {"top_p": 0.8, "min_p": 0.05},
+        {"typical_p": 0.9},
+        {"epsilon_cutoff": 0.003, "top_k": 0},
+        {"eta_cutoff": 0.01, "temperature": 1.2},
+    ],
 )
 def test_seeded_sampling_is_independent_of_batch_mates(tiny, sampling: dict) -> None:
     prompt = _prompts(1, seed=7)[0]

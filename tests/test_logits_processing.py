@@ -24,6 +24,8 @@ ROW_PARAMETERS = [
     ),
     GenerationParameters(repetition_penalty=0.7, no_repeat_ngram_size=3, eos_token_id=(2,)),
     GenerationParameters(do_sample=True, top_k=0, eos_token_id=(2,)),
+    GenerationParameters(do_sample=True, top_k=0, epsilon_cutoff=0.02, eos_token_id=(2,)),
+    GenerationParameters(do_sample=True, top_k=20, eta_cutoff=0.05, temperature=0.8, eos_token_id=(2,)),
 ]
 
 
@@ -45,6 +47,8 @@ def _hf_processors(params: GenerationParameters, prompt_length: int):
         top_p=params.top_p,
         min_p=params.min_p,
         typical_p=params.typical_p,
+        epsilon_cutoff=params.epsilon_cutoff,
+        eta_cutoff=params.eta_cutoff,
         repetition_penalty=params.repetition_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size,
         min_new_tokens=params.min_new_tokens,
