@@ -196,14 +196,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.decode_latency:
         from pathlib import Path
 
-        from scheduler.benchmarks.decode_latency import decode_latencies, format_decode_report, plot_decode_latency
+        from scheduler.benchmarks.decode_latency import (
+            decode_latencies,
+            format_decode_report,
+            format_modes_report,
+            plot_decode_latency,
+        )
+        from scheduler.model_loader import load_model
 
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        results, bandwidth = decode_latencies(loaded, batch_sizes, args.decode_context, decode_mode=_decode_mode(args))
+        by_mode = {}
+        for dtype in [d for d in args.decode_dtypes.split(",") if d] or [None]:
+            model = loaded if dtype is None else load_model(args.model, **(_load_options(args) | {"dtype": dtype}))
+            measured = decode_latencies(model, batch_sizes, args.decode_context, decode_mode=_decode_mode(args))
+            by_mode[str(model.model.dtype).removeprefix("torch.")] = measured
         print()
-        print(format_decode_report(results, bandwidth, loaded.device))
-        if args.decode_plot:
-            plot_decode_latency(results, bandwidth, loaded.device, Path(args.decode_plot))
+        if len(by_mode) == 1:
+            results, bandwidth = next(iter(by_mode.values()))
+            print(format_decode_report(results, bandwidth, loaded.device))
+            if args.decode_plot:
+                plot_decode_latency(results, bandwidth, loaded.device, Path(args.decode_plot))
+        else:
+            bandwidth = next(iter(by_mode.values()))[1]
+            print(format_modes_report({mode: r for mode, (r, _) in by_mode.items()}, bandwidth, loaded.device))
     return 0
 
 
@@ -534,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
     decode.add_argument("--decode-context", type=int, default=256, help="tokens each row holds")
     decode.add_argument("--decode-plot", help="also draw the table as a bar chart into this PNG file")
+    decode.add_argument(
+        "--decode-dtypes",
+        default="",
+        help="comma-separated dtypes (e.g. float32,bfloat16), one column each, the model loaded in each; "
+        "default: --dtype alone",
+    )
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

@@ -61,6 +61,16 @@ def test_bench_decode_latency_table(tmp_path: Path, capsys) -> None:
         assert step_ms > 0 and floor_ms > 0
 
 
+def test_bench_decode_latency_one_column_per_dtype(tmp_path: Path, capsys) -> None:
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--decode-latency"]
+    code = main([*arguments, "--batch-sizes", "1,2", "--decode-context", "8", "--decode-dtypes", "float32,bfloat16"])
+    report = capsys.readouterr().out
+    assert code == 0 and "float32: step (step / floor)" in report and "bfloat16: step (step / floor)" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert len(rows) == 2 and all(line.count(" ms (") == 2 for line in rows)
+
+
 def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tmp_path: Path, capsys) -> None:
     import json
     import re

@@ -112,6 +112,21 @@ def format_decode_report(results: list[DecodeLatency], bandwidth: float, device:
     return "\n".join(lines)
 
 
+def format_modes_report(by_mode: dict[str, list[DecodeLatency]], bandwidth: float, device: torch.device) -> str:
+    """One column per mode (dtype): each step's time and its ratio to that mode's own floor (bf16 weights are
+    half the bytes of fp32 ones, so their floor is lower)."""
+    modes = list(by_mode)
+    lines = [
+        f"decode step latency per mode on {device} (measured copy bandwidth {bandwidth / 1e9:.1f} GB/s)",
+        "| batch | context | " + " | ".join(f"{mode}: step (step / floor)" for mode in modes) + " |",
+        "|---:|---:|" + "---:|" * len(modes),
+    ]
+    for index, first in enumerate(by_mode[modes[0]]):
+        cells = [f"{by_mode[m][index].seconds * 1e3:.3g} ms ({by_mode[m][index].ratio:.2f}x)" for m in modes]
+        lines.append(f"| {first.batch_size} | {first.context} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_decode_latency(results: list[DecodeLatency], bandwidth: float, device: torch.device, path: Path) -> None:
     """Step time and bandwidth floor per batch size, side by side (log scale: they span orders of magnitude)."""
     import matplotlib
