@@ -318,26 +318,21 @@ def run_model(
 
 
 def prefill_pass(
-    model: torch.nn.Module, cache: SlotKVCache, row: int, tokens: torch.Tensor, offset: int = 0
+    model: torch.nn.Module,
+    cache: SlotKVCache,
+    first_row: int,
+    tokens: torch.Tensor,
+    offset: int = 0,
+    logits_to_keep: int | torch.Tensor = 1,
 ) -> torch.Tensor:
-    """Write `tokens` ([1, n]) into `row` after the `offset` positions it already holds; the logits after the
-    last of them, [1, vocab]."""
-    cache.ensure_capacity(offset + tokens.shape[1] + 1)
-    cache.begin_prefill(row, 1, num_queries=tokens.shape[1], offset=offset)
-    positions = torch.arange(offset, offset + tokens.shape[1], device=cache.device).unsqueeze(0)
-    return run_model(model, cache, tokens, positions, logits_to_keep=1)[:, -1]
-
-
-def prefill_batch_pass(
-    model: torch.nn.Module, cache: SlotKVCache, first_row: int, tokens: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """Prefill new rows first_row.. with right-padded `tokens` ([rows, width]): the causal kernel hides each
-    row's padding from its real tokens. The logits at the positions `keep`, [rows, len(keep), vocab]."""
+    """Write `tokens` ([rows, width]) into rows first_row.. after the `offset` positions each already holds
+    (several rows come right-padded: the causal kernel hides each row's padding from its real tokens). The logits
+    at `logits_to_keep` (the last n positions, or these positions), [rows, kept, vocab]."""
     rows, width = tokens.shape
-    cache.ensure_capacity(width + 1)
-    cache.begin_prefill(first_row, rows, num_queries=width)
-    positions = torch.arange(width, device=cache.device).expand(rows, width)
-    return run_model(model, cache, tokens, positions, logits_to_keep=keep)
+    cache.ensure_capacity(offset + width + 1)
+    cache.begin_prefill(first_row, rows, num_queries=width, offset=offset)
+    positions = torch.arange(offset, offset + width, device=cache.device).expand(rows, width)
+    return run_model(model, cache, tokens, positions, logits_to_keep=logits_to_keep)
 
 
 def decode_pass(

@@ -18,7 +18,7 @@ from scheduler.batch_state import BatchState
 from scheduler.constraints import TokenBitmasks, advance
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
-from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_batch_pass, prefill_pass
+from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
 from scheduler.logits_processing import process_later_positions, process_logits
 from scheduler.params import MAX_SPECULATIVE
 from scheduler.plugins import apply_custom_processors, custom_stop_hits
@@ -395,36 +395,38 @@ class ModelRunner:
         prompts = [seq.prompt_ids + seq.generated_ids for seq in group]
         lengths = [len(tokens) for tokens in prompts]
         width = max(lengths)
-        slots = []
-        for seq in group:
-            slots.append(self.state.add_row(seq))
-            if self.draft is not None:
-                self.draft.add_row()
+        slots = [self._add_row(seq) for seq in group]
         padded = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
         for row, tokens in enumerate(prompts):
             padded[row, : len(tokens)] = torch.tensor(tokens, device=self.device)
         last = sorted({length - 1 for length in lengths})  # the positions whose logits anyone needs
-        logits = prefill_batch_pass(self.model, self.cache, slots[0], padded, torch.tensor(last, device=self.device))
+        keep = torch.tensor(last, device=self.device)
+        logits = prefill_pass(self.model, self.cache, slots[0], padded, logits_to_keep=keep)
         result = {}
         for row, (slot, tokens) in enumerate(zip(slots, prompts)):
             result[slot] = logits[row : row + 1, last.index(len(tokens) - 1)]
             prefilled[tuple(tokens)] = (slot, result[slot])
         return result
 
+    def _add_row(self, seq: Sequence) -> int:
+        """A new row (slot) for `seq`, in the batch state and in the draft model's cache."""
+        slot = self.state.add_row(seq)
+        if self.draft is not None:
+            self.draft.add_row()
+        return slot
+
     def _prefill_row(self, seq: Sequence, prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Give `seq` a row and fill its KV cache; returns the logits after its last token."""
         tokens = seq.prompt_ids + seq.generated_ids
         self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix is copied in
-        row = self.state.add_row(seq)
-        if self.draft is not None:
-            self.draft.add_row()
+        row = self._add_row(seq)
         twin = prefilled.get(tuple(tokens))
         if twin is not None:
             self.cache.copy_prefix(twin[0], row, len(tokens))
             return twin[1]
         cached = self.prefix_cache.load(tokens, row) if self.prefix_cache is not None else 0
         input_ids = torch.tensor([tokens[cached:]], device=self.device)
-        logits = prefill_pass(self.model, self.cache, row, input_ids, offset=cached)
+        logits = prefill_pass(self.model, self.cache, row, input_ids, offset=cached)[:, -1]
         if self.prefix_cache is not None:
             self.prefix_cache.store(tokens, row)
         prefilled[tuple(tokens)] = (row, logits)

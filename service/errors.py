@@ -44,18 +44,21 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+def _known_status(error: Exception) -> grpc.StatusCode | None:
+    """The status of an error the engine or service raises on purpose; None for anything unexpected."""
+    return next((code for error_type, code in _STATUS_FOR_ERROR if isinstance(error, error_type)), None)
+
+
 def status_for(error: Exception) -> grpc.StatusCode:
-    return next(
-        (code for error_type, code in _STATUS_FOR_ERROR if isinstance(error, error_type)), grpc.StatusCode.INTERNAL
-    )
+    return _known_status(error) or grpc.StatusCode.INTERNAL
 
 
 async def _abort_for(error: Exception, context: grpc.aio.ServicerContext, load: LoadReport, trailer: Trailer) -> None:
-    for error_type, code in _STATUS_FOR_ERROR:
-        if isinstance(error, error_type):
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                await context.abort_with_status(retry_status(code, str(error), load.retry_delay_seconds, trailer))
-            await context.abort(code, str(error), trailing_metadata=trailer)
+    code = _known_status(error)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        await context.abort_with_status(retry_status(code, str(error), load.retry_delay_seconds, trailer))
+    if code is not None:
+        await context.abort(code, str(error), trailing_metadata=trailer)
     log.exception("unexpected error in a request", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", trailing_metadata=trailer)
 

@@ -214,24 +214,28 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             empty_final=empty_final,
         )
 
-    def _response(self, read: InferRequest, text: str, outputs: list[GenerationOutput], final: bool) -> object:
-        """A response carrying `text` and the extra outputs asked for, over the tokens of `outputs`."""
+    def _empty_response(self, read: InferRequest, final: bool) -> kpb.ModelInferResponse:
         response = kpb.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=read.id)
         response.parameters[FINAL].bool_param = final
+        return response
+
+    def _response(self, read: InferRequest, text: str, outputs: list[GenerationOutput], final: bool) -> object:
+        """A response carrying `text` and the extra outputs asked for, over the tokens of `outputs` (never empty:
+        the engine's last output carries the finish)."""
+        response = self._empty_response(read, final)
         columns = [("text_output", "BYTES", _bytes_tensor(text.encode()))]
-        last = outputs[-1] if outputs else None
-        if last is not None:
-            if "finish_reason" in read.wanted and last.finish_reason is not None:
-                reason = VLLM_FINISH.get(last.finish_reason, last.finish_reason.value)
-                columns.append(("finish_reason", "BYTES", _bytes_tensor(reason.encode())))
-            if "num_input_tokens" in read.wanted:
-                columns.append(("num_input_tokens", "UINT32", struct.pack("<I", last.num_prompt_tokens)))
-            if "num_output_tokens" in read.wanted:
-                count = sum(len(output.token_ids) for output in outputs)
-                columns.append(("num_output_tokens", "UINT32", struct.pack("<I", count)))
-            if "cumulative_logprob" in read.wanted:
-                total = sum(item.logprob for output in outputs for item in output.logprobs)
-                columns.append(("cumulative_logprob", "FP32", struct.pack("<f", total)))
+        last = outputs[-1]
+        if "finish_reason" in read.wanted and last.finish_reason is not None:
+            reason = VLLM_FINISH.get(last.finish_reason, last.finish_reason.value)
+            columns.append(("finish_reason", "BYTES", _bytes_tensor(reason.encode())))
+        if "num_input_tokens" in read.wanted:
+            columns.append(("num_input_tokens", "UINT32", struct.pack("<I", last.num_prompt_tokens)))
+        if "num_output_tokens" in read.wanted:
+            count = sum(len(output.token_ids) for output in outputs)
+            columns.append(("num_output_tokens", "UINT32", struct.pack("<I", count)))
+        if "cumulative_logprob" in read.wanted:
+            total = sum(item.logprob for output in outputs for item in output.logprobs)
+            columns.append(("cumulative_logprob", "FP32", struct.pack("<f", total)))
         for name, datatype, data in columns:
             response.outputs.add(name=name, datatype=datatype, shape=[1])
             response.raw_output_contents.append(data)
@@ -253,9 +257,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         if not read.stream:
             yield self._response(read, prefix + "".join(o.text for o in outputs), outputs, True)
         elif read.empty_final:
-            response = kpb.ModelInferResponse(model_name=self.model_name, model_version=MODEL_VERSION, id=read.id)
-            response.parameters[FINAL].bool_param = True
-            yield response
+            yield self._empty_response(read, final=True)
 
     async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> object:
         read = self._read(request)

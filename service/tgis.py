@@ -113,9 +113,7 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
             infos.append(info)
         return infos
 
-    def _message(
-        self, outputs: list[GenerationOutput], native: pb.GenerateRequest, params: tpb.Parameters, seed: int
-    ) -> tpb.GenerationResponse:
+    def _message(self, outputs: list[GenerationOutput], params: tpb.Parameters, seed: int) -> tpb.GenerationResponse:
         """A response over these outputs (the whole generation, or one streamed delta)."""
         last = outputs[-1]
         text = "".join(output.text for output in outputs)
@@ -143,25 +141,22 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         native = native_request(text, params)
         prepared = self.native.prepare(native, context)
         seed = prepared.params.seed if prepared.params.is_sampling and prepared.params.seed is not None else 0
-        if stream or params.response.input_tokens or params.response.input_text:
-            first = tpb.GenerationResponse(input_token_count=len(prepared.prompt_ids), seed=seed)
-            if params.response.input_tokens:
-                first.input_tokens.extend(self._token_infos(prepared.prompt_ids, (), params.response))
-            if params.response.input_text:
-                first.text = text
-            if stream:
-                yield first
+        options = params.response
+        echoed = text if options.input_text else ""
+        input_tokens = self._token_infos(prepared.prompt_ids, (), options) if options.input_tokens else []
+        if stream:  # TGIS streams the prompt's count (and, when asked, its text and tokens) first
+            yield tpb.GenerationResponse(
+                input_token_count=len(prepared.prompt_ids), seed=seed, text=echoed, input_tokens=input_tokens
+            )
         outputs: list[GenerationOutput] = []
         async for output in self.native.outputs(method, prepared, native, context):
             outputs.append(output)
             if stream and (output.token_ids or output.finish_reason is not None):
-                yield self._message([output], native, params, seed)
+                yield self._message([output], params, seed)
         if not stream:
-            message = self._message(outputs, native, params, seed)
-            if params.response.input_text:
-                message.text = text + message.text
-            if params.response.input_tokens:
-                message.input_tokens.extend(first.input_tokens)
+            message = self._message(outputs, params, seed)
+            message.text = echoed + message.text
+            message.input_tokens.extend(input_tokens)
             yield message
 
     async def Generate(
