@@ -8,9 +8,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from scheduler.constraints import Constraint
 from scheduler.params import GenerationParameters
+
+if TYPE_CHECKING:  # the constraint module needs torch; requests and the scheduler do not
+    from scheduler.constraints import Constraint
 
 
 class FinishReason(enum.Enum):
@@ -72,6 +75,9 @@ class Sequence:
     # tokens (the same list) and never reaches the engine's callers.
     companion: Sequence | None = None
     is_companion: bool = False
+    # Tokens whose KV the runner holds, advanced chunk by chunk while the prompt prefills (vLLM's
+    # num_computed_tokens); back to 0 when the request is preempted and its row freed.
+    num_computed_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,20 +1,25 @@
-"""The model runner: owns every tensor (KV cache, slot-indexed batch state) and runs one step for the engine.
+"""The model runner: owns every tensor (KV cache, slot-indexed batch state) and executes the scheduler's plans.
 
-A step prefills the rows admitted this step and decodes the rows already running, then processes all their
-logits together, picks the next tokens and decides stops on the device. Exactly one device-to-host copy
+A step decodes the running rows, computes the plan's prompt chunks, then processes the logits of every row that
+gets a token together, picks the next tokens and decides stops on the device. Exactly one device-to-host copy
 happens per step: each row's new tokens (one, or more when speculation was accepted), stop code and logprobs.
+
+Slots are the runner's own business; callers name requests. Decoding rows hold slots 0..B-1 (the batch state's
+rows, guidance companions included); requests still prefilling their prompt hold the slots after them, and
+join the decoding rows when their last chunk is computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
+from scheduler.config import EngineConfig
 from scheduler.constraints import TokenBitmasks, advance
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
@@ -26,14 +31,7 @@ from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
 from scheduler.speculation import Drafts, accepted_counts, merge_drafts, prompt_lookup
-
-
-class StopCode(enum.IntEnum):
-    RUNNING = 0
-    EOS_TOKEN = 1
-    LENGTH = 2
-    STOPPING_CRITERIA = 3
-    CONSTRAINT_COMPLETE = 4
+from scheduler.step_plan import ModelOutput, PrefillChunk, RowResult, StepPlan, StopCode
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -41,13 +39,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
     )
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    results: list[RowResult]  # one per row, in row order
-    failed: list[tuple[Sequence, str]]  # admitted requests whose own prefill raised; they hold no row
-    row_errors: dict[int, str] = field(default_factory=dict)  # rows whose custom processor or criterion raised
 
 
 @dataclass(frozen=True)
@@ -63,67 +54,49 @@ class TokenCounters:
         return TokenCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
-@dataclass(frozen=True)
-class RowResult:
-    token_ids: tuple[int, ...]  # one, or more when speculation was accepted
-    stop: StopCode
-    logprob: TokenLogprob | None = None
-
-
 class ModelRunner:
     def __init__(
-        self,
-        model: PreTrainedModel,
-        max_rows: int,
-        max_context: int,
-        seed: int = 0,
-        prefix_cache_tokens: int = 0,
-        assistant_model: PreTrainedModel | None = None,
-        decode_mode: str = "auto",
-        speculation_max_rows: int = 16,
+        self, model: PreTrainedModel, config: EngineConfig, assistant_model: PreTrainedModel | None = None
     ) -> None:
-        """`decode_mode`: "auto" runs plain decode steps from CUDA graphs on a GPU and eagerly on CPU, "eager"
-        never captures (--no-cuda-graphs), "static" pads to the graphs' buckets even on CPU (what tests use to
-        run the captured code path without a GPU). Speculation runs only in steps decoding at most
-        `speculation_max_rows` rows: past that, verifying proposals costs more compute than it saves passes."""
         self.model = model
+        self.config = config
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_rows = max_rows
-        self.max_context = max_context
-        self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
+        self.max_rows = config.max_running
+        self.max_context = config.max_context
+        self.cache = SlotKVCache.for_model(model, self.max_rows, self.max_context, spare_positions=MAX_SPECULATIVE)
         # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
-        self.speculation_max_rows = 0 if self.cache.layout.padding_mask_only else speculation_max_rows
+        self.can_speculate = not self.cache.layout.padding_mask_only
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
-        self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
-        self.bitmasks = TokenBitmasks(max_rows, self.vocab_size, self.device)
-        self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens) if prefix_cache_tokens else None
-        self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
-        if decode_mode not in ("auto", "eager", "static"):
-            raise ValueError(f"decode_mode must be auto, eager or static, got {decode_mode!r}")
-        static = decode_mode == "static" or (decode_mode == "auto" and self.device.type == "cuda")
+        self.state = BatchState(self.max_rows, self.vocab_size, self.cache.capacity, self.device)
+        self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
+        self.bitmasks = TokenBitmasks(self.max_rows, self.vocab_size, self.device)
+        tokens = config.prefix_cache_tokens
+        self.prefix_cache = PrefixCache(self.cache, tokens) if tokens else None
+        self.draft = (
+            DraftModel(assistant_model, self.max_rows, self.max_context, MAX_SPECULATIVE) if assistant_model else None
+        )
+        mode = config.decode_mode
+        static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self.static_decoder = StaticDecoder(model, self.cache, capture=True) if static else None
         self.shared_generator = torch.Generator(device=self.device)
-        self.shared_generator.manual_seed(seed)
+        self.shared_generator.manual_seed(config.seed)
 
     @property
     def rows(self) -> list[Sequence]:
-        """The running requests, in the order of each step's results (guidance companions are internal)."""
+        """The decoding requests, in slot order (guidance companions are internal)."""
         return self.state.request_rows
 
     @property
-    def num_rows(self) -> int:
-        return len(self.state.request_slots)
-
-    @property
     def num_slots(self) -> int:
-        """Batch rows in use, guidance companions included: what the row limit bounds."""
-        return self.state.num_rows
+        """Slots in use, prefilling requests and guidance companions included."""
+        return self.state.num_rows + len(self.prefilling)
 
     def num_tokens_held(self) -> int:
-        """Tokens of the running rows (prompt and generated): what the KV cache holds for them."""
-        return sum(seq.num_tokens for seq in list(self.state.rows))
+        """KV positions held: the decoding rows' tokens and what the prefilling ones have computed so far."""
+        decoding = sum(seq.num_tokens for seq in list(self.state.rows))
+        return decoding + sum(seq.num_computed_tokens for seq in list(self.prefilling))
 
     def counters(self) -> TokenCounters:
         cache = self.prefix_cache
@@ -138,31 +111,37 @@ class ModelRunner:
         return self.num_tokens_held() / (self.max_rows * self.max_context)
 
     @torch.inference_mode()
-    def step(self, admitted: list[Sequence]) -> StepOutput:
-        """Prefill `admitted` into new rows, decode the others, and pick every row's next token.
+    def execute(self, plan: StepPlan) -> ModelOutput:
+        """Free the plan's released requests, then decode its decoding rows, compute its prompt chunks and pick
+        the next token of every row that gets one.
 
-        A request whose own prefill raises is failed alone. Any other error leaves the batch as it was before
-        the step (rows added by it are dropped, no token recorded) and propagates to the engine."""
-        num_running = self.num_slots
+        A request whose own prefill raises fails alone (in the output's errors). Any other error frees the rows
+        this step's chunks touched (the scheduler requeues or fails them), records no token, and propagates."""
+        self.release(plan.released)
+        if not plan.has_work:
+            return ModelOutput()
         try:
-            return self._step(num_running, admitted)
+            return self._execute(plan)
         except BaseException:
-            self._release_slots(set(range(num_running, self.num_slots)))
+            self.release(chunk.seq for chunk in plan.prefills)
             raise
 
-    def _step(self, num_running: int, admitted: list[Sequence]) -> StepOutput:
-        logits, failed = [], []
-        drafts = self._propose(num_running) if num_running else None
-        if num_running:
-            decode_logits = self._decode(num_running, drafts)
+    def _execute(self, plan: StepPlan) -> ModelOutput:
+        num_decoding = self.state.num_rows
+        logits = []
+        speculates = plan.speculate and self.can_speculate and num_decoding
+        drafts = self._propose(num_decoding) if speculates else None
+        if num_decoding:
+            decode_logits = self._decode(num_decoding, drafts)
             logits.append(decode_logits[:, 0])
-        if admitted:
-            prefill_logits, failed = self._prefill(admitted)
+        errors: dict[str, str] = {}
+        if plan.prefills:
+            prefill_logits = self._prefill(plan.prefills, errors)
             if prefill_logits is not None:
                 logits.append(prefill_logits)
             self.state.refresh_composition()
         if not logits:
-            return StepOutput([], failed)
+            return ModelOutput(errors=errors)
         scores = torch.cat(logits).float() if len(logits) > 1 else logits[0].float()
         slots = self.state.rows
         max_seq_length = max(seq.num_tokens for seq in slots)
@@ -204,12 +183,9 @@ class ModelRunner:
         self.accepted_tokens += sum(int(values[3]) for values in host_rows)
         if self.state.constrained_rows:
             results = self._advance_constraints(results, row_errors)
-        request_slots = self.state.request_slots
-        if len(request_slots) == len(slots):
-            return StepOutput(results, failed, row_errors)
-        row_of_slot = {slot: row for row, slot in enumerate(request_slots)}
-        errors = {row_of_slot[slot]: message for slot, message in row_errors.items() if slot in row_of_slot}
-        return StepOutput([results[slot] for slot in request_slots], failed, errors)
+        errors.update((slots[slot].request_id, message) for slot, message in row_errors.items())
+        by_request = {seq.request_id: result for seq, result in zip(slots, results) if not seq.is_companion}
+        return ModelOutput(by_request, errors)
 
     def _advance_constraints(self, results: list[RowResult], row_errors: dict[int, str]) -> list[RowResult]:
         """Feed each constrained row's token to its matcher; a complete constraint ends the row."""
@@ -249,27 +225,38 @@ class ModelRunner:
         top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
         return RowResult(tokens, code, TokenLogprob(tokens[0], chosen, top, rank))
 
-    def release(self, leaving: set[int]) -> None:
-        """Free the requests at these indices of `rows` (and their guidance companions)."""
-        state = self.state
-        slots = {state.request_slots[row] for row in leaving}
-        companions = {state.companion_slots[slot] for slot in slots if slot in state.companion_slots}
-        if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
-            for slot in slots | companions:
-                seq = state.rows[slot]
-                self.prefix_cache.store((seq.prompt_ids + seq.generated_ids)[:-1], slot)  # the newest is not cached
-        self._release_slots(slots | companions)
-
-    @torch.inference_mode()
-    def _release_slots(self, leaving: set[int]) -> None:
-        """Free these slots; the last rows move into the holes so rows stay at 0..B-1."""
+    def release(self, seqs: Iterable[Sequence]) -> None:
+        """Free these requests' rows (and their guidance companions'), wherever they are; unknown ones are skipped."""
+        leaving = {id(member) for seq in seqs for member in (seq, seq.companion) if member is not None}
         if not leaving:
             return
-        sources, destinations = self.state.remove_rows(leaving)
-        self.cache.move_rows(sources, destinations)
-        if self.draft is not None:
+        rows = {slot for slot, seq in enumerate(self.state.rows) if id(seq) in leaving}
+        prefilling = {index for index, seq in enumerate(self.prefilling) if id(seq) in leaving}
+        if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
+            for slot in rows:
+                seq = self.state.rows[slot]
+                self.prefix_cache.store((seq.prompt_ids + seq.generated_ids)[:-1], slot)  # the newest is not cached
+        self._free(rows, prefilling)
+
+    @torch.inference_mode()
+    def _free(self, rows: set[int], prefilling: set[int]) -> None:
+        """Free decoding rows (the last rows move into the holes, so they stay at 0..B-1) and prefilling entries
+        (the others shift down behind the decoding rows, in order): one copy per layer for all the moves."""
+        if not rows and not prefilling:
+            return
+        old_num_rows = self.state.num_rows
+        sources, destinations = self.state.remove_rows(rows) if rows else ([], [])
+        if self.draft is not None and rows:
             self.draft.move_rows(sources, destinations, self.state.num_rows)
-        self.state.refresh_composition()
+        kept = [index for index in range(len(self.prefilling)) if index not in prefilling]
+        for new, old in enumerate(kept):
+            if old_num_rows + old != self.state.num_rows + new:
+                sources.append(old_num_rows + old)
+                destinations.append(self.state.num_rows + new)
+        self.prefilling = [self.prefilling[index] for index in kept]
+        self.cache.move_rows(sources, destinations)
+        if rows:
+            self.state.refresh_composition()
 
     def _limit(self, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut each row's emitted tokens at its first eos and at its length limits; returns the counts kept and
@@ -295,7 +282,7 @@ class ModelRunner:
         """This step's proposals for the running rows, or None when none of them speculates."""
         state = self.state
         lookup_width, assistant_width = state.max_lookup_tokens, state.max_assistant_tokens if self.draft else 0
-        if not (lookup_width or assistant_width) or num_rows > self.speculation_max_rows:
+        if not (lookup_width or assistant_width):
             return None
         lengths = [seq.num_tokens for seq in state.rows[:num_rows]]
         state.ensure_capacity(max(lengths) + 1 + max(lookup_width, assistant_width))
@@ -339,63 +326,65 @@ class ModelRunner:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
         return decode_pass(self.model, self.cache, tokens, positions, read_length)
 
-    def _prefill(self, admitted: list[Sequence]) -> tuple[torch.Tensor | None, list[tuple[Sequence, str]]]:
-        """Prefill the admitted requests into new rows; the logits after each new row's last token, in row order.
+    def _prefill(self, chunks: tuple[PrefillChunk, ...], errors: dict[str, str]) -> torch.Tensor | None:
+        """Compute the plan's prompt chunks. Requests whose prompt is now complete join the decoding rows, in plan
+        order; returns the logits after each one's last token, in that order.
 
-        Fresh prompts of similar lengths are prefilled together, right-padded in one forward with the plain causal
+        Whole fresh prompts of similar lengths run together, right-padded in one forward with the plain causal
         kernel: a padded position comes after every real one, so causality hides it, and each real token runs
-        the computation `generate()` runs for it alone (tests compare the tokens). Requests that continue a cached
-        prefix, repeat a prompt of this step (n samples: KV copied) or bring a guidance companion go one by one.
-        A failure is attributable: a failed group is retried one by one, and a request whose own prefill raises
-        fails alone (out of memory excepted, which the engine handles for the whole batch)."""
-        by_slot: dict[int, torch.Tensor] = {}
-        failed: list[tuple[Sequence, str]] = []
-        prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
-        one_by_one: list[Sequence] = []
-        fresh: dict[tuple[int, ...], Sequence] = {}
-        for seq in admitted:
-            tokens = tuple(seq.prompt_ids + seq.generated_ids)
-            if seq.companion is None and self.prefix_cache is None and tokens not in fresh:
-                fresh[tokens] = seq
+        the computation `generate()` runs for it alone (tests compare the tokens). Chunks of longer prompts,
+        requests that continue a cached prefix, repeat a prompt of this step (n samples: KV copied) or bring a
+        guidance companion go one by one, each after the positions its slot already holds. A failure is
+        attributable: a failed group is retried one by one, and a request whose own prefill raises fails alone
+        (out of memory excepted, which the engine handles for the whole batch)."""
+        last_logits: dict[int, torch.Tensor] = {}  # id(request or companion) -> logits after its last token
+        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]] = {}
+        whole: dict[tuple[int, ...], PrefillChunk] = {}
+        one_by_one: list[PrefillChunk] = []
+        for chunk in chunks:
+            tokens = tuple(chunk.seq.prompt_ids + chunk.seq.generated_ids)
+            alone = chunk.seq.companion is not None or self.prefix_cache is not None or tokens in whole
+            if chunk.start == 0 and chunk.completes and not alone:
+                whole[tokens] = chunk
             else:
-                one_by_one.append(seq)
-        for group in _padding_groups(list(fresh.values())):
+                one_by_one.append(chunk)
+        for group in _padding_groups(list(whole.values())):
             if len(group) == 1:
                 one_by_one.insert(0, group[0])
                 continue
-            first_slot = self.num_slots
             try:
-                by_slot.update(self._prefill_together(group, prefilled))
+                last_logits.update(self._prefill_together(group, prefilled))
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
-                self._release_slots(set(range(first_slot, self.num_slots)))
+                self.release(chunk.seq for chunk in group)
                 one_by_one[:0] = group  # retried alone, so that only the request at fault fails
-        for seq in one_by_one:
-            first_slot = self.num_slots
+        for chunk in one_by_one:
             try:
-                for member in (seq, seq.companion):
-                    if member is not None:
-                        slot = self.num_slots
-                        by_slot[slot] = self._prefill_row(member, prefilled)
+                last_logits.update(self._prefill_chunk(chunk, prefilled))
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
-                for slot in range(first_slot, self.num_slots):
-                    by_slot.pop(slot, None)
-                self._release_slots(set(range(first_slot, self.num_slots)))
-                failed.append((seq, f"{type(error).__name__}: {error}"))
-        logits = [by_slot[slot] for slot in sorted(by_slot)]
-        return (torch.cat(logits) if logits else None), failed
+                self.release([chunk.seq])
+                errors[chunk.seq.request_id] = f"{type(error).__name__}: {error}"
+        joined = []
+        for chunk in chunks:
+            if chunk.completes and chunk.seq.request_id not in errors:
+                for member in (chunk.seq, chunk.seq.companion):
+                    if member is not None:
+                        self._join(member)
+                        joined.append(last_logits[id(member)])
+        return torch.cat(joined) if joined else None
 
     def _prefill_together(
-        self, group: list[Sequence], prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]
+        self, group: list[PrefillChunk], prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
     ) -> dict[int, torch.Tensor]:
-        """Give each request of `group` a row (consecutive) and prefill them in one right-padded forward."""
-        prompts = [seq.prompt_ids + seq.generated_ids for seq in group]
+        """Give each request of `group` a slot (consecutive) and prefill their whole prompts in one right-padded
+        forward."""
+        prompts = [chunk.seq.prompt_ids + chunk.seq.generated_ids for chunk in group]
         lengths = [len(tokens) for tokens in prompts]
         width = max(lengths)
-        slots = [self._add_row(seq) for seq in group]
+        slots = [self._add_prefilling(chunk.seq) for chunk in group]
         padded = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
         for row, tokens in enumerate(prompts):
             padded[row, : len(tokens)] = torch.tensor(tokens, device=self.device)
@@ -403,45 +392,96 @@ class ModelRunner:
         keep = torch.tensor(last, device=self.device)
         logits = prefill_pass(self.model, self.cache, slots[0], padded, logits_to_keep=keep)
         result = {}
-        for row, (slot, tokens) in enumerate(zip(slots, prompts)):
-            result[slot] = logits[row : row + 1, last.index(len(tokens) - 1)]
-            prefilled[tuple(tokens)] = (slot, result[slot])
+        for row, (chunk, tokens) in enumerate(zip(group, prompts)):
+            result[id(chunk.seq)] = logits[row : row + 1, last.index(len(tokens) - 1)]
+            prefilled[tuple(tokens)] = (chunk.seq, result[id(chunk.seq)])
         return result
 
-    def _add_row(self, seq: Sequence) -> int:
-        """A new row (slot) for `seq`, in the batch state and in the draft model's cache."""
-        slot = self.state.add_row(seq)
-        if self.draft is not None:
-            self.draft.add_row()
-        return slot
-
-    def _prefill_row(self, seq: Sequence, prefilled: dict[tuple[int, ...], tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """Give `seq` a row and fill its KV cache; returns the logits after its last token."""
-        tokens = seq.prompt_ids + seq.generated_ids
-        self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix is copied in
-        row = self._add_row(seq)
-        twin = prefilled.get(tuple(tokens))
-        if twin is not None:
-            self.cache.copy_prefix(twin[0], row, len(tokens))
-            return twin[1]
-        cached = self.prefix_cache.load(tokens, row) if self.prefix_cache is not None else 0
-        input_ids = torch.tensor([tokens[cached:]], device=self.device)
-        logits = prefill_pass(self.model, self.cache, row, input_ids, offset=cached)[:, -1]
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(tokens, row)
-        prefilled[tuple(tokens)] = (row, logits)
+    def _prefill_chunk(
+        self, chunk: PrefillChunk, prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Compute one chunk in its request's slot (a first chunk takes a slot, and one for a guidance companion,
+        whose prompt is prefilled whole with its request's last chunk). The logits after the last token of each
+        member that completed."""
+        seq = chunk.seq
+        if chunk.start == 0:
+            for member in (seq, seq.companion):
+                if member is not None:
+                    self._add_prefilling(member)
+        logits = {}
+        computed = self._compute(seq, chunk.start, chunk.end, prefilled)
+        if computed is not None:
+            logits[id(seq)] = computed
+        if chunk.completes and seq.companion is not None:
+            logits[id(seq.companion)] = self._compute(seq.companion, 0, None, prefilled)
         return logits
 
+    def _compute(
+        self,
+        seq: Sequence,
+        start: int,
+        end: int | None,
+        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]],
+    ) -> torch.Tensor | None:
+        """Fill positions [start, end) of `seq`'s slot (end None: to its last token) from a twin prefilled this
+        step, the prefix cache, or a forward after what the slot holds. The logits after its last token when the
+        slot now holds all of it."""
+        tokens = seq.prompt_ids + seq.generated_ids
+        end = len(tokens) if end is None else end
+        slot = self._slot(seq)
+        self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix or a twin is copied in
+        twin = prefilled.get(tuple(tokens)) if start == 0 and end == len(tokens) else None
+        if twin is not None:
+            self.cache.copy_prefix(self._slot(twin[0]), slot, len(tokens))
+            return twin[1]
+        cached = self.prefix_cache.load(tokens, slot) if self.prefix_cache is not None and start == 0 else 0
+        begin = max(start, cached)
+        if begin >= end:
+            return None  # the prefix cache held this whole chunk
+        input_ids = torch.tensor([tokens[begin:end]], device=self.device)
+        logits = prefill_pass(self.model, self.cache, slot, input_ids, offset=begin)[:, -1]
+        if end < len(tokens):
+            return None
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(tokens, slot)
+        prefilled[tuple(tokens)] = (seq, logits)
+        return logits
 
-def _padding_groups(seqs: list[Sequence], max_padding: float = 0.25) -> list[list[Sequence]]:
-    """Requests sorted by length and cut into groups whose padding stays under `max_padding` of their tokens."""
-    groups: list[list[Sequence]] = []
-    for seq in sorted(seqs, key=lambda s: s.num_tokens):
+    def _add_prefilling(self, seq: Sequence) -> int:
+        """A slot for `seq`, after the decoding rows and the requests already prefilling."""
+        self.prefilling.append(seq)
+        return self.state.num_rows + len(self.prefilling) - 1
+
+    def _slot(self, seq: Sequence) -> int:
+        for slot, row in enumerate(self.state.rows):
+            if row is seq:
+                return slot
+        return self.state.num_rows + next(index for index, entry in enumerate(self.prefilling) if entry is seq)
+
+    def _join(self, seq: Sequence) -> None:
+        """`seq`'s prompt is computed: its slot becomes the next decoding row (swapped to the front of the
+        prefilling slots first if another request, still prefilling, is ahead of it)."""
+        index = next(index for index, entry in enumerate(self.prefilling) if entry is seq)
+        first = self.state.num_rows
+        if index:
+            self.cache.move_rows([first, first + index], [first + index, first])
+            self.prefilling[0], self.prefilling[index] = self.prefilling[index], self.prefilling[0]
+        self.prefilling.pop(0)
+        self.state.add_row(seq)
+        if self.draft is not None:
+            self.draft.add_row()
+
+
+def _padding_groups(chunks: list[PrefillChunk], max_padding: float = 0.25) -> list[list[PrefillChunk]]:
+    """Whole prompts sorted by length and cut into groups whose padding stays under `max_padding` of their
+    tokens."""
+    groups: list[list[PrefillChunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.num_tokens):
         group = groups[-1] if groups else None
-        if group and seq.num_tokens * (len(group) + 1) <= (1 + max_padding) * (
-            sum(s.num_tokens for s in group) + seq.num_tokens
+        if group and chunk.num_tokens * (len(group) + 1) <= (1 + max_padding) * (
+            sum(c.num_tokens for c in group) + chunk.num_tokens
         ):
-            group.append(seq)
+            group.append(chunk)
         else:
-            groups.append([seq])
+            groups.append([chunk])
     return groups

@@ -1,124 +1,234 @@
 """The scheduler decides, the runner computes.
 
-Design: requests wait in a bounded queue (full: refused at once, so the caller can answer RESOURCE_EXHAUSTED
-instead of letting latency grow without bound). Interactive requests are admitted before batch ones; within a
-priority, one FIFO per client is served round-robin, so one client's burst cannot starve the others. Between
-decode steps the scheduler admits waiting requests into free rows (bounded by the row limit, which the engine
-lowers after an out-of-memory) as long as their prompt tokens stay within the per-step prefill budget; the
-first admitted request is always taken even if it alone exceeds the budget, so a long prompt cannot starve.
-It needs no torch and is unit-tested on its own.
+The scheduler owns every request from submit to finish: the waiting queue, the requests prefilling their prompt
+chunk by chunk, and the running (decoding) ones. Each step, `schedule()` applies cancels and expiry, preempts
+batch rows for waiting interactive requests, and shares the step's token budget (`max_num_batched_tokens`): one
+token per decoding row, then the rest to prompt chunks, continuing prompts first, then new requests in queue
+order. A prompt that fits in what the decoding rows leave of the budget is prefilled whole (bit-exact with
+`generate()`); a longer one is split into chunks across steps, so the running rows keep streaming. The plan it
+returns is data (step_plan.py); `update()` applies the runner's output and makes every finish decision.
+After an out-of-memory the row limit drops to what fitted and regrows one row per STEPS_TO_REGROW_ONE_ROW
+clean steps. No torch here: tests/test_scheduler.py drives it with made-up outputs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-from scheduler.request import Priority, Sequence
+from scheduler.config import EngineConfig
+from scheduler.request import FinishReason, Priority, Sequence, TokenEvent
+from scheduler.step_plan import ModelOutput, PrefillChunk, StepPlan, StopCode
+from scheduler.waiting_queue import WaitingQueue
 
+log = logging.getLogger(__name__)
 
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit; maps to RESOURCE_EXHAUSTED at the service edge."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_running: int = 64
-    max_prefill_tokens: int = 4096
-    max_queue: int = 1024
-    max_context: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("max_running", "max_prefill_tokens", "max_queue", "max_context"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+STEPS_TO_REGROW_ONE_ROW = 200
+_STOP_REASONS = {
+    StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN,
+    StopCode.LENGTH: FinishReason.LENGTH,
+    StopCode.STOPPING_CRITERIA: FinishReason.STOPPING_CRITERIA,
+    StopCode.CONSTRAINT_COMPLETE: FinishReason.CONSTRAINT_COMPLETE,
+}
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        # Per priority level (interactive first), one FIFO per client visited round-robin: a client's burst waits
-        # behind itself, not in front of others. Dict order is the visiting order; a served client moves last.
-        self._levels: dict[Priority, dict[str, deque[Sequence]]] = {level: {} for level in sorted(Priority)}
-        self._num_waiting = 0
-        self._lock = threading.Lock()
+        self.waiting = WaitingQueue(config.max_queue)
+        self.prefilling: list[Sequence] = []  # admitted, prompt not yet fully computed; in admission order
+        self.running: list[Sequence] = []  # decoding
+        self.row_limit = config.max_running  # lowered after an out-of-memory, regrown slowly
+        self._clean_steps = 0
+        self._cancels: list[tuple[str, FinishReason]] = []
+        self._cancel_lock = threading.Lock()
 
     @property
-    def num_waiting(self) -> int:
-        return self._num_waiting
-
-    def num_waiting_at(self, priority: Priority) -> int:
-        with self._lock:
-            return sum(len(queue) for queue in self._levels[priority].values())
+    def num_slots(self) -> int:
+        """Batch rows held, guidance companions included: what the row limit bounds."""
+        return sum(seq.num_slots for seq in (*self.prefilling, *self.running))
 
     @property
-    def num_waiting_tokens(self) -> int:
-        with self._lock:
-            return sum(seq.num_tokens for seq in self._all_waiting())
+    def free_rows(self) -> int:
+        return max(0, self.row_limit - self.num_slots)
 
     def add(self, seq: Sequence) -> None:
-        with self._lock:
-            if self._num_waiting >= self.config.max_queue:
-                raise QueueFullError(f"queue is full ({self.config.max_queue} requests waiting)")
-            self._queue_of(seq).append(seq)
-            self._num_waiting += 1
+        self.waiting.add(seq)
 
-    def remove(self, request_id: str) -> Sequence | None:
-        """Take a still-waiting request out of the queue (cancel before prefill)."""
-        with self._lock:
-            for level in self._levels.values():
-                for client, queue in level.items():
-                    for seq in queue:
-                        if seq.request_id == request_id:
-                            queue.remove(seq)
-                            if not queue:
-                                del level[client]
-                            self._num_waiting -= 1
-                            return seq
-        return None
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """From any thread; applied at the next schedule()."""
+        with self._cancel_lock:
+            self._cancels.append((request_id, reason))
 
-    def remove_expired(self, now: float) -> list[Sequence]:
-        """Take out the waiting requests whose deadline has passed."""
-        with self._lock:
-            expired = [s for s in self._all_waiting() if s.options.deadline is not None and s.options.deadline <= now]
-        return [seq for seq in expired if self.remove(seq.request_id) is not None]
+    def schedule(self, now: float) -> tuple[StepPlan, list[TokenEvent]]:
+        """The next step's plan, and the events of requests that ended before it (cancelled, expired)."""
+        released, events = self._apply_cancels()
+        for seq in self.waiting.remove_expired(now):
+            seq.finish(FinishReason.TIME_LIMIT)
+            events.append(TokenEvent(seq.request_id, (), FinishReason.TIME_LIMIT, seq.num_prompt_tokens))
+        preempted = self._preempt_for_interactive()
+        num_decoding = sum(seq.num_slots for seq in self.running)
+        budget = self.config.max_num_batched_tokens - num_decoding
+        chunks = []
+        for seq in self.prefilling:
+            size = min(budget, seq.num_tokens - seq.num_computed_tokens)
+            if size <= 0:
+                break
+            chunks.append(PrefillChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + size))
+            budget -= size
+        chunk_size = self.config.max_num_batched_tokens - num_decoding
+        num_slots = self.num_slots
+        out_of_tokens = False
 
-    def requeue(self, seqs: list[Sequence]) -> None:
-        """Put requests back at the head of their clients' queues, in order (after an out-of-memory or a
-        preemption); no limit applies, they were accepted already."""
-        with self._lock:
-            for seq in reversed(seqs):
-                self._queue_of(seq).appendleft(seq)
-            self._num_waiting += len(seqs)
+        def admit(seq: Sequence) -> bool:
+            nonlocal budget, num_slots, out_of_tokens
+            # An empty batch takes a guided request (two rows) even under a row limit lowered to one.
+            fits = num_slots + seq.num_slots <= self.row_limit or (
+                num_slots == 0 and seq.num_slots <= self.config.max_running
+            )
+            # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now.
+            size = seq.num_tokens if seq.num_tokens <= chunk_size else budget
+            # Out of tokens, nobody behind it (lower priority included) goes first: it is next in line.
+            out_of_tokens = out_of_tokens or budget <= 0 or size > budget
+            if not fits or out_of_tokens:
+                return False
+            chunks.append(PrefillChunk(seq, 0, size))
+            budget -= size
+            num_slots += seq.num_slots
+            return True
 
-    def admit(self, num_running: int, row_limit: int | None = None) -> list[Sequence]:
-        """Pop the requests to prefill this step, given how many rows are in use (a request with classifier-free
-        guidance takes two)."""
-        admitted: list[Sequence] = []
-        budget = self.config.max_prefill_tokens
-        limit = min(row_limit or self.config.max_running, self.config.max_running)
-        with self._lock:
-            for level in self._levels.values():
-                while level:
-                    client, queue = next(iter(level.items()))
-                    slots = queue[0].num_slots
-                    # An empty batch takes a guided request (two rows) even under a row limit lowered to one.
-                    fits = num_running + slots <= limit or (num_running == 0 and slots <= self.config.max_running)
-                    if not fits or (admitted and queue[0].num_tokens > budget):
-                        break
-                    num_running += queue[0].num_slots
-                    budget -= queue[0].num_tokens
-                    admitted.append(queue.popleft())
-                    del level[client]
-                    if queue:
-                        level[client] = queue
-            self._num_waiting -= len(admitted)
-        return admitted
+        for seq in self.waiting.pop_while(admit):
+            seq.start_time = now
+            self.prefilling.append(seq)
+        plan = StepPlan(
+            released=(*released, *preempted),
+            preempted=tuple(preempted),
+            prefills=tuple(chunks),
+            decodes=tuple(self.running),
+            speculate=num_decoding <= self.config.speculation_max_rows,
+        )
+        return plan, events
 
-    def _queue_of(self, seq: Sequence) -> deque[Sequence]:
-        return self._levels[seq.options.priority].setdefault(seq.options.client_id, deque())
+    def update(
+        self, plan: StepPlan, output: ModelOutput, now: float, deadline_margin: float
+    ) -> tuple[list[TokenEvent], list[Sequence]]:
+        """Apply a step's output: append tokens and decide every finish (eos, length, criteria, constraint
+        complete, max_time, the caller's deadline, an error). Returns the events and the requests that ended
+        (whose rows the engine frees). Stop strings are the detokenizer's, off the engine thread."""
+        self._regrow_row_limit()
+        for chunk in plan.prefills:
+            chunk.seq.num_computed_tokens = chunk.end
+            if chunk.completes and chunk.seq in self.prefilling:
+                self.prefilling.remove(chunk.seq)
+                self.running.append(chunk.seq)
+        events, ended = [], []
+        stepped = [*plan.decodes, *(chunk.seq for chunk in plan.prefills)]
+        for seq in stepped:
+            error = output.errors.get(seq.request_id)
+            result = output.results.get(seq.request_id)
+            if error is not None:
+                log.error("request %s failed: %s", seq.request_id, error)
+                seq.finish(FinishReason.CANCELLED)  # ended; the error event tells the client why
+                events.append(failure_event(seq, error))
+                ended.append(seq)
+                continue
+            if result is None:
+                continue  # a prompt chunk that is not the last
+            seq.generated_ids.extend(result.token_ids)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if result.stop in _STOP_REASONS:
+                seq.finish(_STOP_REASONS[result.stop])
+            elif seq.params.max_time is not None and now - seq.start_time > seq.params.max_time:
+                seq.finish(FinishReason.TIME_LIMIT)
+            elif seq.options.partial_on_deadline and now + deadline_margin >= seq.options.deadline:
+                seq.finish(FinishReason.TIME_LIMIT)
+            if seq.is_finished:
+                ended.append(seq)
+            logprobs = (result.logprob,) if result.logprob is not None else ()
+            events.append(
+                TokenEvent(
+                    seq.request_id, result.token_ids, seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs
+                )
+            )
+        self._forget(ended)
+        return events, ended
 
-    def _all_waiting(self) -> Iterator[Sequence]:
-        return (seq for level in self._levels.values() for queue in level.values() for seq in queue)
+    def recover_from_out_of_memory(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenEvent]]:
+        """Shrink to what fits after a step ran out of memory (the runner has dropped the rows this step's chunks
+        touched). This step's prefills go back to the queue; without any, the newest running request is preempted
+        (returned: its row is to be freed). A lone request that cannot fit fails instead of retrying forever."""
+        victims = [chunk.seq for chunk in plan.prefills]
+        to_release = []
+        if not victims and self.running:
+            victims = to_release = [max(self.running, key=lambda seq: seq.start_time or 0.0)]
+        self._forget(victims)
+        self.row_limit = max(1, self.num_slots)
+        self._clean_steps = 0
+        if not self.running and not self.prefilling and len(victims) == 1:
+            seq = victims[0]
+            log.error("request %s does not fit in memory even alone; failing it", seq.request_id)
+            seq.finish(FinishReason.CANCELLED)
+            return to_release, [failure_event(seq, "out of memory: the request does not fit")]
+        self._requeue(victims)
+        log.warning("out of memory: requeued %d requests, row limit now %d", len(victims), self.row_limit)
+        return to_release, []
+
+    def fail_all(self, plan: StepPlan, message: str) -> tuple[list[Sequence], list[TokenEvent]]:
+        """A step failed for a reason no single request explains: every request in the batch ends with it."""
+        failed = list({id(seq): seq for seq in (*self.running, *self.prefilling, *plan.admitted)}.values())
+        self._forget(failed)
+        for seq in failed:
+            seq.finish(FinishReason.CANCELLED)
+        return failed, [failure_event(seq, message) for seq in failed]
+
+    def _apply_cancels(self) -> tuple[list[Sequence], list[TokenEvent]]:
+        with self._cancel_lock:
+            cancels, self._cancels = self._cancels, []
+        released, events = [], []
+        for request_id, reason in cancels:
+            seq = self.waiting.remove(request_id)
+            if seq is None:
+                seq = next((s for s in (*self.prefilling, *self.running) if s.request_id == request_id), None)
+                if seq is not None and not seq.is_finished:
+                    self._forget([seq])
+                    released.append(seq)
+            if seq is None or seq.is_finished:
+                continue  # already ended: a cancel racing a natural finish is a no-op
+            seq.finish(reason)
+            events.append(TokenEvent(seq.request_id, (), reason, seq.num_prompt_tokens))
+        return released, events
+
+    def _preempt_for_interactive(self) -> list[Sequence]:
+        """Free rows for waiting interactive requests by sending the newest batch rows back to the queue. They
+        keep their tokens (and sampler state) and are recomputed when readmitted; nothing they produced is lost."""
+        needed = self.waiting.count_at(Priority.INTERACTIVE) - self.free_rows
+        if needed <= 0:
+            return []
+        batch = [seq for seq in (*self.prefilling, *self.running) if seq.options.priority is Priority.BATCH]
+        victims = sorted(batch, key=lambda seq: seq.start_time or 0.0, reverse=True)[:needed]
+        self._forget(victims)
+        self._requeue(victims)
+        return victims
+
+    def _requeue(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.num_computed_tokens = 0  # its KV is freed: it prefills again, generated tokens included
+        self.waiting.requeue(seqs)
+
+    def _forget(self, seqs: list[Sequence]) -> None:
+        leaving = {id(seq) for seq in seqs}
+        self.prefilling = [seq for seq in self.prefilling if id(seq) not in leaving]
+        self.running = [seq for seq in self.running if id(seq) not in leaving]
+
+    def _regrow_row_limit(self) -> None:
+        if self.row_limit < self.config.max_running:
+            self._clean_steps += 1
+            if self._clean_steps >= STEPS_TO_REGROW_ONE_ROW:
+                self.row_limit += 1
+                self._clean_steps = 0
+
+
+def failure_event(seq: Sequence, message: str) -> TokenEvent:
+    """The event that ends a request with an error (the client gets INTERNAL with the message)."""
+    return TokenEvent(seq.request_id, (), None, seq.num_prompt_tokens, error=message)

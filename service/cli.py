@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from scheduler.config import EngineConfig
+
 
 def _env(name: str, default: str) -> str:
     """Flags default to GENSERVE_* environment variables, so a container is configured without a command line."""
@@ -50,10 +52,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch-size", type=int, default=int(_env("max_batch_size", "64")), help="most rows decoded together"
     )
     group.add_argument(
-        "--max-prefill-tokens",
+        "--max-num-batched-tokens",
         type=int,
-        default=int(_env("max_prefill_tokens", "4096")),
-        help="prompt tokens prefilled per step",
+        default=int(_env("max_num_batched_tokens", str(EngineConfig.max_num_batched_tokens))),
+        help="tokens computed per engine step, shared by the decoding rows (one each) and prompt chunks: a longer "
+        "prompt is prefilled over several steps while the other streams keep going (must exceed --max-batch-size)",
     )
     group.add_argument(
         "--max-queue",
@@ -117,31 +120,22 @@ def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, AN
     assistant = None
     if args.assistant_model:
         assistant = load_model(args.assistant_model, **_load_options(args))
-    return Engine(
-        loaded,
-        _scheduler_config(args),
-        plugins=plugins or PluginRegistry(),
-        prefix_cache_tokens=args.prefix_cache_tokens if args.enable_prefix_caching else 0,
-        assistant=assistant,
-        num_assistant_tokens=args.num_assistant_tokens,
-        decode_mode=_decode_mode(args),
-        speculation_max_rows=args.speculative_max_batch_size,
+    return Engine(loaded, engine_config(args), plugins=plugins or PluginRegistry(), assistant=assistant)
+
+
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """The one EngineConfig of the flags that `args` has (commands take subsets of them), with `overrides`."""
+    flags = dict(
+        max_running=getattr(args, "max_batch_size", None),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+        max_queue=getattr(args, "max_queue", None),
+        max_context=getattr(args, "max_context", None),
+        prefix_cache_tokens=args.prefix_cache_tokens if getattr(args, "enable_prefix_caching", False) else None,
+        num_assistant_tokens=getattr(args, "num_assistant_tokens", None),
+        speculation_max_rows=getattr(args, "speculative_max_batch_size", None),
+        decode_mode="eager" if getattr(args, "no_cuda_graphs", False) else "auto",
     )
-
-
-def _decode_mode(args: argparse.Namespace) -> str:
-    return "eager" if args.no_cuda_graphs else "auto"
-
-
-def _scheduler_config(args: argparse.Namespace):  # noqa: ANN202 - keeps torch-free imports lazy
-    from scheduler.scheduler import SchedulerConfig
-
-    return SchedulerConfig(
-        max_running=args.max_batch_size,
-        max_prefill_tokens=args.max_prefill_tokens,
-        max_queue=args.max_queue,
-        max_context=args.max_context,
-    )
+    return EngineConfig(**{name: value for name, value in flags.items() if value is not None} | overrides)
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
@@ -187,12 +181,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.max_batch_size,
             baselines,
             log=lambda m: print(m, file=sys.stderr),
-            engine_options=dict(decode_mode=_decode_mode(args)),
+            engine_options=_bench_engine_options(args),
         )
         print(format_report(results, ceiling, args.max_batch_size))
     for feature in features:
         print()
         print(_feature_report(feature, loaded, args))
+    if args.long_prompt:
+        from scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
+
+        config = engine_config(args, max_running=args.long_prompt_batch_size)
+        print()
+        print(format_long_prompt_report(*run_long_prompt(loaded, config, args.long_prompt_tokens)))
     if args.decode_latency:
         from pathlib import Path
 
@@ -208,7 +208,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         by_mode = {}
         for dtype in [d for d in args.decode_dtypes.split(",") if d] or [None]:
             model = loaded if dtype is None else load_model(args.model, **(_load_options(args) | {"dtype": dtype}))
-            measured = decode_latencies(model, batch_sizes, args.decode_context, decode_mode=_decode_mode(args))
+            measured = decode_latencies(
+                model, batch_sizes, args.decode_context, decode_mode=engine_config(args).decode_mode
+            )
             by_mode[str(model.model.dtype).removeprefix("torch.")] = measured
         print()
         if len(by_mode) == 1:
@@ -222,12 +224,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_engine_options(args: argparse.Namespace) -> dict[str, object]:
+    config = engine_config(args)
+    return dict(decode_mode=config.decode_mode, max_num_batched_tokens=config.max_num_batched_tokens)
+
+
 def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
     from pathlib import Path
 
     from scheduler.engine import Engine
     from scheduler.model_loader import DEFAULT_MODEL, default_gguf_path
-    from scheduler.scheduler import SchedulerConfig
     from service.llama_cpp_bench import compare, find_llama_server, format_comparison
 
     if args.model == DEFAULT_MODEL:
@@ -236,8 +242,7 @@ def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
         gguf = Path(args.model)
     else:
         raise SystemExit("the llama.cpp baseline serves a GGUF file: --model default or --model FILE.gguf")
-    config = SchedulerConfig(max_running=args.parallel, max_queue=args.parallel + 1)
-    engine = Engine(loaded, config, decode_mode=_decode_mode(args))
+    engine = Engine(loaded, engine_config(args, max_running=args.parallel, max_queue=args.parallel + 1))
     runs = compare(
         engine,
         gguf,
@@ -511,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(bench)
     bench.add_argument("--max-batch-size", type=int, default=64, help="engine rows, and the HF static batch size")
+    bench.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=EngineConfig.max_num_batched_tokens,
+        help="the engine's tokens per step (decoding rows and prompt chunks)",
+    )
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")
     bench.add_argument("--max-new-tokens", type=int, default=256)
@@ -555,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated dtypes (e.g. float32,bfloat16), one column each, the model loaded in each; "
         "default: --dtype alone",
     )
+    stall = bench.add_argument_group(
+        "long prompt", "how long running streams stall while a long prompt is prefilled, chunked and whole"
+    )
+    stall.add_argument("--long-prompt", action="store_true", help="measure and print the table")
+    stall.add_argument("--long-prompt-tokens", type=int, default=1500, help="the long prompt's length (at least)")
+    stall.add_argument("--long-prompt-batch-size", type=int, default=8, help="engine rows for these runs")
     bench.set_defaults(handler=cmd_bench)
 
     serve = commands.add_parser(

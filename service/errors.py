@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import grpc
 
 from scheduler.async_engine import RequestFailedError
-from scheduler.engine import DeadlineUnreachableError, LoadReport
+from scheduler.engine import LoadReport
 from scheduler.params import ValidationError
-from scheduler.scheduler import QueueFullError
+from scheduler.submission import DeadlineUnreachableError
+from scheduler.waiting_queue import QueueFullError
 from service.load_report import RequestRates, Trailer, orca_trailer, retry_status
 from service.metrics import Metrics
 from service.stream_store import StreamNotFoundError

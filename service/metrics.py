@@ -96,7 +96,7 @@ class Metrics:
             lambda: engine.num_running
         )
         Gauge("genserve_kv_cache_usage_ratio", "Tokens held in the KV cache / its capacity", registry=r).set_function(
-            engine.runner.kv_usage_ratio
+            lambda: engine.snapshot.kv_cache_usage_ratio
         )
         model_info = Gauge("genserve_model_info", "The served model (value 1)", ["model"], registry=r)
         model_info.labels(model=engine.loaded.name).set(1)

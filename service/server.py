@@ -21,10 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
-from scheduler.engine import DeadlineUnreachableError, Engine
+from scheduler.engine import Engine
 from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import FinishReason, Priority, RequestOptions
-from scheduler.scheduler import QueueFullError
+from scheduler.submission import DeadlineUnreachableError
+from scheduler.waiting_queue import QueueFullError
 from service import kserve, tgis
 from service.convert import (
     FINISH_REASONS,
@@ -393,7 +394,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 max_batch_size=config.max_running,
                 max_queue=config.max_queue,
                 max_context=config.max_context,
-                max_prefill_tokens=config.max_prefill_tokens,
+                max_num_batched_tokens=config.max_num_batched_tokens,
             ),
             has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
             prefix_caching=engine.runner.prefix_cache is not None,

@@ -7,11 +7,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel, load_model
 from scheduler.params import GenerationParameters
 from scheduler.request import FinishReason, RequestOptions, TokenEvent
-from scheduler.scheduler import SchedulerConfig
 
 TINY_VOCAB = 320
 TINY_EOS = 2
@@ -95,8 +95,9 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationPar
 class StepDriver:
     """Drives an Engine step by step in the test's thread, recording every event per request."""
 
-    def __init__(self, loaded: LoadedModel, engine_options: dict | None = None, **config: int) -> None:
-        self.engine = Engine(loaded, SchedulerConfig(**config), **(engine_options or {}))
+    def __init__(self, loaded: LoadedModel, assistant: LoadedModel | None = None, **config: object) -> None:
+        """`config`: EngineConfig fields."""
+        self.engine = Engine(loaded, EngineConfig(**config), assistant=assistant)
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, FinishReason | None] = {}
         self.errors: dict[str, str] = {}

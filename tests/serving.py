@@ -11,10 +11,10 @@ from collections.abc import Callable
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.plugins import PluginRegistry
-from scheduler.scheduler import SchedulerConfig
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.proto_gen.genserve.v1 import generate_pb2_grpc
 from service.server import GenerationServer, ServerOptions
@@ -28,12 +28,10 @@ class ServerThread:
         metrics: bool = False,
         options: ServerOptions | None = None,
         plugins: PluginRegistry | None = None,
-        engine_options: dict | None = None,
-        **config: int,
+        assistant: LoadedModel | None = None,
+        **config: object,
     ) -> None:
-        self.engine = Engine(
-            loaded, SchedulerConfig(**config), plugins=plugins or PluginRegistry(), **(engine_options or {})
-        )
+        self.engine = Engine(loaded, EngineConfig(**config), plugins=plugins or PluginRegistry(), assistant=assistant)
         options = options or ServerOptions(port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None)
         self.server = GenerationServer(self.engine, options)
         self.loop = asyncio.new_event_loop()

@@ -142,3 +142,26 @@ def test_prompts_prefilled_together_equal_generate_alone(case: Case, tmp_path: P
     for index, prompt in enumerate(prompts):
         expected = hf_generate(loaded.model, prompt, driver.engine.make_parameters(max_new_tokens=12, ignore_eos=True))
         assert driver.tokens[f"r{index}"] == expected, f"{case.label} r{index}"
+
+
+@pytest.mark.parametrize("case", SERVED, ids=[case.label for case in SERVED])
+def test_prompts_prefilled_in_chunks_equal_generate_alone(case: Case, tmp_path: Path) -> None:
+    """A prompt longer than the step budget is computed over several steps, each chunk reading the ones before
+    it through the model's masks (sliding windows included), while two rows decode."""
+    from tests.conftest import StepDriver
+
+    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    driver = StepDriver(loaded, max_running=4, max_num_batched_tokens=9)
+    prompts = {
+        "short0": [3 + (j * 17) % (VOCAB - 3) for j in range(5)],
+        "short1": [3 + (j * 29 + 4) % (VOCAB - 3) for j in range(6)],
+        "long": [3 + (j * 13 + 7) % (VOCAB - 3) for j in range(31)],  # 5 chunks of 7, past a window of 8
+    }
+    schedule = {
+        i: [(name, prompt, dict(max_new_tokens=12, ignore_eos=True))]
+        for i, (name, prompt) in enumerate(prompts.items())
+    }
+    driver.run(schedule)
+    for name, prompt in prompts.items():
+        expected = hf_generate(loaded.model, prompt, driver.engine.make_parameters(max_new_tokens=12, ignore_eos=True))
+        assert driver.tokens[name] == expected, f"{case.label} {name}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from tests.conftest import tiny_model
+from tests.conftest import byte_tokenizer, tiny_model
 
 
 @pytest.mark.parametrize("command", ["serve", "bench", "generate", "chat", "loadtest"])
@@ -69,6 +69,19 @@ def test_bench_decode_latency_one_column_per_dtype(tmp_path: Path, capsys) -> No
     assert code == 0 and "float32: step (step / floor)" in report and "bfloat16: step (step / floor)" in report
     rows = [line for line in report.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert len(rows) == 2 and all(line.count(" ms (") == 2 for line in rows)
+
+
+def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    byte_tokenizer().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--long-prompt"]
+    code = main([*arguments, "--long-prompt-tokens", "300", "--max-num-batched-tokens", "48"])
+    report = capsys.readouterr().out
+    assert code == 0 and "Long prompt admitted while 4 streams decode" in report
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| chunked", "| whole"))]
+    assert [row[1].strip() for row in rows] == ["chunked, 48 tokens/step", "whole prompt in one step"]
+    assert all(row[-2].strip() == "yes" for row in rows)  # the long prompt's tokens equal generate()'s
+    assert all(float(row[3]) > 0 for row in rows)  # the gap as a fraction of the idle prefill (timing: no bound)
 
 
 def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tmp_path: Path, capsys) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
-from scheduler.scheduler import SchedulerConfig
 from tests.conftest import StepDriver, hf_generate
 
 QUOTE = [40, 41, 42, 43, 44, 45]
@@ -29,8 +29,8 @@ def _schedule() -> dict[int, list[tuple[str, list[int], dict]]]:
 
 
 def test_static_decode_gives_the_eager_tokens_with_rows_joining(tiny) -> None:
-    static = StepDriver(tiny, engine_options=dict(decode_mode="static"), max_running=8)
-    eager = StepDriver(tiny, engine_options=dict(decode_mode="eager"), max_running=8)
+    static = StepDriver(tiny, decode_mode="static", max_running=8)
+    eager = StepDriver(tiny, decode_mode="eager", max_running=8)
     static.run(_schedule())
     eager.run(_schedule())
     assert static.tokens == eager.tokens and len(static.tokens) == 8
@@ -45,6 +45,6 @@ def test_static_decode_gives_the_eager_tokens_with_rows_joining(tiny) -> None:
 
 
 def test_auto_mode_is_eager_on_cpu_and_bad_modes_are_refused(tiny) -> None:
-    assert Engine(tiny, SchedulerConfig(max_running=2)).runner.static_decoder is None
+    assert Engine(tiny, EngineConfig(max_running=2)).runner.static_decoder is None
     with pytest.raises(ValueError, match="decode_mode"):
-        Engine(tiny, SchedulerConfig(max_running=2), decode_mode="graphs")
+        EngineConfig(max_running=2, decode_mode="graphs")

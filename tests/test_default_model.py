@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from scheduler.async_engine import AsyncEngine, GenerationOutput
+from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.engine import Engine
 from scheduler.request import FinishReason
-from scheduler.scheduler import SchedulerConfig
 from tests.conftest import hf_generate
 
 pytestmark = pytest.mark.default_model
@@ -42,7 +42,7 @@ async def _collect(engine: AsyncEngine, prompt: list[int], params, delay: float)
 
 def _serve(loaded, jobs, max_running: int = 4) -> list[list[GenerationOutput]]:
     async def main() -> list[list[GenerationOutput]]:
-        engine = AsyncEngine(Engine(loaded, SchedulerConfig(max_running=max_running)))
+        engine = AsyncEngine(Engine(loaded, EngineConfig(max_running=max_running)))
         engine.start()
         try:
             return await asyncio.gather(*[_collect(engine, p, params, delay) for p, params, delay in jobs])
@@ -117,3 +117,25 @@ def test_detokenizer_holds_back_a_possible_stop_string(default_model) -> None:
             hit = delta.stop_string
             break
     assert hit == "forty-two" and emitted == "The answer is "
+
+
+def test_a_long_prompt_prefills_in_chunks_while_streams_decode_and_equals_generate(default_model) -> None:
+    from scheduler.benchmarks.long_prompt import long_prompt
+    from tests.conftest import StepDriver
+
+    driver = StepDriver(default_model, max_running=8)  # the default budget: 512 tokens per step
+    steps: list[tuple[int, int]] = []
+    driver.engine.on_step = lambda stats: steps.append((stats.num_rows, stats.num_prefill_tokens))
+    prompt = long_prompt(default_model, 1500)
+    streams = {f"s{i}": _chat(default_model, question) for i, question in enumerate(QUESTIONS[:4])}
+    schedule = {0: [(name, ids, dict(max_new_tokens=24)) for name, ids in streams.items()]}
+    schedule[2] = [("long", prompt, dict(max_new_tokens=16))]
+    driver.run(schedule)
+    for name, ids in {**streams, "long": prompt}.items():
+        budget = 16 if name == "long" else 24
+        assert driver.tokens[name] == hf_generate(
+            default_model.model, ids, driver.engine.make_parameters(max_new_tokens=budget)
+        ), name
+    chunk_steps = [(rows, tokens) for rows, tokens in steps[2:] if tokens]
+    assert len(chunk_steps) >= 3 and all(tokens <= 512 for _, tokens in chunk_steps)
+    assert all(rows >= 1 for rows, _ in chunk_steps)  # the streams got tokens while it prefilled

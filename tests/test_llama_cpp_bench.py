@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
-from scheduler.scheduler import SchedulerConfig
 from service.llama_cpp_bench import find_llama_server, fixed_prompts, format_comparison, run_genserve
 
 
@@ -17,7 +17,7 @@ def test_fixed_prompts_have_the_asked_length(tiny_with_tokenizer) -> None:
 
 
 def test_genserve_side_generates_every_token_over_grpc(tiny_with_tokenizer) -> None:
-    engine = Engine(tiny_with_tokenizer, SchedulerConfig(max_running=4))
+    engine = Engine(tiny_with_tokenizer, EngineConfig(max_running=4))
     prompts = fixed_prompts(tiny_with_tokenizer.tokenizer, 4, 20)
     run = run_genserve("genserve", engine, prompts, new_tokens=12)
     assert run.generated_tokens == 4 * 12 and run.seconds > 0

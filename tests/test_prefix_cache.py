@@ -21,7 +21,7 @@ def _requests(count: int) -> dict[int, list[tuple[str, list[int], dict]]]:
 
 
 def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None:
-    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=256), max_running=4)
+    cached = StepDriver(tiny, prefix_cache_tokens=256, max_running=4)
     plain = StepDriver(tiny, max_running=4)
     cached.run(_requests(8))
     plain.run(_requests(8))
@@ -34,7 +34,7 @@ def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None
 
 
 def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
-    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=32), max_running=3)
+    cached = StepDriver(tiny, prefix_cache_tokens=32, max_running=3)
     plain = StepDriver(tiny, max_running=3)
     schedule = {i: [(f"p{i}", [(7 * i + j) % 300 + 3 for j in range(40)], dict(max_new_tokens=6))] for i in range(6)}
     schedule[8] = [("again", schedule[0][0][1], dict(max_new_tokens=6))]
@@ -45,7 +45,7 @@ def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
 
 
 def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
-    server = ServerThread(tiny, metrics=True, engine_options=dict(prefix_cache_tokens=256), max_running=4)
+    server = ServerThread(tiny, metrics=True, prefix_cache_tokens=256, max_running=4)
     try:
         server.stub.Generate(ids_request(SYSTEM + [3], max_new_tokens=3))  # fills the cache
         prompts = [SYSTEM + [i + 4] for i in range(2)] + [[7, 8, 9]]  # two hits, one plain request beside them
@@ -64,7 +64,7 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
 
 def test_the_next_chat_turn_reuses_the_previous_answer(tiny) -> None:
     first_prompt = list(range(60, 100))
-    cached = StepDriver(tiny, engine_options=dict(prefix_cache_tokens=512), max_running=2)
+    cached = StepDriver(tiny, prefix_cache_tokens=512, max_running=2)
     cached.run({0: [("turn1", first_prompt, dict(max_new_tokens=30, ignore_eos=True))]})
     second_prompt = first_prompt + cached.tokens["turn1"] + [5, 6, 7]
     before = cached.engine.runner.counters()

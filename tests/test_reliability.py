@@ -246,7 +246,7 @@ def test_out_of_memory_is_survived(tiny, monkeypatch) -> None:
         results = [future.result(timeout=120) for future in futures]
         assert injected.is_set()
         assert all(r.usage.generated_tokens == 40 and r.finish_reason == pb.LENGTH for r in results)
-        assert survivor.engine.row_limit < 8  # admission shrank to what fit
+        assert survivor.engine.snapshot.row_limit < 8  # admission shrank to what fit
         _wait_idle(survivor)
     finally:
         survivor.close()

@@ -9,9 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from scheduler.config import EngineConfig
 from scheduler.params import GenerationParameters
 from scheduler.request import Priority, RequestOptions, Sequence
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import Scheduler
 from service.cli import main
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from service.server import ServerOptions
@@ -84,13 +85,14 @@ def test_resumable_needs_a_request_id(server) -> None:
 
 
 def test_interactive_requests_are_admitted_before_batch_ones() -> None:
-    scheduler = Scheduler(SchedulerConfig(max_running=3))
+    scheduler = Scheduler(EngineConfig(max_running=3))
     for i in range(3):
         options = RequestOptions(priority=Priority.BATCH)
         scheduler.add(Sequence(f"b{i}", [1, 2], GenerationParameters(), options=options))
     scheduler.add(Sequence("i0", [1, 2], GenerationParameters()))
-    assert [s.request_id for s in scheduler.admit(0)] == ["i0", "b0", "b1"]
-    assert scheduler.num_waiting_at(Priority.BATCH) == 1
+    plan, _ = scheduler.schedule(0.0)
+    assert [s.request_id for s in plan.admitted] == ["i0", "b0", "b1"]
+    assert scheduler.waiting.count_at(Priority.BATCH) == 1
 
 
 def test_interactive_request_preempts_a_batch_row_which_resumes_without_loss(tiny) -> None:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.params import ValidationError
-from scheduler.scheduler import SchedulerConfig
 from scheduler.speculation import Drafts, accepted_counts, prompt_lookup
 from tests.conftest import TINY_EOS, StepDriver, hf_generate, tiny_model
 from tests.serving import ServerThread, ids_request, scrape
@@ -104,7 +104,7 @@ def test_assistant_model_speculation_equals_plain_greedy(tiny) -> None:
     plain = StepDriver(tiny, max_running=8)
     plain.run(_schedule(lookup=0))
     for assistant, accepts_most in ((tiny, True), (LoadedModel(tiny_model(seed=1), None, "other"), False)):
-        speculative = StepDriver(tiny, engine_options=dict(assistant=assistant, num_assistant_tokens=4), max_running=8)
+        speculative = StepDriver(tiny, assistant=assistant, num_assistant_tokens=4, max_running=8)
         speculative.run(_schedule(lookup=0))
         assert speculative.tokens == plain.tokens
         assert speculative.finish == plain.finish
@@ -116,7 +116,7 @@ def test_assistant_model_speculation_equals_plain_greedy(tiny) -> None:
 def test_assistant_and_prompt_lookup_rows_mix(tiny) -> None:
     plain = StepDriver(tiny, max_running=8)
     plain.run(_schedule(lookup=0))
-    mixed = StepDriver(tiny, engine_options=dict(assistant=tiny, num_assistant_tokens=3), max_running=8)
+    mixed = StepDriver(tiny, assistant=tiny, num_assistant_tokens=3, max_running=8)
     schedule = _schedule(lookup=5)
     schedule[0][1][2]["num_assistant_tokens"] = 0  # "plain" opts out; the lookup rows use lookup
     mixed.run(schedule)
@@ -134,7 +134,7 @@ def test_an_assistant_needs_the_same_vocabulary(tiny) -> None:
         "x",
     )
     with pytest.raises(ValueError, match="vocabulary"):
-        Engine(tiny, SchedulerConfig(max_running=2), assistant=other)
+        Engine(tiny, EngineConfig(max_running=2), assistant=other)
     driver = StepDriver(tiny, max_running=2)
     with pytest.raises(ValidationError, match="num_assistant_tokens"):
         driver.submit("r", [5, 6], max_new_tokens=3, num_assistant_tokens=2)
@@ -191,7 +191,7 @@ def test_preempted_speculating_and_guided_rows_resume_exactly(tiny) -> None:
     preempted: list[int] = []
 
     def run(preempt: bool) -> dict[str, list[int]]:
-        driver = StepDriver(tiny, engine_options=dict(assistant=tiny, num_assistant_tokens=3), max_running=4)
+        driver = StepDriver(tiny, assistant=tiny, num_assistant_tokens=3, max_running=4)
         engine = driver.engine
         engine.on_step = lambda stats: preempted.append(stats.num_preempted)
         batch = RequestOptions(priority=Priority.BATCH)
@@ -218,7 +218,7 @@ def test_preempted_speculating_and_guided_rows_resume_exactly(tiny) -> None:
 
 
 def test_no_speculation_past_the_batch_size_limit(tiny) -> None:
-    limited = StepDriver(tiny, engine_options=dict(speculation_max_rows=1), max_running=8)
+    limited = StepDriver(tiny, speculation_max_rows=1, max_running=8)
     unlimited = StepDriver(tiny, max_running=8)
     plain = StepDriver(tiny, max_running=8)
     for driver, lookup in ((limited, 6), (unlimited, 6), (plain, 0)):
@@ -226,6 +226,6 @@ def test_no_speculation_past_the_batch_size_limit(tiny) -> None:
     assert limited.tokens == unlimited.tokens == plain.tokens
     # Limited to one row, the lookup rows speculated only in the steps they decoded alone.
     assert limited.engine.runner.counters().speculated < unlimited.engine.runner.counters().speculated
-    lone = StepDriver(tiny, engine_options=dict(speculation_max_rows=1), max_running=8)
+    lone = StepDriver(tiny, speculation_max_rows=1, max_running=8)
     lone.run({0: [("quote", QUOTE * 3, dict(max_new_tokens=20, prompt_lookup_num_tokens=6))]})
     assert lone.engine.runner.counters().accepted > 0

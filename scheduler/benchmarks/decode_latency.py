@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.kv_cache import SlotKVCache
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions
-from scheduler.scheduler import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,13 @@ def measure_decode_step(
     loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, decode_mode: str = "auto"
 ) -> float:
     """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each."""
-    config = SchedulerConfig(
-        max_running=batch_size, max_context=context + steps + 2, max_prefill_tokens=batch_size * context
+    config = EngineConfig(
+        max_running=batch_size,
+        max_context=context + steps + 2,
+        max_num_batched_tokens=batch_size * (context + 1),  # every prompt whole in the first step
+        decode_mode=decode_mode,
     )
-    engine = Engine(loaded, config, decode_mode=decode_mode)
+    engine = Engine(loaded, config)
     rng = random.Random(0)
     vocab = engine.vocab_size
     for index in range(batch_size):

@@ -19,13 +19,13 @@ import torch
 from tqdm import tqdm
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions, TokenEvent
 from scheduler.runner import TokenCounters
-from scheduler.scheduler import SchedulerConfig
 
-_QUESTIONS = [
+QUESTIONS = [
     "What is the capital of France?",
     "Write a short poem about autumn leaves.",
     "Explain how a refrigerator keeps food cold.",
@@ -39,7 +39,7 @@ _QUESTIONS = [
     "Explain what a prime number is, with examples.",
     "Write a friendly email inviting a colleague to lunch.",
 ]
-_CONTEXT = (
+CONTEXT = (
     "Background notes: the city council met on Tuesday to discuss the new park, the library hours, the bus routes "
     "and the budget for street lighting. Residents asked many questions and the meeting ran late. "
 )
@@ -70,20 +70,25 @@ def default_workload(
 ) -> Workload:
     """Chat prompts of mixed lengths (0 to 6 paragraphs of context), max_new_tokens uniform in [min, max]."""
     rng = random.Random(seed)
-    tokenizer = loaded.tokenizer
     prompts, budgets = [], []
     for i in range(num_prompts):
-        content = _CONTEXT * rng.randint(0, 6) + _QUESTIONS[i % len(_QUESTIONS)]
-        if tokenizer is not None and tokenizer.chat_template:
-            messages = [{"role": "user", "content": content}]
-            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
-        elif tokenizer is not None:
-            ids = tokenizer.encode(content)
+        content = CONTEXT * rng.randint(0, 6) + QUESTIONS[i % len(QUESTIONS)]
+        if loaded.tokenizer is not None:
+            ids = chat_ids(loaded, content)
         else:
             ids = [rng.randrange(loaded.model.config.vocab_size) for _ in range(rng.randint(16, 160))]
         prompts.append(ids)
         budgets.append(rng.randint(min_new_tokens, max_new_tokens))
     return Workload(prompts, budgets)
+
+
+def chat_ids(loaded: LoadedModel, content: str) -> list[int]:
+    """One user message through the model's chat template (plain encoding for a model without one)."""
+    tokenizer = loaded.tokenizer
+    if not tokenizer.chat_template:
+        return tokenizer.encode(content)
+    messages = [{"role": "user", "content": content}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
@@ -108,9 +113,10 @@ def run_genserve(
     engine_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> BenchResult:
-    """The workload through the engine; `engine_options` go to Engine, `overrides` to every request."""
-    config = SchedulerConfig(max_running=max_batch_size, max_queue=len(workload.prompts) + 1)
-    engine = Engine(loaded, config, **(engine_options or {}))
+    """The workload through the engine; `engine_options` are EngineConfig fields, `overrides` go to every
+    request."""
+    options = {"max_queue": len(workload.prompts) + 1} | (engine_options or {})
+    engine = Engine(loaded, EngineConfig(max_running=max_batch_size, **options))
     outputs: dict[str, list[int]] = {}
     first_token_at: dict[str, float] = {}
 

@@ -1,0 +1,38 @@
+"""The engine's options, written once: the CLI builds one `EngineConfig`; the engine, scheduler and runner read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECODE_MODES = ("auto", "eager", "static")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 64  # batch rows (a request with classifier-free guidance holds two)
+    # Tokens computed per step, shared by the decoding rows (one each) and prompt chunks: a long prompt is
+    # prefilled over several steps while the running rows keep streaming (README: "Chunked prefill").
+    max_num_batched_tokens: int = 512
+    max_queue: int = 1024  # waiting requests before a submit is refused
+    max_context: int = 2048  # prompt + new tokens per request
+    seed: int = 0  # the shared generator of unseeded sampling rows
+    prefix_cache_tokens: int = 0  # > 0: prefix caching with a pool of this many tokens (prefix_cache.py)
+    num_assistant_tokens: int = 4  # assistant-model proposals per step, for requests that do not set theirs
+    # Speculate only in steps decoding at most this many rows: past that, verifying proposals costs more compute
+    # than the passes it saves.
+    speculation_max_rows: int = 16
+    # "auto": decode steps from CUDA graphs on a GPU, eager on CPU; "eager": never capture (--no-cuda-graphs);
+    # "static": pad to the graphs' buckets even on CPU (what tests use to run the captured path without a GPU).
+    decode_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens <= self.max_running:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_running "
+                f"({self.max_running}): a step full of decoding rows still needs room for a prompt chunk"
+            )
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
