@@ -113,14 +113,19 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
+    """The engine, built (its start-up probe pass included) off the main thread: see scheduler/cpu_threads.py."""
+    from scheduler.cpu_threads import in_passing_thread
     from scheduler.engine import Engine
     from scheduler.model_loader import load_model
     from scheduler.plugins import PluginRegistry
 
-    assistant = None
-    if args.assistant_model:
-        assistant = load_model(args.assistant_model, **_load_options(args))
-    return Engine(loaded, engine_config(args), plugins=plugins or PluginRegistry(), assistant=assistant)
+    def build() -> Engine:
+        assistant = None
+        if args.assistant_model:
+            assistant = load_model(args.assistant_model, **_load_options(args))
+        return Engine(loaded, engine_config(args), plugins=plugins or PluginRegistry(), assistant=assistant)
+
+    return in_passing_thread(build)
 
 
 def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -139,9 +144,11 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
+    """The model, loaded off the main thread: see scheduler/cpu_threads.py."""
+    from scheduler.cpu_threads import in_passing_thread
     from scheduler.model_loader import load_model
 
-    return load_model(args.model, **_load_options(args))
+    return in_passing_thread(load_model, args.model, **_load_options(args))
 
 
 def _load_options(args: argparse.Namespace) -> dict[str, str]:
@@ -174,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             min_new_tokens=args.min_new_tokens,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
+            context_paragraphs=_pair(args.context_paragraphs, "--context-paragraphs"),
         )
         results, ceiling = run_benchmark(
             loaded,
@@ -182,6 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             baselines,
             log=lambda m: print(m, file=sys.stderr),
             engine_options=_bench_engine_options(args),
+            genserve=_genserve_over_grpc(loaded, args) if args.through_grpc else None,
         )
         print(format_report(results, ceiling, args.max_batch_size))
     for feature in features:
@@ -229,6 +238,42 @@ def _bench_engine_options(args: argparse.Namespace) -> dict[str, object]:
     return dict(decode_mode=config.decode_mode, max_num_batched_tokens=config.max_num_batched_tokens)
 
 
+def _pair(text: str, flag: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    try:
+        pair = int(low), int(high or low)
+    except ValueError:
+        raise SystemExit(f"{flag} takes MIN,MAX (integers), got {text!r}") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise SystemExit(f"{flag} needs 0 <= MIN <= MAX, got {text!r}")
+    return pair
+
+
+def _genserve_over_grpc(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - keeps torch imports lazy
+    """The bench's genserve run through a local gRPC server: every request a stream, all sent at once."""
+    from scheduler.benchmarks.throughput import BenchResult
+    from scheduler.cpu_threads import in_passing_thread
+    from scheduler.engine import Engine
+    from service.local_server import local_server, stream_all
+    from service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+    def run(workload) -> BenchResult:  # noqa: ANN001 - a Workload
+        config = engine_config(args, max_running=args.max_batch_size, max_queue=len(workload.prompts) + 1)
+        engine = in_passing_thread(Engine, loaded, config)
+        requests = [
+            pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=pb.GenerationParameters(max_new_tokens=n))
+            for prompt, n in zip(workload.prompts, workload.max_new_tokens)
+        ]
+        with local_server(engine) as target:
+            answer = stream_all(target, requests)
+        outputs = answer.outputs
+        first = tuple(answer.first_token_seconds)
+        counters = engine.runner.counters()
+        return BenchResult("genserve over gRPC", answer.seconds, sum(map(len, outputs)), outputs, counters, first)
+
+    return run
+
+
 def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
     from pathlib import Path
 
@@ -242,7 +287,10 @@ def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
         gguf = Path(args.model)
     else:
         raise SystemExit("the llama.cpp baseline serves a GGUF file: --model default or --model FILE.gguf")
-    engine = Engine(loaded, engine_config(args, max_running=args.parallel, max_queue=args.parallel + 1))
+    from scheduler.cpu_threads import in_passing_thread
+
+    config = engine_config(args, max_running=args.parallel, max_queue=args.parallel + 1)
+    engine = in_passing_thread(Engine, loaded, config)
     runs = compare(
         engine,
         gguf,
@@ -526,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--seed", type=int, default=0, help="workload seed")
+    bench.add_argument(
+        "--context-paragraphs",
+        default="0,6",
+        help="MIN,MAX paragraphs of background before each question (about 45 tokens each; 1,1 gives the 65 to "
+        "90-token chat prompts of a typical assistant workload)",
+    )
+    bench.add_argument(
+        "--through-grpc",
+        action="store_true",
+        help="measure genserve through a local gRPC server (every request a stream, all sent at once) instead of "
+        "the engine alone",
+    )
     bench.add_argument(
         "--baselines",
         default="sequential,static,continuous",

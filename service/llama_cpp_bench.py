@@ -10,13 +10,11 @@ genserve's fp32 weights). Throughput is generated tokens over wall time, client 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,10 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
+from service.local_server import local_server, stream_all
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
 
 _TEXT = (
     "The city council met on Tuesday to discuss the new park, the library hours, the bus routes and the budget "
@@ -132,30 +128,11 @@ def run_llama(name: str, url: str, prompts: list[list[int]], new_tokens: int) ->
 
 def run_genserve(name: str, engine, prompts: list[list[int]], new_tokens: int) -> Run:  # noqa: ANN001 - Engine
     """The workload through a genserve server on a free local port, over gRPC, all requests at once."""
-    from service.server import GenerationServer, ServerOptions
-
-    server = GenerationServer(engine, ServerOptions(port=0))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = generate_pb2_grpc.TextGenerationStub(channel)
-
-            def one(prompt: list[int]) -> int:
-                parameters = pb.GenerationParameters(max_new_tokens=new_tokens, ignore_eos=True, do_sample=False)
-                request = pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=parameters)
-                return stub.Generate(request, timeout=1800).usage.generated_tokens
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(len(prompts)) as pool:
-                generated = sum(pool.map(one, prompts))
-            seconds = time.perf_counter() - started
-    finally:
-        asyncio.run_coroutine_threadsafe(server.drain(), loop).result(120)
-        loop.call_soon_threadsafe(loop.stop)
-    return Run(name, seconds, generated)
+    parameters = pb.GenerationParameters(max_new_tokens=new_tokens, ignore_eos=True, do_sample=False)
+    requests = [pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=parameters) for prompt in prompts]
+    with local_server(engine) as target:
+        run = stream_all(target, requests)
+    return Run(name, run.seconds, sum(map(len, run.outputs)))
 
 
 def compare(

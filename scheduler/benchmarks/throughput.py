@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 from scheduler.config import EngineConfig
+from scheduler.cpu_threads import in_passing_thread
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions, TokenEvent
@@ -66,13 +67,19 @@ class BenchResult:
 
 
 def default_workload(
-    loaded: LoadedModel, num_prompts: int = 64, min_new_tokens: int = 16, max_new_tokens: int = 256, seed: int = 0
+    loaded: LoadedModel,
+    num_prompts: int = 64,
+    min_new_tokens: int = 16,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    context_paragraphs: tuple[int, int] = (0, 6),
 ) -> Workload:
-    """Chat prompts of mixed lengths (0 to 6 paragraphs of context), max_new_tokens uniform in [min, max]."""
+    """Chat prompts of mixed lengths (a number of paragraphs of context drawn from `context_paragraphs`, then a
+    question), max_new_tokens uniform in [min, max]."""
     rng = random.Random(seed)
     prompts, budgets = [], []
     for i in range(num_prompts):
-        content = CONTEXT * rng.randint(0, 6) + QUESTIONS[i % len(QUESTIONS)]
+        content = CONTEXT * rng.randint(*context_paragraphs) + QUESTIONS[i % len(QUESTIONS)]
         if loaded.tokenizer is not None:
             ids = chat_ids(loaded, content)
         else:
@@ -227,26 +234,31 @@ def run_benchmark(
     baselines: tuple[str, ...] = ("sequential", "static", "continuous"),
     log: Callable[[str], None] = print,
     engine_options: dict[str, Any] | None = None,
+    genserve: Callable[[Workload], BenchResult] | None = None,
 ) -> tuple[list[BenchResult], float]:
+    """`genserve` runs the workload through genserve some other way (e.g. over gRPC); default: the engine.
+    Every run has a passing thread of its own, so that none leaves torch's worker threads behind to slow the
+    next (scheduler/cpu_threads.py)."""
+    genserve = genserve or (lambda w: run_genserve(loaded, w, max_batch_size, engine_options=engine_options))
     # Warm-up: first calls pay one-off costs (allocator, kernels) that belong to nobody's throughput.
     warm = Workload(workload.prompts[:2], [4, 4])
-    run_genserve(loaded, warm, max_batch_size, engine_options=engine_options)
-    run_hf_sequential(loaded, warm)
-    results = [run_genserve(loaded, workload, max_batch_size, engine_options=engine_options)]
-    log(f"genserve: {results[0].tokens_per_second:.1f} tokens/s")
+    in_passing_thread(genserve, warm)
+    in_passing_thread(run_hf_sequential, loaded, warm)
+    results = [in_passing_thread(genserve, workload)]
+    log(f"{results[0].name}: {results[0].tokens_per_second:.1f} tokens/s")
     runners = {
         "sequential": lambda: run_hf_sequential(loaded, workload),
         "static": lambda: run_hf_static(loaded, workload, max_batch_size),
         "continuous": lambda: run_hf_continuous(loaded, workload, max_batch_size),
     }
     for name in baselines:
-        result = runners[name]()
+        result = in_passing_thread(runners[name])
         results.append(result)
         log(f"{result.name}: {result.tokens_per_second:.1f} tokens/s")
     mean_context = sum(map(len, workload.prompts)) // len(workload.prompts) + sum(workload.max_new_tokens) // (
         2 * len(workload.prompts)
     )
-    ceiling = decode_ceiling(loaded, max_batch_size, mean_context)
+    ceiling = in_passing_thread(decode_ceiling, loaded, max_batch_size, mean_context)
     return results, ceiling
 
 

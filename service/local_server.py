@@ -1,0 +1,71 @@
+"""A genserve server on a free local port, in a background thread, and a client that sends a whole workload at
+once: what `genserve bench --through-grpc` and the llama.cpp comparison measure genserve with."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from service.proto_gen.genserve.v1 import generate_pb2_grpc
+
+
+@dataclass(frozen=True)
+class GrpcRun:
+    seconds: float  # the first request sent to the last one answered
+    outputs: list[list[int]]  # per request, in order
+    first_token_seconds: list[float]  # per request, from the start
+
+
+@contextmanager
+def local_server(engine) -> Iterator[str]:  # noqa: ANN001 - an Engine (kept free of the engine's imports here)
+    """Serve `engine` on 127.0.0.1 (a free port) until the block ends, then drain; yields the target."""
+    from service.server import GenerationServer, ServerOptions
+
+    server = GenerationServer(engine, ServerOptions(port=0))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="local-grpc-server", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.drain(), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def stream_all(target: str, requests: list[pb.GenerateRequest]) -> GrpcRun:
+    """Send every request at once (one streaming call each, asking for token ids) and collect their tokens."""
+    requests = [_with_token_ids(request) for request in requests]
+    with grpc.insecure_channel(target) as channel:
+        stub = generate_pb2_grpc.TextGenerationStub(channel)
+        started = time.perf_counter()
+
+        def one(request: pb.GenerateRequest) -> tuple[list[int], float]:
+            tokens: list[int] = []
+            first = 0.0
+            for chunk in stub.GenerateStream(request, timeout=3600):
+                if chunk.token_ids and not tokens:
+                    first = time.perf_counter() - started
+                tokens.extend(chunk.token_ids)
+            return tokens, first
+
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(one, requests))
+        seconds = time.perf_counter() - started
+    return GrpcRun(seconds, [tokens for tokens, _ in answers], [first for _, first in answers])
+
+
+def _with_token_ids(request: pb.GenerateRequest) -> pb.GenerateRequest:
+    copy = pb.GenerateRequest()
+    copy.CopyFrom(request)
+    copy.return_token_ids = True
+    return copy
