@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from scheduler.batch_state import BatchState
 from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
 from scheduler.logits_processing import process_later_positions
+from scheduler.model_loader import LoadedModel
 from scheduler.speculation import Drafts
 
 
@@ -68,3 +69,13 @@ class DraftModel:
 
     def _prefill(self, state: BatchState, row: int, start: int, end: int) -> None:
         prefill_pass(self.model, self.cache, row, state.history[row : row + 1, start:end], offset=start)
+
+
+def check_assistant(loaded: LoadedModel, assistant: LoadedModel) -> None:
+    """A draft model must speak the same tokens: same vocabulary size and, where both have one, tokenizer."""
+    sizes = [model.get_output_embeddings().weight.shape[0] for model in (loaded.model, assistant.model)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the assistant model's vocabulary ({sizes[1]}) differs from the model's ({sizes[0]})")
+    if loaded.tokenizer is not None and assistant.tokenizer is not None:
+        if loaded.tokenizer.get_vocab() != assistant.tokenizer.get_vocab():
+            raise ValueError("the assistant model's tokenizer differs from the model's")

@@ -16,58 +16,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from scheduler.config import EngineConfig
 from scheduler.constraints import GrammarCompiler
+from scheduler.draft_model import check_assistant
 from scheduler.load_estimator import LoadEstimator
 from scheduler.model_loader import LoadedModel
 from scheduler.params import GenerationParameters, model_generation_defaults
 from scheduler.plugins import PluginRegistry
-from scheduler.request import FinishReason, Priority, RequestOptions, Sequence, TokenEvent
-from scheduler.runner import ModelRunner, TokenCounters, is_out_of_memory
+from scheduler.request import FinishReason, RequestOptions, Sequence, TokenEvent
+from scheduler.runner import ModelRunner, is_out_of_memory
 from scheduler.scheduler import Scheduler
+from scheduler.snapshot import EngineSnapshot, LoadReport, StepStats
 from scheduler.step_plan import StepPlan
 from scheduler.submission import QueueState, Submission
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepStats:
-    num_prefilled: int  # requests that got a row this step
-    num_rows: int  # rows that got a token
-    seconds: float
-    queue_waits: tuple[tuple[Priority, float], ...]  # arrival to first chunk, for each request admitted this step
-    num_preempted: int = 0  # batch rows that yielded to interactive requests before this step
-    tokens: TokenCounters = TokenCounters()  # this step's prefix-cache and speculation figures
-    num_prefill_tokens: int = 0  # prompt tokens computed this step (whole prompts and chunks)
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state after its latest step, published whole (readers on other threads see one step)."""
-
-    num_running: int = 0  # requests holding rows (decoding or prefilling)
-    num_prefilling: int = 0  # of which still computing their prompt
-    num_slots: int = 0  # rows held, guidance companions included
-    row_limit: int = 0
-    tokens_held: int = 0  # KV positions the running requests hold
-    kv_cache_usage_ratio: float = 0.0
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The engine's load as a client or a load balancer would want it (gRPC ORCA trailers, RetryInfo)."""
-
-    queue_size: int
-    running_requests: int
-    max_running: int
-    kv_cache_usage_ratio: float
-    tokens_in_flight: int
-    retry_delay_seconds: float
 
 
 class Engine:
@@ -81,7 +47,7 @@ class Engine:
         """`assistant` is a draft model for speculative decoding; greedy requests use it with
         `config.num_assistant_tokens` proposals per step unless they set their own (0 turns it off)."""
         if assistant is not None:
-            _check_assistant(loaded, assistant)
+            check_assistant(loaded, assistant)
         self.loaded = loaded
         self.config = config
         self.runner = ModelRunner(loaded.model, config, assistant.model if assistant is not None else None)
@@ -226,13 +192,3 @@ class Engine:
         )
         if events:
             self.on_events(events)
-
-
-def _check_assistant(loaded: LoadedModel, assistant: LoadedModel) -> None:
-    """A draft model must speak the same tokens: same vocabulary size and, where both have one, tokenizer."""
-    sizes = [model.get_output_embeddings().weight.shape[0] for model in (loaded.model, assistant.model)]
-    if sizes[0] != sizes[1]:
-        raise ValueError(f"the assistant model's vocabulary ({sizes[1]}) differs from the model's ({sizes[0]})")
-    if loaded.tokenizer is not None and assistant.tokenizer is not None:
-        if loaded.tokenizer.get_vocab() != assistant.tokenizer.get_vocab():
-            raise ValueError("the assistant model's tokenizer differs from the model's")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -30,6 +29,7 @@ from scheduler.plugins import apply_custom_processors, custom_stop_hits
 from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
+from scheduler.snapshot import TokenCounters
 from scheduler.speculation import Drafts, accepted_counts, merge_drafts, prompt_lookup
 from scheduler.step_plan import ModelOutput, PrefillChunk, RowResult, StepPlan, StopCode
 
@@ -39,19 +39,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
     )
-
-
-@dataclass(frozen=True)
-class TokenCounters:
-    """Running totals of the runner's token savings (zeros for what is off)."""
-
-    prefix_queried: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hits: int = 0  # of which copied from it instead of computed
-    speculated: int = 0  # proposals verified by speculative decoding
-    accepted: int = 0  # of which the model agreed with (each saves a forward pass)
-
-    def __sub__(self, other: TokenCounters) -> TokenCounters:
-        return TokenCounters(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 class ModelRunner:

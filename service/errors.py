@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import grpc
 
 from scheduler.async_engine import RequestFailedError
-from scheduler.engine import LoadReport
 from scheduler.params import ValidationError
+from scheduler.snapshot import LoadReport
 from scheduler.submission import DeadlineUnreachableError
 from scheduler.waiting_queue import QueueFullError
 from service.load_report import RequestRates, Trailer, orca_trailer, retry_status

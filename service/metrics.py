@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from scheduler.engine import Engine, StepStats
+from scheduler.engine import Engine
+from scheduler.snapshot import StepStats
 
 # LLM latencies span milliseconds (a decode step) to minutes (a long generation under load).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)

@@ -24,7 +24,7 @@ from scheduler.cpu_threads import in_passing_thread
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from scheduler.request import RequestOptions, TokenEvent
-from scheduler.runner import TokenCounters
+from scheduler.snapshot import TokenCounters
 
 QUESTIONS = [
     "What is the capital of France?",
