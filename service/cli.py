@@ -472,11 +472,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         completed_requests,
         format_priority_comparison,
         format_summary,
+        format_target_comparison,
         plot,
         priority_comparison,
         replica_shares,
         run_load,
         summarize,
+        target_comparison,
     )
 
     spec = WorkloadSpec(
@@ -490,6 +492,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         batch_fraction=args.batch_fraction,
         jsonl=args.jsonl,
         seed=args.seed,
+        long_prompt_fraction=args.long_prompt_fraction,
+        long_prompt_words=args.long_prompt_words,
     )
     slo = SLO(args.slo_ttft, args.slo_itl)
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
@@ -511,9 +515,20 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         without = summarize(records, seconds, slo)
         comparison = priority_comparison(reports[0][1], without)
         print(format_priority_comparison(comparison))
+    against = []
+    if args.compare_target:
+        for rate, report in reports:
+            run_spec = replace(spec, rate=rate, arrival="poisson") if rate is not None else spec
+            records, seconds = asyncio.run(run_load(args.compare_target, run_spec))
+            rows = target_comparison(report, summarize(records, seconds, slo))
+            against.append({"offered_rate": rate, "rows": rows})
+            heading = f"offered load {rate:g} req/s: " if rate is not None else ""
+            print(f"{heading}{args.target} against {args.compare_target}, the same requests")
+            print(format_target_comparison(rows, (args.target, args.compare_target)))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     result = {
+        "target_comparison": against or None,
         "priority_comparison": comparison,
         "target": args.target,
         "workload": vars(args) | {"handler": None},
@@ -740,6 +755,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--prompt-mode", choices=["text", "ids"], default="text", help="ids: random token ids")
     load.add_argument("--jsonl", help='prompts from a file: one {"prompt": ..., "max_new_tokens": ...} per line')
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--long-prompt-fraction",
+        type=float,
+        default=0.0,
+        help="share of synthetic prompts that are long (--long-prompt-words words), to see their prefill's effect",
+    )
+    load.add_argument("--long-prompt-words", type=int, default=1200, help="words in a long synthetic prompt")
+    load.add_argument(
+        "--compare-target",
+        help="after the runs, send the same requests to this server too (e.g. one started with other flags) and "
+        "print each latency percentile of both and their ratio",
+    )
     load.add_argument("--batch-fraction", type=float, default=0.0, help="share of requests sent with priority BATCH")
     load.add_argument(
         "--compare-priorities",

@@ -44,6 +44,8 @@ class WorkloadSpec:
     ignore_priorities: bool = False  # send every request as INTERACTIVE (the same workload, priorities off)
     jsonl: str | None = None  # {"prompt": ..., "max_new_tokens": ...} per line, instead of synthetic prompts
     seed: int = 0
+    long_prompt_fraction: float = 0.0  # share of synthetic prompts of `long_prompt_words` words instead
+    long_prompt_words: int = 1200
 
 
 @dataclass
@@ -73,13 +75,7 @@ def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[tuple[pb.Generat
             for i in range(spec.num_requests)
         ]
     else:
-        items = [
-            (
-                " ".join(rng.choice(_WORDS) for _ in range(rng.randint(*spec.prompt_words))),
-                rng.randint(*spec.max_new_tokens),
-            )
-            for _ in range(spec.num_requests)
-        ]
+        items = [(_synthetic_prompt(spec, rng), rng.randint(*spec.max_new_tokens)) for _ in range(spec.num_requests)]
     requests = []
     for prompt, budget in items:
         # ignore_eos makes the offered load exactly what the spec says, whatever the model answers.
@@ -94,6 +90,13 @@ def build_requests(spec: WorkloadSpec, vocab_size: int) -> list[tuple[pb.Generat
         request.priority = pb.BATCH if is_batch and not spec.ignore_priorities else pb.INTERACTIVE
         requests.append((request, "batch" if is_batch else "interactive"))
     return requests
+
+
+def _synthetic_prompt(spec: WorkloadSpec, rng: random.Random) -> str:
+    # Drawn only when long prompts are asked for, so that workloads without them stay as they were.
+    is_long = spec.long_prompt_fraction > 0 and rng.random() < spec.long_prompt_fraction
+    length = spec.long_prompt_words if is_long else rng.randint(*spec.prompt_words)
+    return " ".join(rng.choice(_WORDS) for _ in range(length))
 
 
 async def _send(stub: generate_pb2_grpc.TextGenerationStub, request: pb.GenerateRequest, record: RequestRecord) -> None:
@@ -293,6 +296,28 @@ def format_summary(report: dict) -> str:
             row("end to end", report["end_to_end_seconds"]),
         ]
     )
+
+
+def target_comparison(ours: dict, theirs: dict) -> dict:
+    """The same run against two servers: each latency percentile and the throughput, and theirs / ours."""
+    rows = {}
+    for name, key in (("inter-token", "inter_token_latency_seconds"), ("time to first token", "ttft_seconds")):
+        for q in ("p50", "p99"):
+            a, b = ours[key][q], theirs[key][q]
+            rows[f"{name} {q}"] = {"target": a, "compare_target": b, "ratio": b / a if a and b is not None else None}
+    a, b = ours["throughput_tokens_per_s"], theirs["throughput_tokens_per_s"]
+    rows["throughput (tokens/s)"] = {"target": a, "compare_target": b, "ratio": b / a if a else None}
+    return rows
+
+
+def format_target_comparison(comparison: dict, names: tuple[str, str]) -> str:
+    lines = [f"| | {names[0]} | {names[1]} | {names[1]} / {names[0]} |", "|---|---:|---:|---:|"]
+    for name, row in comparison.items():
+        scale, unit = (1, "") if name.startswith("throughput") else (1000, " ms")
+        cells = [f"{row[k] * scale:.0f}{unit}" if row[k] is not None else "-" for k in ("target", "compare_target")]
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} |")
+    return "\n".join(lines)
 
 
 def priority_comparison(with_priorities: dict, without_priorities: dict) -> dict:

@@ -93,3 +93,28 @@ def test_loadtest_over_several_replicas_reports_each_ones_share(tiny, tmp_path: 
     shares = json.loads((tmp_path / "loadtest.json").read_text())["runs"][0]["replicas"]
     assert [share["requests"] for share in shares] == [10, 10]  # round robin, request by request
     assert sum(share["share"] for share in shares) == 1
+
+
+def test_loadtest_sends_long_prompts_and_compares_two_servers_on_the_same_requests(tiny, tmp_path: Path) -> None:
+    chunked = ServerThread(tiny, max_running=4, max_num_batched_tokens=32, metrics=True)
+    whole = ServerThread(tiny, max_running=4, max_num_batched_tokens=512, metrics=True)
+    arguments = ["loadtest", "--target", chunked.target, "--compare-target", whole.target, "--num-requests", "12"]
+    arguments += ["--rate", "30", "--prompt-mode", "ids", "--max-new-tokens", "6,10", "--output", str(tmp_path)]
+    try:
+        code = main([*arguments, "--long-prompt-fraction", "0.25", "--long-prompt-words", "200"])
+        prompt_counts = [_metrics(server.server.metrics_port) for server in (chunked, whole)]
+    finally:
+        chunked.close()
+        whole.close()
+    assert code == 0
+    for counts in prompt_counts:  # both servers got the same 12 requests, long prompts among them
+        assert counts[("genserve_prompt_length_tokens_count", ())] == 12
+        assert counts[("genserve_prompt_length_tokens_bucket", (("le", "128.0"),))] < 12
+        assert (
+            counts[("genserve_prompt_length_tokens_sum", ())]
+            == prompt_counts[0][("genserve_prompt_length_tokens_sum", ())]
+        )
+    rows = json.loads((tmp_path / "loadtest.json").read_text())["target_comparison"][0]["rows"]
+    for row in rows.values():
+        assert row["target"] > 0 and row["compare_target"] > 0
+        assert abs(row["ratio"] - row["compare_target"] / row["target"]) < 1e-9
