@@ -16,6 +16,7 @@ import torch
 from scheduler.params import GenerationParameters
 from scheduler.request import Sequence
 from scheduler.speculation import can_speculate
+from scheduler.warpers import SAMPLING_WARPERS, WarperRows
 
 
 @dataclass
@@ -39,14 +40,7 @@ class BatchState:
         def zeros(dtype: torch.dtype, *shape: int) -> torch.Tensor:
             return torch.zeros((max_rows, *shape), dtype=dtype, device=device)
 
-        self.temperature = zeros(torch.float32)
-        self.top_k = zeros(torch.long)
-        # Stored as HF compares it, (1 - top_p) rounded once, so borderline tokens fall on the same side.
-        self.top_p_cutoff = zeros(torch.float32)
-        self.min_p = zeros(torch.float32)
-        self.typical_p = zeros(torch.float32)
-        self.epsilon_cutoff = zeros(torch.float32)
-        self.eta_cutoff = zeros(torch.float32)
+        self.warpers = [WarperRows(warper, max_rows, device) for warper in SAMPLING_WARPERS]
         self.repetition_penalty = zeros(torch.float32)
         self.no_repeat_ngram_size = zeros(torch.long)
         self.min_new_tokens = zeros(torch.long)
@@ -64,13 +58,7 @@ class BatchState:
         self.assistant_tokens = zeros(torch.long)  # assistant-model proposals per step (rows not using lookup)
         self.history = zeros(torch.long, capacity)
         self._slot_tensors = [
-            self.temperature,
-            self.top_k,
-            self.top_p_cutoff,
-            self.min_p,
-            self.typical_p,
-            self.epsilon_cutoff,
-            self.eta_cutoff,
+            *(warper.values for warper in self.warpers),
             self.repetition_penalty,
             self.no_repeat_ngram_size,
             self.min_new_tokens,
@@ -102,13 +90,8 @@ class BatchState:
     def add_row(self, seq: Sequence) -> int:
         slot = len(self.rows)
         params = seq.params
-        self.temperature[slot] = params.temperature
-        self.top_k[slot] = params.top_k
-        self.top_p_cutoff[slot] = 1.0 - params.top_p
-        self.min_p[slot] = params.min_p or 0.0
-        self.typical_p[slot] = params.typical_p
-        self.epsilon_cutoff[slot] = params.epsilon_cutoff
-        self.eta_cutoff[slot] = params.eta_cutoff
+        for warper in self.warpers:
+            warper.add_row(slot, params)
         self.repetition_penalty[slot] = params.repetition_penalty
         self.no_repeat_ngram_size[slot] = params.no_repeat_ngram_size
         self.min_new_tokens[slot] = params.min_new_tokens
@@ -202,14 +185,8 @@ class BatchState:
         self.uses_output_penalties = any(p.presence_penalty or p.frequency_penalty for p in params)
         self.logit_bias = _logit_bias(params, self.device)
         sampled = [params[i] for i in self.sampling_rows]
-        self.uses_temperature = any(p.temperature != 1.0 for p in sampled)
-        self.max_top_k = max((p.top_k for p in sampled), default=0)
-        self.uses_top_p = any(p.top_p < 1.0 for p in sampled)
-        self.uses_min_p = any(p.min_p is not None for p in sampled)
-        self.uses_typical_p = any(p.typical_p < 1.0 for p in sampled)
-        # As generate(): a cutoff applies when 0 < cutoff < 1.
-        self.uses_epsilon_cutoff = any(0.0 < p.epsilon_cutoff < 1.0 for p in sampled)
-        self.uses_eta_cutoff = any(0.0 < p.eta_cutoff < 1.0 for p in sampled)
+        for warper in self.warpers:
+            warper.refresh(sampled)
 
 
 def _speculation(seq: Sequence) -> tuple[int, int]:

@@ -4,8 +4,8 @@ Every function takes the whole batch with per-row parameter tensors from `BatchS
 processor pass through unchanged, and a processor no running row needs is skipped. Order (as in
 `GenerationMixin._get_logits_processor`): classifier-free guidance, repetition penalty, no-repeat n-gram, bad
 words, min_new_tokens, allowed_token_ids (where HF's prefix_allowed_tokens_fn runs); then the OpenAI-style
-presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change nothing);
-then, for sampling rows only: temperature, top-k, top-p, min-p, typical-p, epsilon, eta.
+presence/frequency penalties and logit_bias (not in HF; after its processors, so unset they change nothing).
+The sampling rows' warpers (temperature, top-k, top-p, ...) come after these, in warpers.py.
 """
 
 from __future__ import annotations
@@ -70,45 +70,6 @@ def apply_classifier_free_guidance(scores: torch.Tensor, state: BatchState) -> t
     return scores.index_put((guidance.guided,), guided)
 
 
-def warp_for_sampling(scores: torch.Tensor, state: BatchState, rows: torch.Tensor) -> torch.Tensor:
-    """Warpers for the sampling rows `rows` (their scores given as `scores`, [S, V])."""
-    if state.uses_temperature:
-        scores = scores / state.temperature[rows].unsqueeze(1)
-    if state.max_top_k > 0:
-        scores = apply_top_k(scores, state.top_k[rows], state.max_top_k)
-    if state.uses_top_p:
-        scores = apply_top_p(scores, state.top_p_cutoff[rows])
-    if state.uses_min_p:
-        scores = apply_min_p(scores, state.min_p[rows])
-    if state.uses_typical_p:
-        scores = apply_typical_p(scores, state.typical_p[rows])
-    if state.uses_epsilon_cutoff:
-        scores = apply_epsilon_cutoff(scores, _active(state.epsilon_cutoff[rows]))
-    if state.uses_eta_cutoff:
-        scores = apply_eta_cutoff(scores, _active(state.eta_cutoff[rows]))
-    return scores
-
-
-def _active(cutoff: torch.Tensor) -> torch.Tensor:
-    """A cutoff of 1 (allowed, but generate() skips the warper for it) removes nothing, like 0."""
-    return torch.where(cutoff < 1.0, cutoff, torch.zeros_like(cutoff))
-
-
-def apply_epsilon_cutoff(scores: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-    """HF's EpsilonLogitsWarper per row: drop tokens less likely than epsilon, keeping the most likely one."""
-    remove = scores.softmax(dim=-1) < epsilon.unsqueeze(1)
-    remove &= scores < scores.amax(dim=-1, keepdim=True)
-    return scores.masked_fill(remove, NEG_INF)
-
-
-def apply_eta_cutoff(scores: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
-    """HF's EtaLogitsWarper per row: the cutoff is min(epsilon, sqrt(epsilon) * exp(-entropy)); 0 keeps all."""
-    entropy = torch.distributions.Categorical(logits=scores).entropy()
-    eta = torch.minimum(epsilon, torch.sqrt(epsilon) * torch.exp(-entropy)).unsqueeze(1)
-    remove = (scores.softmax(dim=-1) < eta) & (scores < scores.amax(dim=-1, keepdim=True))
-    return scores.masked_fill(remove, NEG_INF)
-
-
 def apply_repetition_penalty(scores: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """Every token already in the sequence (prompt included) is penalised once; penalty 1.0 is the identity."""
     penalty = penalty.unsqueeze(1)
@@ -162,46 +123,3 @@ def apply_multi_token_bans(scores: torch.Tensor, state: BatchState) -> torch.Ten
     matches = ((tails == bans.prefix) | (bans.prefix < 0)).all(dim=1) & (lengths > bans.prefix_length)
     banned = torch.zeros_like(scores).index_put_((bans.row, bans.last_token), matches.to(scores.dtype), accumulate=True)
     return scores.masked_fill(banned > 0, NEG_INF)
-
-
-def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
-    """Keep the k best tokens per row; k = 0 disables it for that row."""
-    largest = torch.topk(scores, min(max_top_k, scores.shape[1]), dim=1).values
-    kth_index = (top_k.clamp(min=1, max=largest.shape[1]) - 1).unsqueeze(1)
-    threshold = largest.gather(1, kth_index)
-    remove = (scores < threshold) & (top_k > 0).unsqueeze(1)
-    return scores.masked_fill(remove, NEG_INF)
-
-
-def apply_top_p(scores: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
-    """Nucleus filtering; `cutoff` is 1 - top_p per row (0 disables it)."""
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= cutoff.unsqueeze(1)
-    remove_sorted[:, -1] = False  # min_tokens_to_keep = 1
-    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
-    return scores.masked_fill(remove, NEG_INF)
-
-
-def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens less likely than min_p times the best token's probability; min_p = 0 keeps every token."""
-    probs = torch.softmax(scores, dim=-1)
-    top_probs = probs.amax(dim=-1, keepdim=True)
-    remove = probs < min_p.unsqueeze(1) * top_probs
-    remove.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
-    return scores.masked_fill(remove, NEG_INF)
-
-
-def apply_typical_p(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Locally typical sampling; mass 1.0 disables it for that row."""
-    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
-    probs = torch.exp(normalized)
-    entropy = -(normalized * probs).nansum(-1, keepdim=True)
-    shifted = torch.abs((-normalized) - entropy)
-    sorted_shifted, sorted_indices = torch.sort(shifted, descending=False)
-    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
-    last_index = (cumulative < mass.unsqueeze(1)).sum(dim=1).clamp(max=sorted_shifted.shape[-1] - 1)
-    remove_sorted = sorted_shifted > sorted_shifted.gather(1, last_index.view(-1, 1))
-    remove_sorted[:, :1] = False  # min_tokens_to_keep = 1
-    remove = remove_sorted.scatter(1, sorted_indices, remove_sorted) & (mass < 1.0).unsqueeze(1)
-    return scores.masked_fill(remove, NEG_INF)

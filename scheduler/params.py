@@ -34,6 +34,7 @@ class GenerationParameters:
     top_p: float = 1.0
     min_p: float | None = None
     typical_p: float = 1.0
+    top_h: float | None = None  # entropy-bounded top-h sampling (TopHLogitsWarper); None disables
     epsilon_cutoff: float = 0.0  # 0 disables, as in GenerationConfig
     eta_cutoff: float = 0.0
     repetition_penalty: float = 1.0
@@ -63,6 +64,8 @@ class GenerationParameters:
         if self.min_p is not None:
             _check_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
         _check_float("typical_p", self.typical_p, minimum=0.0, exclusive_minimum=True, maximum=1.0)
+        if self.top_h is not None:
+            _check_float("top_h", self.top_h, minimum=0.0, exclusive_minimum=True, maximum=1.0)
         for name in ("epsilon_cutoff", "eta_cutoff"):
             _check_float(name, getattr(self, name), minimum=0.0, maximum=1.0)
         _check_float("repetition_penalty", self.repetition_penalty, minimum=0.0, exclusive_minimum=True)

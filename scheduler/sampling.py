@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from scheduler.batch_state import BatchState
-from scheduler.logits_processing import warp_for_sampling
+from scheduler.warpers import warp_for_sampling
 
 
 def select_tokens(
@@ -20,7 +20,7 @@ def select_tokens(
     if not state.sampling_rows:
         return next_tokens, scores
     rows = state.sampling_index
-    warped = warp_for_sampling(scores[rows], state, rows)
+    warped = warp_for_sampling(scores[rows], state.warpers, rows)
     probs = torch.softmax(warped, dim=-1)
     generators = [state.generators[row] for row in state.sampling_rows]
     seeded = [i for i, g in enumerate(generators) if g is not None]

@@ -3,10 +3,11 @@
 The scheduler owns every request from submit to finish: the waiting queue, the requests prefilling their prompt
 chunk by chunk, and the running (decoding) ones. Each step, `schedule()` applies cancels and expiry, preempts
 batch rows for waiting interactive requests, and shares the step's token budget (`max_num_batched_tokens`): one
-token per decoding row, then the rest to prompt chunks, continuing prompts first, then new requests in queue
-order. A prompt that fits in what the decoding rows leave of the budget is prefilled whole (bit-exact with
-`generate()`); a longer one is split into chunks across steps, so the running rows keep streaming. The plan it
-returns is data (step_plan.py); `update()` applies the runner's output and makes every finish decision.
+token per decoding row, the rest to prompts. A prompt that fits in what the decoding rows leave of the budget is
+prefilled whole (bit-exact with `generate()`); a longer one is split into chunks across steps, so the running rows
+keep streaming, and while requests wait it takes at most half of the prompt tokens, so that short prompts are
+not held back for its whole prefill. The plan it returns is data (step_plan.py); `update()` applies the
+runner's output and makes every finish decision.
 After an out-of-memory the row limit drops to what fitted and regrows one row per STEPS_TO_REGROW_ONE_ROW
 clean steps. No torch here: tests/test_scheduler.py drives it with made-up outputs.
 """
@@ -68,46 +69,69 @@ class Scheduler:
             events.append(TokenEvent(seq.request_id, (), FinishReason.TIME_LIMIT, seq.num_prompt_tokens))
         preempted = self._preempt_for_interactive()
         num_decoding = sum(seq.num_slots for seq in self.running)
-        budget = self.config.max_num_batched_tokens - num_decoding
-        chunks = []
-        for seq in self.prefilling:
-            size = min(budget, seq.num_tokens - seq.num_computed_tokens)
-            if size <= 0:
-                break
-            chunks.append(PrefillChunk(seq, seq.num_computed_tokens, seq.num_computed_tokens + size))
-            budget -= size
+        plan = StepPlan(
+            released=(*released, *preempted),
+            preempted=tuple(preempted),
+            prefills=tuple(self._plan_prefills(num_decoding, now)),
+            decodes=tuple(self.running),
+            speculate=num_decoding <= self.config.speculation_max_rows,
+        )
+        return plan, events
+
+    def _plan_prefills(self, num_decoding: int, now: float) -> list[PrefillChunk]:
+        """Share the step's prompt tokens. Prompts longer than a chunk take at most half of them while requests
+        wait (so that a long prompt does not hold short ones back for its whole prefill); waiting requests take
+        what that leaves, in queue order; what is still left goes back to the long prompts."""
         chunk_size = self.config.max_num_batched_tokens - num_decoding
+        budget = chunk_size
+        long_room = chunk_size // 2 if len(self.waiting) else chunk_size
+        planned = {id(seq): seq.num_computed_tokens for seq in self.prefilling}  # where each chunk ends
+
+        def extend_long_prompts(limit: int) -> int:
+            """Give the prompts being chunked up to `limit` more tokens, in order; returns how many it gave."""
+            nonlocal budget
+            given = 0
+            for seq in self.prefilling:
+                size = min(limit - given, budget, seq.num_tokens - planned[id(seq)])
+                if size > 0:
+                    planned[id(seq)] += size
+                    budget -= size
+                    given += size
+            return given
+
+        long_room -= extend_long_prompts(long_room)
         num_slots = self.num_slots
         out_of_tokens = False
 
         def admit(seq: Sequence) -> bool:
-            nonlocal budget, num_slots, out_of_tokens
+            nonlocal budget, num_slots, out_of_tokens, long_room
             # An empty batch takes a guided request (two rows) even under a row limit lowered to one.
             fits = num_slots + seq.num_slots <= self.row_limit or (
                 num_slots == 0 and seq.num_slots <= self.config.max_running
             )
-            # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now.
-            size = seq.num_tokens if seq.num_tokens <= chunk_size else budget
+            # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now,
+            # within the long prompts' share.
+            size = seq.num_tokens if seq.num_tokens <= chunk_size else min(budget, long_room)
             # Out of tokens, nobody behind it (lower priority included) goes first: it is next in line.
-            out_of_tokens = out_of_tokens or budget <= 0 or size > budget
+            out_of_tokens = out_of_tokens or size <= 0 or size > budget
             if not fits or out_of_tokens:
                 return False
-            chunks.append(PrefillChunk(seq, 0, size))
+            planned[id(seq)] = size
             budget -= size
+            if seq.num_tokens > chunk_size:
+                long_room -= size
             num_slots += seq.num_slots
             return True
 
         for seq in self.waiting.pop_while(admit):
             seq.start_time = now
             self.prefilling.append(seq)
-        plan = StepPlan(
-            released=(*released, *preempted),
-            preempted=tuple(preempted),
-            prefills=tuple(chunks),
-            decodes=tuple(self.running),
-            speculate=num_decoding <= self.config.speculation_max_rows,
-        )
-        return plan, events
+        extend_long_prompts(budget)  # what the waiting requests left
+        return [
+            PrefillChunk(seq, seq.num_computed_tokens, planned[id(seq)])
+            for seq in self.prefilling
+            if planned[id(seq)] > seq.num_computed_tokens
+        ]
 
     def update(
         self, plan: StepPlan, output: ModelOutput, now: float, deadline_margin: float

@@ -9,27 +9,11 @@ from scheduler.params import GenerationParameters, ValidationError
 from scheduler.request import FinishReason, TokenLogprob
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 
-_SCALAR_FIELDS = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "epsilon_cutoff",
-    "eta_cutoff",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "max_time",
-    "seed",
-    "ignore_eos",
-    "presence_penalty",
-    "frequency_penalty",
-    "guidance_scale",
-    "prompt_lookup_num_tokens",
-    "num_assistant_tokens",
+# Every optional scalar of the proto's GenerationParameters is the GenerationParameters field of the same name.
+_SCALAR_FIELDS = tuple(
+    field.name
+    for field in pb.GenerationParameters.DESCRIPTOR.fields
+    if field.has_presence and field.message_type is None and field.name in GenerationParameters.__dataclass_fields__
 )
 
 FINISH_REASONS = {

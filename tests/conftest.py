@@ -84,7 +84,7 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationPar
         )
         if params.min_p is not None:
             kwargs["min_p"] = params.min_p
-        kwargs.update(epsilon_cutoff=params.epsilon_cutoff, eta_cutoff=params.eta_cutoff)
+        kwargs.update(epsilon_cutoff=params.epsilon_cutoff, eta_cutoff=params.eta_cutoff, top_h=params.top_h)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     with torch.inference_mode():

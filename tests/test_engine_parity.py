@@ -76,6 +76,7 @@ def test_length_finish_reason_and_ignore_eos(tiny) -> None:
         {"typical_p": 0.9},
         {"epsilon_cutoff": 0.003, "top_k": 0},
         {"eta_cutoff": 0.01, "temperature": 1.2},
+        {"top_h": 0.5, "top_k": 0},
     ],
 )
 def test_seeded_sampling_is_independent_of_batch_mates(tiny, sampling: dict) -> None:

@@ -48,6 +48,13 @@ def test_unary_and_stream_equal_generate(server, tiny) -> None:
     assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
+def test_top_h_sampling_over_grpc_equals_generate(server, tiny) -> None:
+    prompt = [5, 9, 33, 70]
+    params = dict(max_new_tokens=20, do_sample=True, top_h=0.6, top_k=0, seed=21)
+    tokens = list(server.stub.Generate(ids_request(prompt, **params)).token_ids)
+    assert tokens == hf_generate(tiny.model, prompt, server.engine.make_parameters(**params))
+
+
 def test_32_concurrent_streams_with_mixed_parameters(server, tiny) -> None:
     rng = random.Random(3)
     variants = [
@@ -83,6 +90,7 @@ def test_32_concurrent_streams_with_mixed_parameters(server, tiny) -> None:
         ({"max_new_tokens": 100_000}, "max_new_tokens"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"eos_token_id": [TINY_VOCAB + 5]}, "eos_token_id"),
+        ({"top_h": 1.5}, "top_h"),
     ],
 )
 def test_bad_parameters_are_invalid_argument_naming_the_field(server, parameters: dict, field: str) -> None:

@@ -8,9 +8,10 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from scheduler.batch_state import BatchState
-from scheduler.logits_processing import process_logits, warp_for_sampling
+from scheduler.logits_processing import process_logits
 from scheduler.params import GenerationParameters
 from scheduler.request import Sequence
+from scheduler.warpers import warp_for_sampling
 
 VOCAB = 97
 ROW_PARAMETERS = [
@@ -26,6 +27,8 @@ ROW_PARAMETERS = [
     GenerationParameters(do_sample=True, top_k=0, eos_token_id=(2,)),
     GenerationParameters(do_sample=True, top_k=0, epsilon_cutoff=0.02, eos_token_id=(2,)),
     GenerationParameters(do_sample=True, top_k=20, eta_cutoff=0.05, temperature=0.8, eos_token_id=(2,)),
+    GenerationParameters(do_sample=True, top_k=0, top_h=0.4, eos_token_id=(2,)),
+    GenerationParameters(do_sample=True, top_h=0.7, temperature=0.6, top_p=0.95, eos_token_id=(2,)),
 ]
 
 
@@ -49,6 +52,7 @@ def _hf_processors(params: GenerationParameters, prompt_length: int):
         typical_p=params.typical_p,
         epsilon_cutoff=params.epsilon_cutoff,
         eta_cutoff=params.eta_cutoff,
+        top_h=params.top_h,
         repetition_penalty=params.repetition_penalty,
         no_repeat_ngram_size=params.no_repeat_ngram_size,
         min_new_tokens=params.min_new_tokens,
@@ -75,7 +79,7 @@ def test_batched_processing_matches_hf_per_row() -> None:
     state.refresh_composition()
     logits = torch.randn(len(ROW_PARAMETERS), VOCAB) * 3
     processed = process_logits(logits.clone(), state, max(s.num_tokens for s in sequences))
-    sampled = warp_for_sampling(processed[state.sampling_index], state, state.sampling_index)
+    sampled = warp_for_sampling(processed[state.sampling_index], state.warpers, state.sampling_index)
     processed[state.sampling_index] = sampled
     ours = torch.softmax(processed, dim=-1)
 

@@ -33,6 +33,8 @@ from scheduler.params import DEFAULT_MAX_NEW_TOKENS, GenerationParameters, Valid
         ("frequency_penalty", -3.0),
         ("logit_bias", {5: 500.0}),
         ("logit_bias", {"x": 1.0}),
+        ("top_h", 0.0),
+        ("top_h", 1.5),
     ],
 )
 def test_invalid_values_name_their_field(field: str, value: object) -> None:

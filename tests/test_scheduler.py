@@ -80,17 +80,30 @@ def test_a_long_prompt_is_chunked_while_the_running_rows_keep_decoding() -> None
     scheduler = _scheduler(_seq("r1", 10), _seq("r2", 10), max_running=8, max_num_batched_tokens=64)
     _step(scheduler)
     scheduler.add(_seq("long", 150))
-    scheduler.add(_seq("short", 20))
     plans = [_step(scheduler)[0] for _ in range(3)]
     # Each step: one token per decoding row, the other 62 for the long prompt, until it is done.
-    assert [_chunks(plan) for plan in plans[:2]] == [[("long", 0, 62)], [("long", 62, 124)]]
+    assert [_chunks(plan) for plan in plans] == [[("long", 0, 62)], [("long", 62, 124)], [("long", 124, 150)]]
     assert all(_ids(plan.decodes) == ["r1", "r2"] for plan in plans)
-    assert all(plan.num_batched_tokens <= 64 for plan in plans)
-    # Its last chunk leaves room: the short prompt (which fits in a chunk) comes whole in the same step.
-    assert _chunks(plans[2]) == [("long", 124, 150), ("short", 0, 20)]
-    assert scheduler.prefilling == [] and _ids(scheduler.running) == ["r1", "r2", "long", "short"]
-    assert [seq.num_computed_tokens for seq in scheduler.running[2:]] == [150, 20]
-    assert _ids(_step(scheduler)[0].decodes) == ["r1", "r2", "long", "short"]
+    assert scheduler.prefilling == [] and _ids(scheduler.running) == ["r1", "r2", "long"]
+    assert scheduler.running[2].num_computed_tokens == 150
+    assert _ids(_step(scheduler)[0].decodes) == ["r1", "r2", "long"]
+
+
+def test_while_requests_wait_a_long_prompt_takes_half_the_prompt_tokens() -> None:
+    scheduler = _scheduler(_seq("r1", 10), _seq("r2", 10), max_running=8, max_num_batched_tokens=64)
+    _step(scheduler)
+    scheduler.add(_seq("long", 150))
+    scheduler.add(_seq("short", 20))
+    plan = _step(scheduler)[0]
+    # 31 of the 62 prompt tokens start the long prompt, the short one comes whole, the 11 left go to the long one.
+    assert _chunks(plan) == [("long", 0, 42), ("short", 0, 20)]
+    scheduler.add(_seq("s2", 25))
+    scheduler.add(_seq("s3", 10))
+    plan = _step(scheduler)[0]
+    # Three decoding rows leave 61: 30 for the long prompt, s2 whole, s3 (10 > 6 left) waits, the 6 to the long one.
+    assert _chunks(plan) == [("long", 42, 78), ("s2", 0, 25)] and plan.num_batched_tokens == 64
+    assert all(plan.num_batched_tokens <= 64 for plan in [_step(scheduler)[0] for _ in range(4)])
+    assert _ids(scheduler.running) == ["r1", "r2", "short", "s2", "s3", "long"]
 
 
 def test_a_prompt_that_fits_in_a_chunk_waits_for_room_instead_of_being_split() -> None:

@@ -63,7 +63,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "eos_token_id", "stop_strings", "max_time", "seed", "ignore_eos", "presence_penalty", "frequency_penalty", "logit_bias", "guidance_scale", "prompt_lookup_num_tokens", "num_assistant_tokens", "epsilon_cutoff", "eta_cutoff")
+    __slots__ = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "eos_token_id", "stop_strings", "max_time", "seed", "ignore_eos", "presence_penalty", "frequency_penalty", "logit_bias", "guidance_scale", "prompt_lookup_num_tokens", "num_assistant_tokens", "epsilon_cutoff", "eta_cutoff", "top_h")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class GenerationParameters(_message.Message):
     NUM_ASSISTANT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_CUTOFF_FIELD_NUMBER: _ClassVar[int]
     ETA_CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    TOP_H_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     min_new_tokens: int
     do_sample: bool
@@ -119,7 +120,8 @@ class GenerationParameters(_message.Message):
     num_assistant_tokens: int
     epsilon_cutoff: float
     eta_cutoff: float
-    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., bad_words_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., eos_token_id: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., max_time: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., guidance_scale: _Optional[float] = ..., prompt_lookup_num_tokens: _Optional[int] = ..., num_assistant_tokens: _Optional[int] = ..., epsilon_cutoff: _Optional[float] = ..., eta_cutoff: _Optional[float] = ...) -> None: ...
+    top_h: float
+    def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., bad_words_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., eos_token_id: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., max_time: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., guidance_scale: _Optional[float] = ..., prompt_lookup_num_tokens: _Optional[int] = ..., num_assistant_tokens: _Optional[int] = ..., epsilon_cutoff: _Optional[float] = ..., eta_cutoff: _Optional[float] = ..., top_h: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("text", "input_ids", "messages", "parameters", "request_id", "return_token_ids", "echo_prompt", "truncate_prompt_tokens", "return_logprobs", "top_logprobs", "partial_on_deadline", "resumable", "resume_from_token", "priority", "logits_processors", "stopping_criteria", "num_return_sequences", "constraint", "negative_text", "negative_input_ids", "logprobs_mode")
