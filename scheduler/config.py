@@ -12,7 +12,7 @@ class EngineConfig:
     max_running: int = 64  # batch rows (a request with classifier-free guidance holds two)
     # Tokens computed per step, shared by the decoding rows (one each) and prompt chunks: a long prompt is
     # prefilled over several steps while the running rows keep streaming (README: "Chunked prefill").
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 384
     max_queue: int = 1024  # waiting requests before a submit is refused
     max_context: int = 2048  # prompt + new tokens per request
     seed: int = 0  # the shared generator of unseeded sampling rows

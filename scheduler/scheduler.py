@@ -25,6 +25,7 @@ from scheduler.waiting_queue import WaitingQueue
 log = logging.getLogger(__name__)
 
 STEPS_TO_REGROW_ONE_ROW = 200
+IDLE_PREFILL_FACTOR = 8  # how many budgets of whole prompts a step may prefill when no row is decoding
 _STOP_REASONS = {
     StopCode.EOS_TOKEN: FinishReason.EOS_TOKEN,
     StopCode.LENGTH: FinishReason.LENGTH,
@@ -84,6 +85,10 @@ class Scheduler:
         what that leaves, in queue order; what is still left goes back to the long prompts."""
         chunk_size = self.config.max_num_batched_tokens - num_decoding
         budget = chunk_size
+        if not num_decoding and not self.prefilling:
+            # No stream to stall: a burst arriving at an idle engine is prefilled in bigger steps (whole prompts
+            # only; a long prompt is still chunked), which batch better.
+            budget *= IDLE_PREFILL_FACTOR
         long_room = chunk_size // 2 if len(self.waiting) else chunk_size
         planned = {id(seq): seq.num_computed_tokens for seq in self.prefilling}  # where each chunk ends
 

@@ -305,6 +305,8 @@ def target_comparison(ours: dict, theirs: dict) -> dict:
         for q in ("p50", "p99"):
             a, b = ours[key][q], theirs[key][q]
             rows[f"{name} {q}"] = {"target": a, "compare_target": b, "ratio": b / a if a and b is not None else None}
+    a, b = max(ours["raw"]["itl"], default=None), max(theirs["raw"]["itl"], default=None)
+    rows["inter-token max"] = {"target": a, "compare_target": b, "ratio": b / a if a and b is not None else None}
     a, b = ours["throughput_tokens_per_s"], theirs["throughput_tokens_per_s"]
     rows["throughput (tokens/s)"] = {"target": a, "compare_target": b, "ratio": b / a if a else None}
     return rows

@@ -107,11 +107,25 @@ def test_while_requests_wait_a_long_prompt_takes_half_the_prompt_tokens() -> Non
 
 
 def test_a_prompt_that_fits_in_a_chunk_waits_for_room_instead_of_being_split() -> None:
-    scheduler = _scheduler(_seq("a", 40), _seq("b", 40), _seq("c", 10), max_running=8, max_num_batched_tokens=64)
+    scheduler = _scheduler(_seq("r", 3), max_running=8, max_num_batched_tokens=64)
+    _step(scheduler)
+    for name, length in (("a", 40), ("b", 40), ("c", 10)):
+        scheduler.add(_seq(name, length))
     plan, _, _ = _step(scheduler)
-    assert _chunks(plan) == [("a", 0, 40)]  # b would need 40 of the 24 left; c waits behind it (queue order)
+    assert _chunks(plan) == [("a", 0, 40)]  # b would need 40 of the 23 left; c waits behind it (queue order)
     plan, _, _ = _step(scheduler)
-    assert _chunks(plan) == [("b", 0, 40), ("c", 0, 10)] and _ids(plan.decodes) == ["a"]
+    assert _chunks(plan) == [("b", 0, 40), ("c", 0, 10)] and _ids(plan.decodes) == ["r", "a"]
+
+
+def test_an_idle_engine_prefills_a_burst_in_bigger_steps() -> None:
+    burst = [_seq(f"p{i}", 100) for i in range(6)]
+    scheduler = _scheduler(*burst, _seq("long", 300), _seq("late", 200), max_running=16, max_num_batched_tokens=128)
+    plan = _step(scheduler)[0]
+    # No row decodes, so no stream stalls: up to 8 budgets of prompts (1024 tokens) in one step, all whole.
+    assert _chunks(plan) == [*((f"p{i}", 0, 100) for i in range(6)), ("long", 0, 300)]
+    plan = _step(scheduler)[0]
+    assert _ids(plan.decodes) == [*(f"p{i}" for i in range(6)), "long"]
+    assert _chunks(plan) == [("late", 0, 121)]  # rows decode now: the plain budget, and chunks
 
 
 def test_clients_are_served_round_robin_so_a_burst_cannot_starve_others() -> None:
