@@ -514,7 +514,13 @@ class GenerationServer:
         log.info("draining: no new requests; waiting up to %.0f s for running ones", self.grace_seconds)
         self.service.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(self.grace_seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_seconds
+        # While requests run, new ones get UNAVAILABLE from the service (retryable, what clients and Envoy act
+        # on); a call arriving just as gRPC itself stops would be CANCELLED instead.
+        while self.service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         self.async_engine.stop()
         self._stopped.set()
 
