@@ -68,7 +68,7 @@ def main() -> None:
     sampled = tgis.Parameters(
         method=tgis.SAMPLE,
         sampling=tgis.SamplingParameters(temperature=0.8, top_k=20),
-        stopping=tgis.StoppingCriteria(max_new_tokens=8),
+        stopping=tgis.StoppingCriteria(max_new_tokens=8, min_new_tokens=8),  # a random seed may draw eos early
         response=tgis.ResponseOptions(generated_tokens=True, token_logprobs=True, token_ranks=True, top_n_tokens=2),
     )
     response = stub.Generate(
