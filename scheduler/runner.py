@@ -443,12 +443,15 @@ class ModelRunner:
         for slot, row in enumerate(self.state.rows):
             if row is seq:
                 return slot
-        return self.state.num_rows + next(index for index, entry in enumerate(self.prefilling) if entry is seq)
+        return self.state.num_rows + self._prefilling_index(seq)
+
+    def _prefilling_index(self, seq: Sequence) -> int:
+        return next(index for index, entry in enumerate(self.prefilling) if entry is seq)
 
     def _join(self, seq: Sequence) -> None:
         """`seq`'s prompt is computed: its slot becomes the next decoding row (swapped to the front of the
         prefilling slots first if another request, still prefilling, is ahead of it)."""
-        index = next(index for index, entry in enumerate(self.prefilling) if entry is seq)
+        index = self._prefilling_index(seq)
         first = self.state.num_rows
         if index:
             self.cache.move_rows([first, first + index], [first + index, first])

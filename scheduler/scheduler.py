@@ -147,9 +147,9 @@ class Scheduler:
         self._regrow_row_limit()
         for chunk in plan.prefills:
             chunk.seq.num_computed_tokens = chunk.end
-            if chunk.completes and chunk.seq in self.prefilling:
-                self.prefilling.remove(chunk.seq)
-                self.running.append(chunk.seq)
+        completed = {id(chunk.seq) for chunk in plan.prefills if chunk.completes}
+        self.running += [seq for seq in self.prefilling if id(seq) in completed]
+        self.prefilling = [seq for seq in self.prefilling if id(seq) not in completed]
         events, ended = [], []
         stepped = [*plan.decodes, *(chunk.seq for chunk in plan.prefills)]
         for seq in stepped:

@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             min_new_tokens=args.min_new_tokens,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
-            context_paragraphs=_pair(args.context_paragraphs, "--context-paragraphs"),
+            context_paragraphs=_range(args.context_paragraphs, "--context-paragraphs"),
         )
         results, ceiling = run_benchmark(
             loaded,
@@ -236,17 +236,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_engine_options(args: argparse.Namespace) -> dict[str, object]:
     config = engine_config(args)
     return dict(decode_mode=config.decode_mode, max_num_batched_tokens=config.max_num_batched_tokens)
-
-
-def _pair(text: str, flag: str) -> tuple[int, int]:
-    low, _, high = text.partition(",")
-    try:
-        pair = int(low), int(high or low)
-    except ValueError:
-        raise SystemExit(f"{flag} takes MIN,MAX (integers), got {text!r}") from None
-    if not 0 <= pair[0] <= pair[1]:
-        raise SystemExit(f"{flag} needs 0 <= MIN <= MAX, got {text!r}")
-    return pair
 
 
 def _genserve_over_grpc(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - keeps torch imports lazy
@@ -455,9 +444,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
-def _range(text: str) -> tuple[int, int]:
+def _range(text: str, flag: str) -> tuple[int, int]:
     low, _, high = text.partition(",")
-    return int(low), int(high or low)
+    try:
+        pair = int(low), int(high or low)
+    except ValueError:
+        raise SystemExit(f"{flag} takes MIN,MAX (integers), got {text!r}") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise SystemExit(f"{flag} needs 0 <= MIN <= MAX, got {text!r}")
+    return pair
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -486,8 +481,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         arrival=args.arrival,
         rate=args.rate,
         concurrency=args.concurrency,
-        prompt_words=_range(args.prompt_words),
-        max_new_tokens=_range(args.max_new_tokens),
+        prompt_words=_range(args.prompt_words, "--prompt-words"),
+        max_new_tokens=_range(args.max_new_tokens, "--max-new-tokens"),
         prompt_mode=args.prompt_mode,
         batch_fraction=args.batch_fraction,
         jsonl=args.jsonl,
