@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECODE_MODES = ("auto", "eager", "static")
+LINEAR_KERNELS = ("auto", "aten", "onednn")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class EngineConfig:
     # "auto": decode steps from CUDA graphs on a GPU, eager on CPU; "eager": never capture (--no-cuda-graphs);
     # "static": pad to the graphs' buckets even on CPU (what tests use to run the captured path without a GPU).
     decode_mode: str = "auto"
+    # "auto": fp32 Linear layers on CPU multiply with weights prepacked for oneDNN (cpu_linear.py), else aten's
+    # plain matmul ("aten" forces that everywhere).
+    linear_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context"):
@@ -36,3 +40,5 @@ class EngineConfig:
             )
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
+        if self.linear_kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from scheduler.batch_state import BatchState
 from scheduler.config import EngineConfig
 from scheduler.constraints import TokenBitmasks, advance
+from scheduler.cpu_linear import prepacked_copy, resolve_linear_kernel
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
 from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
@@ -45,8 +46,10 @@ class ModelRunner:
     def __init__(
         self, model: PreTrainedModel, config: EngineConfig, assistant_model: PreTrainedModel | None = None
     ) -> None:
-        self.model = model
         self.config = config
+        if resolve_linear_kernel(config.linear_kernel, model) == "onednn":
+            model = prepacked_copy(model, batch_hint=config.max_running)
+        self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_rows = config.max_running

@@ -61,14 +61,17 @@ def test_bench_decode_latency_table(tmp_path: Path, capsys) -> None:
         assert step_ms > 0 and floor_ms > 0
 
 
-def test_bench_decode_latency_one_column_per_dtype(tmp_path: Path, capsys) -> None:
+def test_bench_decode_latency_one_column_per_mode(tmp_path: Path, capsys) -> None:
     tiny_model().save_pretrained(tmp_path / "tiny")
     arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--decode-latency"]
-    code = main([*arguments, "--batch-sizes", "1,2", "--decode-context", "8", "--decode-dtypes", "float32,bfloat16"])
+    arguments += ["--batch-sizes", "1,2", "--decode-context", "8", "--decode-dtypes", "float32,bfloat16"]
+    code = main([*arguments, "--decode-linear-kernels", "aten,onednn"])
     report = capsys.readouterr().out
-    assert code == 0 and "float32: step (step / floor)" in report and "bfloat16: step (step / floor)" in report
+    # oneDNN packing serves fp32 only: bfloat16 gets one column
+    columns = ["float32 aten", "float32 onednn", "bfloat16 aten"]
+    assert code == 0 and all(f"{column}: step (step / floor)" in report for column in columns)
     rows = [line for line in report.splitlines() if line.startswith(("| 1 ", "| 2 "))]
-    assert len(rows) == 2 and all(line.count(" ms (") == 2 for line in rows)
+    assert len(rows) == 2 and all(line.count(" ms (") == 3 for line in rows)
 
 
 def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:

@@ -60,14 +60,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_decode_step(
-    loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, decode_mode: str = "auto"
+    loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, **engine_options: str
 ) -> float:
-    """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each."""
+    """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each
+    (`engine_options`: EngineConfig's decode_mode, linear_kernel)."""
     config = EngineConfig(
         max_running=batch_size,
         max_context=context + steps + 2,
         max_num_batched_tokens=batch_size * (context + 1),  # every prompt whole in the first step
-        decode_mode=decode_mode,
+        **engine_options,
     )
     engine = Engine(loaded, config)
     rng = random.Random(0)
@@ -86,7 +87,7 @@ def measure_decode_step(
 
 
 def decode_latencies(
-    loaded: LoadedModel, batch_sizes: list[int], context: int, steps: int = 8, decode_mode: str = "auto"
+    loaded: LoadedModel, batch_sizes: list[int], context: int, steps: int = 8, **engine_options: str
 ) -> tuple[list[DecodeLatency], float]:
     """Per-step latency and floor at each batch size, and the bandwidth (bytes/s) the floors assume."""
     device = loaded.device
@@ -95,7 +96,7 @@ def decode_latencies(
     weights = weight_bytes(loaded.model)
     results = []
     for batch_size in tqdm(batch_sizes, desc="decode latency", unit="batch size", leave=False):
-        seconds = measure_decode_step(loaded, batch_size, context, steps, decode_mode)
+        seconds = measure_decode_step(loaded, batch_size, context, steps, **engine_options)
         floor = (weights + batch_size * context * kv_bytes_per_token) / bandwidth
         results.append(DecodeLatency(batch_size, context, seconds, floor))
     return results, bandwidth
