@@ -52,6 +52,11 @@ class PrepackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(inputs, self.packed_weight, self.bias, "none", [], "")
 
 
+def with_linear_kernel(model: torch.nn.Module, kernel: str, batch_hint: int) -> torch.nn.Module:
+    """`model` itself, or its prepacked copy where `kernel` resolves to oneDNN."""
+    return prepacked_copy(model, batch_hint) if resolve_linear_kernel(kernel, model) == "onednn" else model
+
+
 def prepacked_copy(model: torch.nn.Module, batch_hint: int) -> torch.nn.Module:
     """A copy of `model`'s module tree (parameters and buffers shared, not copied) whose nn.Linear layers are
     PrepackedLinear."""

@@ -19,14 +19,14 @@ from transformers import PreTrainedModel
 
 from scheduler.batch_state import BatchState
 from scheduler.config import EngineConfig
-from scheduler.constraints import TokenBitmasks, advance
-from scheduler.cpu_linear import prepacked_copy, resolve_linear_kernel
+from scheduler.constraints import advance
+from scheduler.cpu_linear import with_linear_kernel
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
 from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
-from scheduler.logits_processing import process_later_positions, process_logits
+from scheduler.logits_processing import LogitsStep, process_later_positions, process_logits
 from scheduler.params import MAX_SPECULATIVE
-from scheduler.plugins import apply_custom_processors, custom_stop_hits
+from scheduler.plugins import custom_stop_hits
 from scheduler.prefix_cache import PrefixCache
 from scheduler.request import Sequence, TokenLogprob
 from scheduler.sampling import select_tokens
@@ -47,9 +47,7 @@ class ModelRunner:
         self, model: PreTrainedModel, config: EngineConfig, assistant_model: PreTrainedModel | None = None
     ) -> None:
         self.config = config
-        if resolve_linear_kernel(config.linear_kernel, model) == "onednn":
-            model = prepacked_copy(model, batch_hint=config.max_running)
-        self.model = model
+        self.model = model = with_linear_kernel(model, config.linear_kernel, batch_hint=config.max_running)
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_rows = config.max_running
@@ -61,7 +59,6 @@ class ModelRunner:
         self.accepted_tokens = 0  # of which the model agreed with
         self.state = BatchState(self.max_rows, self.vocab_size, self.cache.capacity, self.device)
         self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
-        self.bitmasks = TokenBitmasks(self.max_rows, self.vocab_size, self.device)
         tokens = config.prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, tokens) if tokens else None
         self.draft = (
@@ -137,13 +134,8 @@ class ModelRunner:
         max_seq_length = max(seq.num_tokens for seq in slots)
         self.state.ensure_capacity(max_seq_length + 1 + (drafts.width if drafts is not None else 0))
         raw_scores = scores
-        scores = process_logits(scores, self.state, max_seq_length)
-        if self.state.constrained_rows:
-            grammars = [slots[slot].grammar for slot in self.state.constrained_rows]
-            scores = self.bitmasks.apply(scores, self.state.constrained_rows, grammars)
         row_errors: dict[int, str] = {}
-        if self.state.uses_custom_processors:
-            scores = apply_custom_processors(scores, slots, self.state.history, row_errors)
+        scores = process_logits(scores, self.state, LogitsStep(max_seq_length, row_errors))
         next_tokens, final_scores = select_tokens(scores, self.state, self.shared_generator)
         if self.state.guidance is not None:  # the unconditional branch continues with its request's token
             guidance = self.state.guidance

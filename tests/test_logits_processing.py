@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from scheduler.batch_state import BatchState
-from scheduler.logits_processing import process_logits
+from scheduler.logits_processing import LogitsStep, NoRepeatNgram, process_logits
 from scheduler.params import GenerationParameters
 from scheduler.request import Sequence
 from scheduler.warpers import warp_for_sampling
@@ -63,9 +63,9 @@ def _hf_processors(params: GenerationParameters, prompt_length: int):
     return model._get_logits_processor(config, input_ids_seq_length=prompt_length, device="cpu")
 
 
-def test_batched_processing_matches_hf_per_row() -> None:
+def _batch_of_every_case(order: list[int] | None = None) -> tuple[BatchState, list[Sequence]]:
+    """A batch with a row per ROW_PARAMETERS case, in `order` (default: the cases' own); `sequences` by case."""
     rng = random.Random(0)
-    torch.manual_seed(0)
     state = BatchState(max_rows=len(ROW_PARAMETERS), vocab_size=VOCAB, capacity=64, device=torch.device("cpu"))
     sequences = []
     for i, params in enumerate(ROW_PARAMETERS):
@@ -73,24 +73,53 @@ def test_batched_processing_matches_hf_per_row() -> None:
         generated = [rng.randrange(2, 12) for _ in range(rng.randint(0, 8))]
         if i == 4:
             generated = [1, 7, 8]  # ends with the prefix of the banned (7, 8, 9)
-        seq = Sequence(str(i), prompt, params, generated_ids=generated)
-        state.add_row(seq)
-        sequences.append(seq)
+        sequences.append(Sequence(str(i), prompt, params, generated_ids=generated))
+    for i in order or range(len(sequences)):
+        state.add_row(sequences[i])
     state.refresh_composition()
-    logits = torch.randn(len(ROW_PARAMETERS), VOCAB) * 3
-    processed = process_logits(logits.clone(), state, max(s.num_tokens for s in sequences))
+    return state, sequences
+
+
+def _processed_like_hf(state: BatchState) -> torch.Tensor:
+    """Our batched processing and warping of random logits, compared row by row with HF's processors for that
+    row's parameters; returns what we computed."""
+    torch.manual_seed(0)
+    logits = torch.randn(state.num_rows, VOCAB) * 3
+    processed = process_logits(logits.clone(), state, LogitsStep(max(s.num_tokens for s in state.rows), {}))
     sampled = warp_for_sampling(processed[state.sampling_index], state.warpers, state.sampling_index)
     processed[state.sampling_index] = sampled
     ours = torch.softmax(processed, dim=-1)
-
-    for i, (seq, params) in enumerate(zip(sequences, ROW_PARAMETERS)):
+    for i, seq in enumerate(state.rows):
         input_ids = torch.tensor([seq.prompt_ids + seq.generated_ids])
-        expected = torch.softmax(
-            _hf_processors(params, seq.num_prompt_tokens)(input_ids, logits[i : i + 1].clone()), -1
-        )
-        torch.testing.assert_close(ours[i : i + 1], expected, atol=1e-5, rtol=0, msg=f"row {i}: {params}")
+        hf = _hf_processors(seq.params, seq.num_prompt_tokens)
+        expected = torch.softmax(hf(input_ids, logits[i : i + 1].clone()), -1)
+        torch.testing.assert_close(ours[i : i + 1], expected, atol=1e-5, rtol=0, msg=f"row {i}: {seq.params}")
+    return processed
+
+
+def test_batched_processing_matches_hf_per_row() -> None:
+    state, _ = _batch_of_every_case()
+    processed = _processed_like_hf(state)
+    ours = torch.softmax(processed, dim=-1)
     # The cases above must actually bite, or the comparison proves nothing.
     assert torch.isinf(processed[4, [3, 4, 9]]).all() and (ours == 0).sum(dim=1).gt(0).sum() >= 6
+
+
+def test_every_feature_follows_its_rows_when_rows_leave() -> None:
+    """Rows leaving move the last rows into their holes: each feature's slot tensors move with them and its
+    host-side facts are rebuilt, so every row still processes as HF would for its own parameters."""
+    cases = list(reversed(range(len(ROW_PARAMETERS))))  # the processors' cases last, so that they move
+    state, sequences = _batch_of_every_case(cases)
+    assert state.feature(NoRepeatNgram).sizes_in_use == (2, 3)
+    leaving = {0, 1, 2, 3, cases.index(6)}  # case 6 holds the only 3-gram ban
+    state.remove_rows(leaving)
+    state.refresh_composition()
+    survivors = [case for slot, case in enumerate(cases) if slot not in leaving]
+    # the bad-words, n-gram and penalty rows moved into the holes
+    assert state.rows[:4] == [sequences[case] for case in (4, 3, 2, 1)]
+    assert sorted(seq.request_id for seq in state.rows) == sorted(str(case) for case in survivors)
+    _processed_like_hf(state)
+    assert state.feature(NoRepeatNgram).sizes_in_use == (2,)
 
 
 def test_presence_frequency_penalties_and_logit_bias_follow_openai_semantics() -> None:
@@ -110,7 +139,7 @@ def test_presence_frequency_penalties_and_logit_bias_follow_openai_semantics() -
         state.add_row(seq)
     state.refresh_composition()
     logits = torch.randn(3, VOCAB)
-    processed = process_logits(logits.clone(), state, max(s.num_tokens for s in rows))
+    processed = process_logits(logits.clone(), state, LogitsStep(max(s.num_tokens for s in rows), {}))
     expected = logits.clone()
     expected[0, 6] -= 0.25 * 3 + 0.5  # generated three times
     expected[0, 7] -= 0.25 * 1 + 0.5

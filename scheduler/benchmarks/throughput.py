@@ -4,7 +4,8 @@ Baselines: `generate()` one request at a time, `generate()` on static batches of
 (left-padded; a batch runs until its longest request is done), and transformers' continuous batching manager
 (the engine behind `generate_batch`, given each request's own max_new_tokens). Throughput counts only useful
 tokens: each request's tokens up to its own max_new_tokens or eos. The ceiling is a bare decode step (a plain
-forward pass with HF's DynamicCache) at the same batch size: the best any scheduler around this model could do.
+forward pass with HF's DynamicCache, through genserve's linear kernel) at the same batch size: the best any
+scheduler around this model could do. The HF baselines run the model as loaded, as a user of HF would.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 from scheduler.config import EngineConfig
+from scheduler.cpu_linear import with_linear_kernel
 from scheduler.cpu_threads import in_passing_thread
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
@@ -212,9 +214,11 @@ def run_hf_continuous(loaded: LoadedModel, workload: Workload, max_batch_size: i
 
 
 @torch.inference_mode()
-def decode_ceiling(loaded: LoadedModel, batch_size: int, context: int, steps: int = 16) -> float:
+def decode_ceiling(
+    loaded: LoadedModel, batch_size: int, context: int, linear_kernel: str = "auto", steps: int = 16
+) -> float:
     """Tokens/s of bare decode forward passes (HF DynamicCache, no sampling, no scheduling) at this batch size."""
-    model = loaded.model
+    model = with_linear_kernel(loaded.model, linear_kernel, batch_hint=batch_size)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, context), device=model.device)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -258,7 +262,8 @@ def run_benchmark(
     mean_context = sum(map(len, workload.prompts)) // len(workload.prompts) + sum(workload.max_new_tokens) // (
         2 * len(workload.prompts)
     )
-    ceiling = in_passing_thread(decode_ceiling, loaded, max_batch_size, mean_context)
+    kernel = (engine_options or {}).get("linear_kernel", "auto")
+    ceiling = in_passing_thread(decode_ceiling, loaded, max_batch_size, mean_context, kernel)
     return results, ceiling
 
 
