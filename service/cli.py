@@ -261,7 +261,7 @@ def _genserve_over_grpc(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN2
     from scheduler.benchmarks.throughput import BenchResult
     from scheduler.cpu_threads import in_passing_thread
     from scheduler.engine import Engine
-    from service.local_server import local_server, stream_all
+    from service.benchmarks.local_server import local_server, stream_all
     from service.proto_gen.genserve.v1 import generate_pb2 as pb
 
     def run(workload) -> BenchResult:  # noqa: ANN001 - a Workload
@@ -286,7 +286,7 @@ def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
 
     from scheduler.engine import Engine
     from scheduler.model_loader import DEFAULT_MODEL, default_gguf_path
-    from service.llama_cpp_bench import compare, find_llama_server, format_comparison
+    from service.benchmarks.llama_cpp import compare, find_llama_server, format_comparison
 
     if args.model == DEFAULT_MODEL:
         gguf = default_gguf_path()
@@ -479,7 +479,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from service.loadtest import (
+    from service.benchmarks.loadtest import (
         SLO,
         WorkloadSpec,
         completed_requests,

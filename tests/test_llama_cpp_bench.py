@@ -8,7 +8,7 @@ import pytest
 
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
-from service.llama_cpp_bench import find_llama_server, fixed_prompts, format_comparison, run_genserve
+from service.benchmarks.llama_cpp import find_llama_server, fixed_prompts, format_comparison, run_genserve
 
 
 def test_fixed_prompts_have_the_asked_length(tiny_with_tokenizer) -> None:

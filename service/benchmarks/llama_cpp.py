@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.local_server import local_server, stream_all
+from service.benchmarks.local_server import local_server, stream_all
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 
 _TEXT = (
