@@ -89,8 +89,7 @@ class Engine:
     ) -> Sequence:
         """Queue a request. `grammar` is its own matcher from `self.grammars` when its output is constrained."""
         waiting = self.scheduler.waiting
-        free_rows = max(0, self.snapshot.row_limit - self.snapshot.num_slots)
-        queue = QueueState(len(waiting), waiting.num_tokens, free_rows)
+        queue = QueueState(len(waiting), waiting.num_tokens, self.snapshot.free_rows)
         seq = self.submission.sequence(prompt_ids, params, options, grammar, self.estimator, queue)
         self.scheduler.add(seq)
         self._wakeup.set()

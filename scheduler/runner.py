@@ -50,20 +50,17 @@ class ModelRunner:
         self.model = model = with_linear_kernel(model, config.linear_kernel, batch_hint=config.max_running)
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.max_rows = config.max_running
-        self.max_context = config.max_context
-        self.cache = SlotKVCache.for_model(model, self.max_rows, self.max_context, spare_positions=MAX_SPECULATIVE)
+        max_rows, max_context = config.max_running, config.max_context
+        self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
         # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
         self.can_speculate = not self.cache.layout.padding_mask_only
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
-        self.state = BatchState(self.max_rows, self.vocab_size, self.cache.capacity, self.device)
+        self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
         self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
         tokens = config.prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, tokens) if tokens else None
-        self.draft = (
-            DraftModel(assistant_model, self.max_rows, self.max_context, MAX_SPECULATIVE) if assistant_model else None
-        )
+        self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
         mode = config.decode_mode
         static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self.static_decoder = StaticDecoder(model, self.cache, capture=True) if static else None
@@ -95,7 +92,7 @@ class ModelRunner:
         )
 
     def kv_usage_ratio(self) -> float:
-        return self.num_tokens_held() / (self.max_rows * self.max_context)
+        return self.num_tokens_held() / (self.config.max_running * self.config.max_context)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelOutput:
@@ -250,7 +247,8 @@ class ModelRunner:
         first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), width)
         lengths = state.seq_length[:num_rows]
         room = torch.minimum(
-            state.max_new_tokens[:num_rows] - (lengths - state.prompt_length[:num_rows]), self.max_context - lengths
+            state.max_new_tokens[:num_rows] - (lengths - state.prompt_length[:num_rows]),
+            self.config.max_context - lengths,
         )
         hits_eos = first_eos + 1 <= torch.minimum(counts, room)
         counts = torch.where(hits_eos, first_eos + 1, torch.minimum(counts, room))

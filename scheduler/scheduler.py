@@ -52,7 +52,7 @@ class Scheduler:
 
     @property
     def free_rows(self) -> int:
-        return max(0, self.row_limit - self.num_slots)
+        return max(0, self.row_limit - self.num_slots)  # as EngineSnapshot.free_rows reports it after the step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.add(seq)

@@ -44,6 +44,10 @@ class EngineSnapshot:
     tokens_held: int = 0  # KV positions the running requests hold
     kv_cache_usage_ratio: float = 0.0
 
+    @property
+    def free_rows(self) -> int:
+        return max(0, self.row_limit - self.num_slots)
+
 
 @dataclass(frozen=True)
 class LoadReport:
