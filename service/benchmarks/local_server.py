@@ -7,7 +7,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,23 +42,27 @@ def local_server(engine) -> Iterator[str]:  # noqa: ANN001 - an Engine (kept fre
 
 
 def stream_all(target: str, requests: list[pb.GenerateRequest]) -> GrpcRun:
-    """Send every request at once (one streaming call each, asking for token ids) and collect their tokens."""
-    requests = [_with_token_ids(request) for request in requests]
-    with grpc.insecure_channel(target) as channel:
+    """Send every request at once (one streaming call each, asking for token ids) and collect their tokens.
+    One asyncio client on this thread drives every stream, as a load generator would: a thread per stream
+    would compete with the server for the GIL and the cores it measures."""
+    return asyncio.run(_stream_all(target, [_with_token_ids(request) for request in requests]))
+
+
+async def _stream_all(target: str, requests: list[pb.GenerateRequest]) -> GrpcRun:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = generate_pb2_grpc.TextGenerationStub(channel)
         started = time.perf_counter()
 
-        def one(request: pb.GenerateRequest) -> tuple[list[int], float]:
+        async def one(request: pb.GenerateRequest) -> tuple[list[int], float]:
             tokens: list[int] = []
             first = 0.0
-            for chunk in stub.GenerateStream(request, timeout=3600):
+            async for chunk in stub.GenerateStream(request, timeout=3600):
                 if chunk.token_ids and not tokens:
                     first = time.perf_counter() - started
                 tokens.extend(chunk.token_ids)
             return tokens, first
 
-        with ThreadPoolExecutor(len(requests)) as pool:
-            answers = list(pool.map(one, requests))
+        answers = await asyncio.gather(*(one(request) for request in requests))
         seconds = time.perf_counter() - started
     return GrpcRun(seconds, [tokens for tokens, _ in answers], [first for _, first in answers])
 
