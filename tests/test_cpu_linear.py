@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from scheduler.config import EngineConfig
-from scheduler.cpu_linear import PrepackedLinear, prepacked_copy, resolve_linear_kernel
+from scheduler.cpu_linear import (
+    FusedProjection,
+    FusedProjections,
+    PrepackedLinear,
+    prepacked_copy,
+    resolve_linear_kernel,
+)
 from scheduler.engine import Engine
 from scheduler.model_loader import LoadedModel
 from tests.conftest import StepDriver, hf_generate, tiny_model
@@ -15,15 +21,19 @@ from tests.conftest import StepDriver, hf_generate, tiny_model
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
-def _linear_layers(model: torch.nn.Module, kind: type) -> list[str]:
-    return [name for name, module in model.named_modules() if type(module) is kind]
+def _linear_layers(model: torch.nn.Module, *kinds: type) -> list[str]:
+    return [name for name, module in model.named_modules() if type(module) in kinds]
 
 
 def test_the_copy_packs_every_linear_shares_the_rest_and_leaves_the_original_alone() -> None:
     model = tiny_model()
     plain = _linear_layers(model, torch.nn.Linear)
     packed = prepacked_copy(model, batch_hint=8)
-    assert _linear_layers(packed, PrepackedLinear) == plain and plain
+    assert _linear_layers(packed, PrepackedLinear, FusedProjection) == plain and plain
+    fused = _linear_layers(packed, FusedProjection)  # q/k/v and gate/up of each layer
+    assert len(fused) == 5 * model.config.num_hidden_layers and all(
+        name.rsplit(".", 1)[1] in {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} for name in fused
+    )
     assert _linear_layers(model, torch.nn.Linear) == plain  # the caller's model is unchanged
     assert not _linear_layers(packed, torch.nn.Linear)
     original = {name: parameter for name, parameter in model.named_parameters()}
@@ -35,6 +45,23 @@ def test_the_copy_packs_every_linear_shares_the_rest_and_leaves_the_original_alo
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     assert packed.get_output_embeddings().weight.shape == model.get_output_embeddings().weight.shape
+
+
+def test_fused_siblings_answer_each_input_and_keep_no_activations() -> None:
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(12, width, bias=width != 5) for width in (8, 5, 3)]  # one without a bias
+    group = FusedProjections(linears, batch_hint=4)
+    siblings = [FusedProjection(linear, group, index) for index, linear in enumerate(linears)]
+    first, second = torch.randn(2, 7, 12), torch.randn(4, 12)
+    with torch.inference_mode():
+        shared = [sibling(first) for sibling in siblings]  # one GEMM for the three
+        assert group.input is None and not group.outputs
+        interleaved = [siblings[0](second), siblings[1](first), siblings[2](second), siblings[1](second)]
+        for sibling, output in zip(siblings, shared):
+            torch.testing.assert_close(output, linears[sibling.index](first), rtol=1e-5, atol=1e-5)
+        expected = [linears[0](second), linears[1](first), linears[2](second), linears[1](second)]
+        for output, reference in zip(interleaved, expected):
+            torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_engine_picks_onednn_on_cpu_fp32_only_and_refuses_it_elsewhere(tiny: LoadedModel) -> None:
