@@ -7,7 +7,9 @@ head takes 2.4x longer than oneDNN on a weight reordered once into its blocked l
 layers multiply with prepacked weights, sharing every other parameter with the caller's model, which stays as it
 was (so `generate()` on it is the plain reference the parity tests compare against).
 
-The packed weight is a second copy of each Linear's weight (the plain one stays in the caller's model).
+Sibling projections that read the same input (q/k/v, gate/up: `SIBLING_PROJECTIONS`) multiply as one wider
+prepacked GEMM (`FusedProjections`). The packed weights are a second copy of the Linear weights (the plain ones
+stay in the caller's model).
 """
 
 from __future__ import annotations
