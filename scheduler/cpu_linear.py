@@ -34,15 +34,22 @@ def resolve_linear_kernel(kernel: str, model: torch.nn.Module) -> str:
     return kernel
 
 
-class PrepackedLinear(torch.nn.Module):
-    """`linear`'s computation with its weight reordered for oneDNN once. `weight` (the plain one, shared with the
-    original layer) stays visible for code that reads shapes, such as `get_output_embeddings().weight`."""
+class _LinearStandIn(torch.nn.Module):
+    """Stands where an nn.Linear stood: its plain weight (shared with the original layer) stays visible for code
+    that reads shapes, such as `get_output_embeddings().weight`."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
+    def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+
+
+class PrepackedLinear(_LinearStandIn):
+    """`linear`'s computation with its weight reordered for oneDNN once."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
+        super().__init__(linear)
         # The hint tunes the blocking for that many rows; any row count computes correctly.
         self.register_buffer(
             "packed_weight",
@@ -100,14 +107,11 @@ class FusedProjections:
         return output
 
 
-class FusedProjection(torch.nn.Module):
-    """One sibling of a FusedProjections group, standing where its Linear stood (its plain weight stays visible)."""
+class FusedProjection(_LinearStandIn):
+    """One sibling of a FusedProjections group."""
 
     def __init__(self, linear: torch.nn.Linear, group: FusedProjections, index: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        super().__init__(linear)
         self.group, self.index = group, index
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -117,23 +121,27 @@ class FusedProjection(torch.nn.Module):
 def prepacked_copy(model: torch.nn.Module, batch_hint: int) -> torch.nn.Module:
     """A copy of `model`'s module tree (parameters and buffers shared, not copied) whose nn.Linear layers are
     PrepackedLinear, or FusedProjection where siblings of SIBLING_PROJECTIONS share an input."""
-    clone = copy.copy(model)
-    children = dict(model._modules)
-    clone._modules = {}
+    children = model._modules
+    fused: dict[str, torch.nn.Module] = {}
     for names in SIBLING_PROJECTIONS:
         linears = [children.get(name) for name in names]
         siblings = all(type(linear) is torch.nn.Linear for linear in linears)
         if siblings and len({linear.in_features for linear in linears}) == 1:
             group = FusedProjections(linears, batch_hint)
-            for index, name in enumerate(names):
-                clone._modules[name] = FusedProjection(children.pop(name), group, index)
-    for name, child in children.items():
-        clone._modules[name] = _replacement(child, batch_hint) if child is not None else None
-    clone._modules = {name: clone._modules[name] for name in model._modules}  # the original order
+            fused.update(
+                (name, FusedProjection(linear, group, index))
+                for index, (name, linear) in enumerate(zip(names, linears))
+            )
+    clone = copy.copy(model)
+    clone._modules = {
+        name: fused[name] if name in fused else _replacement(child, batch_hint) for name, child in children.items()
+    }
     return clone
 
 
-def _replacement(module: torch.nn.Module, batch_hint: int) -> torch.nn.Module:
+def _replacement(module: torch.nn.Module | None, batch_hint: int) -> torch.nn.Module | None:
+    if module is None:  # a child slot the model registered empty
+        return None
     if type(module) is torch.nn.Linear:
         return PrepackedLinear(module, batch_hint)
     return prepacked_copy(module, batch_hint)

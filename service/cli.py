@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from scheduler.config import EngineConfig
+from scheduler.config import LINEAR_KERNELS, EngineConfig
 
 
 def _env(name: str, default: str) -> str:
@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--linear-kernel",
         default=_env("linear_kernel", "auto"),
-        choices=["auto", "aten", "onednn"],
+        choices=LINEAR_KERNELS,
         help="auto: on CPU, fp32 Linear layers multiply with weights prepacked once for oneDNN, q/k/v and gate/up "
         "as one GEMM each (decode steps 1.3-1.4x faster than with aten's matmul on the README's machine; costs a "
         "second copy of those weights); aten elsewhere",
