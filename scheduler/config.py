@@ -28,6 +28,15 @@ class EngineConfig:
     # "auto": fp32 Linear layers on CPU multiply with weights prepacked for oneDNN (cpu_linear.py), else aten's
     # plain matmul ("aten" forces that everywhere).
     linear_kernel: str = "auto"
+    # 0: a slot of max_context positions per row (kv_cache.py). Otherwise a paged cache of this many bytes, or
+    # of this fraction of the device's free memory when <= 1 (paged_kv_cache.py): requests are admitted and
+    # preempted by the KV blocks they hold (kv_blocks.py).
+    kv_cache_memory: float = 0.0
+    kv_admission_reserve: float = 0.05  # share of the blocks admission leaves free for running rows to grow into
+
+    @property
+    def paged(self) -> bool:
+        return self.kv_cache_memory > 0
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context"):
@@ -38,6 +47,10 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_running "
                 f"({self.max_running}): a step full of decoding rows still needs room for a prompt chunk"
             )
+        if self.kv_cache_memory < 0:
+            raise ValueError(f"kv_cache_memory must be >= 0, got {self.kv_cache_memory}")
+        if not 0 <= self.kv_admission_reserve < 1:
+            raise ValueError(f"kv_admission_reserve must be in [0, 1), got {self.kv_admission_reserve}")
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
         if self.linear_kernel not in LINEAR_KERNELS:

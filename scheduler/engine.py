@@ -52,14 +52,16 @@ class Engine:
         self.config = config
         self.runner = ModelRunner(loaded.model, config, assistant.model if assistant is not None else None)
         self.assistant_name = assistant.name if assistant is not None else ""
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, self.runner.block_pool())
         defaults = model_generation_defaults(loaded.model.generation_config)
-        self.submission = Submission(config, defaults, self.vocab_size, assistant is not None, plugins)
+        self.submission = Submission(
+            config, defaults, self.vocab_size, assistant is not None, plugins, self.scheduler.blocks
+        )
         self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size)
         self.estimator = LoadEstimator()
         self.on_events: Callable[[list[TokenEvent]], None] = lambda events: None
         self.on_step: Callable[[StepStats], None] = lambda stats: None
-        self.snapshot = EngineSnapshot(row_limit=config.max_running)
+        self._publish([])  # the first snapshot: an idle engine
         self.num_prefilled = 0  # requests prefilled since start (a refused or dropped request never counts)
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -157,9 +159,10 @@ class Engine:
                     len(output.results),
                     now - started,
                     waits,
-                    len(plan.preempted),
+                    len(plan.preempted) - plan.num_preempted_for_kv,
                     counters,
                     num_prefill_tokens,
+                    plan.num_preempted_for_kv,
                 )
             )
         return plan.has_work
@@ -180,14 +183,16 @@ class Engine:
         return 3 * (self.estimator.step_seconds or 0.0) + 0.1
 
     def _publish(self, events: list[TokenEvent]) -> None:
-        scheduler = self.scheduler
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
         self.snapshot = EngineSnapshot(
             num_running=len(scheduler.running) + len(scheduler.prefilling),
             num_prefilling=len(scheduler.prefilling),
             num_slots=scheduler.num_slots,
             row_limit=scheduler.row_limit,
             tokens_held=self.runner.num_tokens_held(),
-            kv_cache_usage_ratio=self.runner.kv_usage_ratio(),
+            kv_cache_usage_ratio=blocks.num_used / blocks.num_blocks if blocks else self.runner.kv_usage_ratio(),
+            kv_blocks_free=blocks.num_free if blocks else 0,
+            kv_blocks_total=blocks.num_blocks if blocks else 0,
         )
         if events:
             self.on_events(events)

@@ -266,10 +266,19 @@ class SlotKVCache(Cache):
     def update_indexer(self, indexer_key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
         raise UnsupportedModelError("sparse-attention indexer keys (DeepSeek V3.2-style) are not cached by the engine")
 
+    def read_row(self, layer: int, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `row`'s first `length` positions in `layer`, [heads, length, head_dim] each."""
+        return self.keys[layer][row, :, :length], self.values[layer][row, :, :length]
+
+    def write_row(self, layer: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store keys and values ([heads, n, head_dim]) at `row`'s positions start..start+n of `layer`."""
+        end = start + keys.shape[1]
+        self.keys[layer][row, :, start:end] = keys
+        self.values[layer][row, :, start:end] = values
+
     def copy_prefix(self, source_row: int, destination_row: int, length: int) -> None:
-        for layer_caches in (self.keys, self.values):
-            for cache in layer_caches:
-                cache[destination_row, :, :length] = cache[source_row, :, :length]
+        for layer in range(self.num_layers):
+            self.write_row(layer, destination_row, 0, *self.read_row(layer, source_row, length))
 
     def move_rows(self, sources: list[int], destinations: list[int]) -> None:
         if not sources:

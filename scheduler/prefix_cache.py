@@ -58,9 +58,9 @@ class PrefixCache:
         self.hit_tokens += length
         if blocks:
             index = torch.tensor(blocks, device=self.cache.device)
-            for pool, slots in ((self.keys, self.cache.keys), (self.values, self.cache.values)):
-                for layer, stored in enumerate(pool):  # [n, heads, block, dim] -> [heads, n * block, dim]
-                    slots[layer][row, :, :length] = stored[index].transpose(0, 1).flatten(1, 2)
+            for layer in range(self.cache.num_layers):  # [n, heads, block, dim] -> [heads, n * block, dim]
+                keys, values = (pool[layer][index].transpose(0, 1).flatten(1, 2) for pool in (self.keys, self.values))
+                self.cache.write_row(layer, row, 0, keys, values)
         return length
 
     def store(self, tokens: list[int], row: int) -> None:
@@ -81,7 +81,7 @@ class PrefixCache:
         source = torch.tensor(numbers, device=self.cache.device)
         destination = torch.tensor(indexes, device=self.cache.device)
         length = len(chain) * self.block_size
-        for pool, slots in ((self.keys, self.cache.keys), (self.values, self.cache.values)):
-            for layer, stored in enumerate(pool):  # [heads, n * block, dim] -> [n, heads, block, dim]
-                blocks = slots[layer][row, :, :length].unflatten(1, (len(chain), self.block_size)).transpose(0, 1)
-                stored[destination] = blocks[source]
+        for layer in range(self.cache.num_layers):
+            for pool, held in zip((self.keys, self.values), self.cache.read_row(layer, row, length)):
+                blocks = held.unflatten(1, (len(chain), self.block_size)).transpose(0, 1)  # [n, heads, block, dim]
+                pool[layer][destination] = blocks[source]

@@ -12,6 +12,7 @@ join the decoding rows when their last chunk is computed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
@@ -23,8 +24,10 @@ from scheduler.constraints import advance
 from scheduler.cpu_linear import with_linear_kernel
 from scheduler.decode_graphs import StaticDecoder
 from scheduler.draft_model import DraftModel
+from scheduler.kv_blocks import BlockPool
 from scheduler.kv_cache import SlotKVCache, decode_pass, prefill_pass
 from scheduler.logits_processing import LogitsStep, process_later_positions, process_logits
+from scheduler.paged_kv_cache import PagedKVCache
 from scheduler.params import MAX_SPECULATIVE
 from scheduler.plugins import custom_stop_hits
 from scheduler.prefix_cache import PrefixCache
@@ -51,12 +54,17 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         max_rows, max_context = config.max_running, config.max_context
-        self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
+        if config.paged:
+            memory = kv_memory_bytes(config.kv_cache_memory, self.device)
+            self.cache = PagedKVCache.for_model(model, max_rows, max_context, MAX_SPECULATIVE, memory)
+        else:
+            self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
+        self._block_tables: dict[int, tuple[int, ...]] = {}  # paged: id(request or companion) -> its blocks
         # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
         self.can_speculate = not self.cache.layout.padding_mask_only
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
-        self.state = BatchState(max_rows, self.vocab_size, self.cache.capacity, self.device)
+        self.state = BatchState(max_rows, self.vocab_size, min(self.cache.capacity, 256), self.device)
         self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
         tokens = config.prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.cache, tokens) if tokens else None
@@ -94,6 +102,13 @@ class ModelRunner:
     def kv_usage_ratio(self) -> float:
         return self.num_tokens_held() / (self.config.max_running * self.config.max_context)
 
+    def block_pool(self) -> BlockPool | None:
+        """A pool for the scheduler to hand out this paged cache's blocks; None with the slot cache."""
+        cache = self.cache
+        if not isinstance(cache, PagedKVCache):
+            return None
+        return BlockPool(cache.num_blocks, cache.block_size, self.config.kv_admission_reserve)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelOutput:
         """Free the plan's released requests, then decode its decoding rows, compute its prompt chunks and pick
@@ -102,6 +117,7 @@ class ModelRunner:
         A request whose own prefill raises fails alone (in the output's errors). Any other error frees the rows
         this step's chunks touched (the scheduler requeues or fails them), records no token, and propagates."""
         self.release(plan.released)
+        self._apply_block_tables(plan.kv_blocks)
         if not plan.has_work:
             return ModelOutput()
         try:
@@ -109,6 +125,14 @@ class ModelRunner:
         except BaseException:
             self.release(chunk.seq for chunk in plan.prefills)
             raise
+
+    def _apply_block_tables(self, tables: tuple[tuple[Sequence, tuple[int, ...]], ...]) -> None:
+        """The plan's new block tables: rows that hold a slot point at theirs now, new ones when they get one."""
+        for member, blocks in tables:
+            self._block_tables[id(member)] = blocks
+            slot = self._slot(member)
+            if slot is not None:
+                self.cache.set_blocks(slot, blocks)
 
     def _execute(self, plan: StepPlan) -> ModelOutput:
         num_decoding = self.state.num_rows
@@ -204,11 +228,15 @@ class ModelRunner:
         top = tuple((int(i), lp) for i, lp in zip(ids[:wanted], logprobs[:wanted]))
         return RowResult(tokens, code, TokenLogprob(tokens[0], chosen, top, rank))
 
-    def release(self, seqs: Iterable[Sequence]) -> None:
-        """Free these requests' rows (and their guidance companions'), wherever they are; unknown ones are skipped."""
+    def release(self, seqs: Iterable[Sequence], keep_blocks: bool = False) -> None:
+        """Free these requests' rows (and their guidance companions'), wherever they are; unknown ones are skipped.
+        `keep_blocks`: they keep their KV blocks (paged cache), to take a row again in this step."""
         leaving = {id(member) for seq in seqs for member in (seq, seq.companion) if member is not None}
         if not leaving:
             return
+        if not keep_blocks:
+            for key in leaving:
+                self._block_tables.pop(key, None)
         rows = {slot for slot, seq in enumerate(self.state.rows) if id(seq) in leaving}
         prefilling = {index for index, seq in enumerate(self.prefilling) if id(seq) in leaving}
         if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
@@ -234,6 +262,8 @@ class ModelRunner:
                 destinations.append(self.state.num_rows + new)
         self.prefilling = [self.prefilling[index] for index in kept]
         self.cache.move_rows(sources, destinations)
+        if isinstance(self.cache, PagedKVCache):
+            self.cache.clear_rows(self.num_slots)
         if rows:
             self.state.refresh_composition()
 
@@ -337,7 +367,7 @@ class ModelRunner:
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
-                self.release(chunk.seq for chunk in group)
+                self.release((chunk.seq for chunk in group), keep_blocks=True)
                 one_by_one[:0] = group  # retried alone, so that only the request at fault fails
         for chunk in one_by_one:
             try:
@@ -430,13 +460,20 @@ class ModelRunner:
     def _add_prefilling(self, seq: Sequence) -> int:
         """A slot for `seq`, after the decoding rows and the requests already prefilling."""
         self.prefilling.append(seq)
-        return self.state.num_rows + len(self.prefilling) - 1
+        slot = self.state.num_rows + len(self.prefilling) - 1
+        if isinstance(self.cache, PagedKVCache):
+            self.cache.set_blocks(slot, self._block_tables[id(seq)])
+        return slot
 
-    def _slot(self, seq: Sequence) -> int:
+    def _slot(self, seq: Sequence) -> int | None:
+        """`seq`'s slot, or None when it holds none."""
         for slot, row in enumerate(self.state.rows):
             if row is seq:
                 return slot
-        return self.state.num_rows + self._prefilling_index(seq)
+        for index, entry in enumerate(self.prefilling):
+            if entry is seq:
+                return self.state.num_rows + index
+        return None
 
     def _prefilling_index(self, seq: Sequence) -> int:
         return next(index for index, entry in enumerate(self.prefilling) if entry is seq)
@@ -453,6 +490,17 @@ class ModelRunner:
         self.state.add_row(seq)
         if self.draft is not None:
             self.draft.add_row()
+
+
+def kv_memory_bytes(setting: float, device: torch.device) -> int:
+    """--kv-cache-memory in bytes: a size, or (<= 1) that fraction of the memory the device has free."""
+    if setting > 1:
+        return int(setting)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * setting)
 
 
 def _padding_groups(chunks: list[PrefillChunk], max_padding: float = 0.25) -> list[list[PrefillChunk]]:

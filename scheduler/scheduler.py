@@ -8,6 +8,9 @@ prefilled whole (bit-exact with `generate()`); a longer one is split into chunks
 keep streaming, and while requests wait it takes at most half of the prompt tokens, so that short prompts are
 not held back for its whole prefill. The plan it returns is data (step_plan.py); `update()` applies the
 runner's output and makes every finish decision.
+With a paged KV cache (`--kv-cache-memory`) a request is also admitted only when the blocks of its prompt fit
+and leave the admission reserve free; when the running rows need blocks that are not free, the least important
+(priority, then newest) requests are preempted: back to the queue, tokens kept, recomputed when readmitted.
 After an out-of-memory the row limit drops to what fitted and regrows one row per STEPS_TO_REGROW_ONE_ROW
 clean steps. No torch here: tests/test_scheduler.py drives it with made-up outputs.
 """
@@ -18,6 +21,8 @@ import logging
 import threading
 
 from scheduler.config import EngineConfig
+from scheduler.kv_blocks import BlockPool
+from scheduler.params import MAX_SPECULATIVE
 from scheduler.request import FinishReason, Priority, Sequence, TokenEvent
 from scheduler.step_plan import ModelOutput, PrefillChunk, StepPlan, StopCode
 from scheduler.waiting_queue import WaitingQueue
@@ -35,8 +40,11 @@ _STOP_REASONS = {
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockPool | None = None) -> None:
+        """`blocks`: the paged KV cache's pool, whose blocks this scheduler hands out (None: slot cache)."""
         self.config = config
+        self.blocks = blocks
+        self._grown: dict[int, Sequence] = {}  # requests (or companions) whose block table changed since the last plan
         self.waiting = WaitingQueue(config.max_queue)
         self.prefilling: list[Sequence] = []  # admitted, prompt not yet fully computed; in admission order
         self.running: list[Sequence] = []  # decoding
@@ -69,15 +77,59 @@ class Scheduler:
             seq.finish(FinishReason.TIME_LIMIT)
             events.append(TokenEvent(seq.request_id, (), FinishReason.TIME_LIMIT, seq.num_prompt_tokens))
         preempted = self._preempt_for_interactive()
+        speculate = sum(seq.num_slots for seq in self.running) <= self.config.speculation_max_rows
+        preempted_for_kv = self._secure_decode_blocks(MAX_SPECULATIVE if speculate else 0)
         num_decoding = sum(seq.num_slots for seq in self.running)
+        prefills = tuple(self._plan_prefills(num_decoding, now))
+        grown, self._grown = self._grown, {}
         plan = StepPlan(
-            released=(*released, *preempted),
-            preempted=tuple(preempted),
-            prefills=tuple(self._plan_prefills(num_decoding, now)),
+            released=(*released, *preempted, *preempted_for_kv),
+            preempted=(*preempted, *preempted_for_kv),
+            num_preempted_for_kv=len(preempted_for_kv),
+            prefills=prefills,
             decodes=tuple(self.running),
-            speculate=num_decoding <= self.config.speculation_max_rows,
+            speculate=speculate,
+            kv_blocks=tuple((member, self.blocks.table(member)) for member in grown.values()),
         )
         return plan, events
+
+    def _secure_decode_blocks(self, extra_positions: int) -> list[Sequence]:
+        """Give every decoding row the blocks this step writes (its newest token, and `extra_positions` more
+        when it may speculate). Where too few are free, the least important request (lowest priority, then
+        newest) goes back to the queue, the row itself included when it is that one."""
+        if self.blocks is None:
+            return []
+        preempted: list[Sequence] = []
+        for seq in sorted(self.running, key=_importance):
+            if seq.is_finished or any(seq is victim for victim in preempted):
+                continue
+            while not self._grow(seq, extra_positions):
+                victim = max((*self.prefilling, *self.running), key=_importance)
+                self._forget([victim])
+                self._requeue([victim])
+                preempted.append(victim)
+                if victim is seq:
+                    break
+        if preempted:
+            log.info("KV blocks exhausted: preempted %d requests", len(preempted))
+        return preempted
+
+    def _grow(self, seq: Sequence, extra_positions: int) -> bool:
+        """Blocks for `seq` and its guidance companion to hold their tokens plus `extra_positions`."""
+        limit = self.config.max_context + MAX_SPECULATIVE
+        for member in (seq, seq.companion):
+            if member is None:
+                continue
+            if self.blocks.missing(member, min(member.num_tokens + extra_positions, limit)):
+                if not self.blocks.grow(member, min(member.num_tokens + extra_positions, limit)):
+                    return False
+                self._grown[id(member)] = member
+        return True
+
+    def _kv_blocks_needed(self, seq: Sequence) -> int:
+        """Blocks that admitting `seq` takes: its prompt's (and its guidance companion's)."""
+        members = (seq,) if seq.companion is None else (seq, seq.companion)
+        return sum(self.blocks.missing(member, member.num_tokens) for member in members)
 
     def _plan_prefills(self, num_decoding: int, now: float) -> list[PrefillChunk]:
         """Share the step's prompt tokens. Prompts longer than a chunk take at most half of them while requests
@@ -117,10 +169,13 @@ class Scheduler:
             # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now,
             # within the long prompts' share.
             size = seq.num_tokens if seq.num_tokens <= chunk_size else min(budget, long_room)
-            # Out of tokens, nobody behind it (lower priority included) goes first: it is next in line.
-            out_of_tokens = out_of_tokens or size <= 0 or size > budget
+            # Out of tokens (or KV blocks), nobody behind it (lower priority included) goes first: it is next in
+            # line. An idle engine takes it even if it eats into the reserve.
+            out_of_tokens = out_of_tokens or size <= 0 or size > budget or not self._kv_fits(seq, num_slots == 0)
             if not fits or out_of_tokens:
                 return False
+            if self.blocks is not None:
+                self._grow(seq, 0)
             planned[id(seq)] = size
             budget -= size
             if seq.num_tokens > chunk_size:
@@ -137,6 +192,12 @@ class Scheduler:
             for seq in self.prefilling
             if planned[id(seq)] > seq.num_computed_tokens
         ]
+
+    def _kv_fits(self, seq: Sequence, engine_idle: bool) -> bool:
+        if self.blocks is None:
+            return True
+        needed = self._kv_blocks_needed(seq)
+        return self.blocks.can_admit(needed) or (engine_idle and needed <= self.blocks.num_free)
 
     def update(
         self, plan: StepPlan, output: ModelOutput, now: float, deadline_margin: float
@@ -246,7 +307,14 @@ class Scheduler:
         self.waiting.requeue(seqs)
 
     def _forget(self, seqs: list[Sequence]) -> None:
+        """Drop these requests from the batch; their KV blocks go back to the pool."""
         leaving = {id(seq) for seq in seqs}
+        if self.blocks is not None:
+            for seq in seqs:
+                for member in (seq, seq.companion):
+                    if member is not None:
+                        self.blocks.free(member)
+                        self._grown.pop(id(member), None)
         self.prefilling = [seq for seq in self.prefilling if id(seq) not in leaving]
         self.running = [seq for seq in self.running if id(seq) not in leaving]
 
@@ -256,6 +324,11 @@ class Scheduler:
             if self._clean_steps >= STEPS_TO_REGROW_ONE_ROW:
                 self.row_limit += 1
                 self._clean_steps = 0
+
+
+def _importance(seq: Sequence) -> tuple[int, float]:
+    """Sorts the most important first: interactive before batch, then the oldest."""
+    return seq.options.priority, seq.start_time or 0.0
 
 
 def failure_event(seq: Sequence, message: str) -> TokenEvent:

@@ -31,6 +31,7 @@ class StepStats:
     num_preempted: int = 0  # batch rows that yielded to interactive requests before this step
     tokens: TokenCounters = TokenCounters()  # this step's prefix-cache and speculation figures
     num_prefill_tokens: int = 0  # prompt tokens computed this step (whole prompts and chunks)
+    num_preempted_for_kv: int = 0  # requests sent back to the queue because the KV blocks ran out
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class EngineSnapshot:
     num_slots: int = 0  # rows held, guidance companions included
     row_limit: int = 0
     tokens_held: int = 0  # KV positions the running requests hold
-    kv_cache_usage_ratio: float = 0.0
+    kv_cache_usage_ratio: float = 0.0  # paged: blocks in use over blocks in the pool
+    kv_blocks_free: int = 0  # paged cache only (0 with the slot cache)
+    kv_blocks_total: int = 0
 
     @property
     def free_rows(self) -> int:

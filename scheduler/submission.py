@@ -9,8 +9,9 @@ import time
 import uuid
 
 from scheduler.config import EngineConfig
+from scheduler.kv_blocks import BlockPool
 from scheduler.load_estimator import LoadEstimator
-from scheduler.params import GenerationParameters, ValidationError
+from scheduler.params import MAX_SPECULATIVE, GenerationParameters, ValidationError
 from scheduler.plugins import PluginRegistry
 from scheduler.request import RequestOptions, Sequence
 
@@ -38,8 +39,11 @@ class Submission:
         vocab_size: int,
         has_assistant: bool,
         plugins: PluginRegistry,
+        kv_blocks: BlockPool | None = None,
     ) -> None:
+        """`kv_blocks`: the paged KV cache's pool (None: a slot per row, which the context check covers)."""
         self.config = config
+        self.kv_blocks = kv_blocks
         self.model_defaults = model_defaults
         self.vocab_size = vocab_size
         self.has_assistant = has_assistant
@@ -99,7 +103,25 @@ class Submission:
         )
         if params.uses_guidance:
             seq.companion = self._guidance_companion(seq)
+        self._check_kv_capacity(seq)
         return seq
+
+    def _check_kv_capacity(self, seq: Sequence) -> None:
+        """A request the whole paged cache could not hold at its longest is refused now, not failed later."""
+        pool = self.kv_blocks
+        if pool is None:
+            return
+        members = (seq,) if seq.companion is None else (seq, seq.companion)
+        # At its longest, with a speculative step's spare positions.
+        needed = sum(
+            pool.blocks_for(m.num_prompt_tokens + seq.params.max_new_tokens + MAX_SPECULATIVE) for m in members
+        )
+        if needed > pool.num_blocks:
+            raise ValidationError(
+                "max_new_tokens",
+                f"the request may hold up to {needed * pool.block_size} KV positions; the server's KV cache holds "
+                f"{pool.capacity_tokens} in all (--kv-cache-memory)",
+            )
 
     def _check_prompt(self, field_name: str, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:

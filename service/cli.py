@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from scheduler.config import LINEAR_KERNELS, EngineConfig
@@ -76,11 +77,38 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-context", type=int, default=int(_env("max_context", "2048")), help="prompt + new tokens per request"
     )
     group.add_argument(
+        "--kv-cache-memory",
+        type=memory_size,
+        default=memory_size(_env("kv_cache_memory", "0")),
+        help="a paged KV cache of this size (e.g. 1GiB, 512MiB; or 0.9: that fraction of the device's free "
+        "memory): requests are admitted by the KV blocks they hold and preempted when blocks run out, so long "
+        "contexts and many rows share one budget. 0 (default): each row holds a slot of --max-context "
+        "positions, faster on CPU (README: KV memory)",
+    )
+    group.add_argument(
+        "--kv-admission-reserve",
+        type=float,
+        default=float(_env("kv_admission_reserve", str(EngineConfig.kv_admission_reserve))),
+        help="paged cache: share of its blocks that admitting a request must leave free, for running rows to "
+        "grow into before any is preempted",
+    )
+    group.add_argument(
         "--max-requests-per-client",
         type=int,
         default=int(_env("max_requests_per_client", "0")),
         help="in-flight requests per client (x-client-id metadata, else its address); 0: unlimited",
     )
+
+
+_SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def memory_size(text: str) -> float:
+    """'1GiB', '512MiB', '2G', '1000000' (bytes), or a fraction <= 1 of the free device memory ('0.9')."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (1GiB, 512MiB) or a fraction (0.9)")
+    return float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
 
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +176,8 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         speculation_max_rows=getattr(args, "speculative_max_batch_size", None),
         decode_mode="eager" if getattr(args, "no_cuda_graphs", False) else "auto",
         linear_kernel=getattr(args, "linear_kernel", None),
+        kv_cache_memory=getattr(args, "kv_cache_memory", None),
+        kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
     )
     return EngineConfig(**{name: value for name, value in flags.items() if value is not None} | overrides)
 

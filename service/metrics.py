@@ -52,7 +52,11 @@ class Metrics:
             "genserve_prefilled_requests", "Requests prefilled (refused or expired ones never are)", registry=r
         )
         self.preemptions = Counter(
-            "genserve_preemptions", "Batch rows that yielded their row to interactive requests", registry=r
+            "genserve_preemptions",
+            "Requests sent back to the queue to be recomputed later: batch rows that yielded to interactive "
+            "requests (cause=priority), or the least important when KV blocks ran out (cause=kv_cache)",
+            ["cause"],
+            registry=r,
         )
         self.prefix_cache_queried = Counter(
             "genserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
@@ -96,8 +100,17 @@ class Metrics:
         Gauge("genserve_running_requests", "Requests holding a row", registry=r).set_function(
             lambda: engine.num_running
         )
-        Gauge("genserve_kv_cache_usage_ratio", "Tokens held in the KV cache / its capacity", registry=r).set_function(
-            lambda: engine.snapshot.kv_cache_usage_ratio
+        Gauge(
+            "genserve_kv_cache_usage_ratio",
+            "KV blocks in use / blocks in the pool (paged cache); tokens held / rows x max context (slot cache)",
+            registry=r,
+        ).set_function(lambda: engine.snapshot.kv_cache_usage_ratio)
+        Gauge(
+            "genserve_kv_blocks_free", "Free blocks of the paged KV cache (0 with the slot cache)", registry=r
+        ).set_function(lambda: engine.snapshot.kv_blocks_free)
+        pool = engine.scheduler.blocks
+        Gauge("genserve_kv_blocks", "Blocks in the paged KV cache's pool (0 with the slot cache)", registry=r).set(
+            pool.num_blocks if pool is not None else 0
         )
         model_info = Gauge("genserve_model_info", "The served model (value 1)", ["model"], registry=r)
         model_info.labels(model=engine.loaded.name).set(1)
@@ -107,7 +120,8 @@ class Metrics:
         self.step_duration.labels(phase="prefill" if stats.num_prefilled else "decode").observe(stats.seconds)
         self.batch_size.set(stats.num_rows)
         self.prefilled_requests.inc(stats.num_prefilled)
-        self.preemptions.inc(stats.num_preempted)
+        self.preemptions.labels(cause="priority").inc(stats.num_preempted)
+        self.preemptions.labels(cause="kv_cache").inc(stats.num_preempted_for_kv)
         self.prefix_cache_queried.inc(stats.tokens.prefix_queried)
         self.prefix_cache_hits.inc(stats.tokens.prefix_hits)
         self.speculated.inc(stats.tokens.speculated)

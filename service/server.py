@@ -383,7 +383,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         engine = self.engine.engine
         defaults = engine.make_parameters()
-        config = engine.config
+        config, blocks = engine.config, engine.scheduler.blocks
         return pb.ModelInfoResponse(
             model_name=engine.loaded.name,
             vocab_size=engine.vocab_size,
@@ -395,6 +395,8 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 max_queue=config.max_queue,
                 max_context=config.max_context,
                 max_num_batched_tokens=config.max_num_batched_tokens,
+                kv_cache_tokens=blocks.capacity_tokens if blocks is not None else 0,
+                kv_block_size=blocks.block_size if blocks is not None else 0,
             ),
             has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
             prefix_caching=engine.runner.prefix_cache is not None,

@@ -63,7 +63,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "s",
         [(quantiles("genserve_time_to_first_token_seconds", by="priority")[2][0], "{{priority}}")],
     ),
-    ("Preemptions / s", "short", [(f"sum(rate(genserve_preemptions_total{RATE}))", "batch rows preempted")]),
+    ("Preemptions / s", "short", [(f"sum by (cause) (rate(genserve_preemptions_total{RATE}))", "{{cause}}")]),
     (
         "Prefix cache and speculation tokens / s",
         "short",

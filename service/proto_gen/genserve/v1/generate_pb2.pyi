@@ -320,16 +320,20 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue", "max_context", "max_num_batched_tokens")
+    __slots__ = ("max_batch_size", "max_queue", "max_context", "max_num_batched_tokens", "kv_cache_tokens", "kv_block_size")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue: int
     max_context: int
     max_num_batched_tokens: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_context: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    kv_cache_tokens: int
+    kv_block_size: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_context: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "vocab_size", "max_context", "eos_token_ids", "default_parameters", "limits", "has_chat_template", "prefix_caching", "assistant_model", "architecture", "attn_implementation")
