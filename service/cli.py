@@ -235,6 +235,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for feature in features:
         print()
         print(_feature_report(feature, loaded, args))
+    if args.kv_capacity:
+        from scheduler.benchmarks.kv_capacity import capacity_workload, format_capacity_report, run_kv_capacity
+
+        memory = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else 2**30
+        tokens = args.capacity_request_tokens
+        workload = capacity_workload(loaded, args.capacity_requests, tokens, args.capacity_new_tokens)
+        results = run_kv_capacity(loaded, memory, args.capacity_max_context, args.capacity_max_rows, workload)
+        print()
+        print(format_capacity_report(results, memory, args.capacity_max_context, tokens))
     if args.long_prompt:
         from scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
 
@@ -284,6 +293,7 @@ def _bench_engine_options(args: argparse.Namespace) -> dict[str, object]:
         decode_mode=config.decode_mode,
         max_num_batched_tokens=config.max_num_batched_tokens,
         linear_kernel=config.linear_kernel,
+        kv_cache_memory=config.kv_cache_memory,
     )
 
 
@@ -629,6 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.max_num_batched_tokens,
         help="the engine's tokens per step (decoding rows and prompt chunks)",
     )
+    bench.add_argument(
+        "--kv-cache-memory",
+        type=memory_size,
+        default=0.0,
+        help="genserve's paged KV cache of this size (as serve's flag; 0: a slot per row); the baseline "
+        "'slots' then runs genserve with slots in the same run",
+    )
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")
     bench.add_argument("--max-new-tokens", type=int, default=256)
@@ -648,8 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baselines",
         default="sequential,static,continuous",
-        help="comma-separated subset of: sequential, static, continuous, llama.cpp (llama-server on the model's "
-        "GGUF, as shipped and requantized to F32, against genserve over gRPC; see the llama.cpp options)",
+        help="comma-separated subset of: sequential, static, continuous, slots (genserve with a KV slot per row, "
+        "against --kv-cache-memory's paged cache), llama.cpp (llama-server on the model's GGUF, as shipped and "
+        "requantized to F32, against genserve over gRPC; see the llama.cpp options)",
     )
     llama = bench.add_argument_group("llama.cpp", "the llama.cpp baseline's workload: all requests sent at once")
     llama.add_argument("--llama-server", help="path to llama-server (default: on PATH); llama-quantize beside it")
@@ -691,6 +709,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated linear kernels (aten,onednn): one column each for every fp32 dtype on CPU; "
         "default: --linear-kernel alone",
     )
+    capacity = bench.add_argument_group(
+        "KV capacity",
+        "requests served at once in one KV budget (--kv-cache-memory, default 1GiB here): a slot of "
+        "--capacity-max-context positions per row against paged blocks, in one run",
+    )
+    capacity.add_argument("--kv-capacity", action="store_true", help="measure and print the table")
+    capacity.add_argument("--capacity-max-context", type=int, default=16384, help="the context both designs serve")
+    capacity.add_argument("--capacity-requests", type=int, default=80, help="requests, all sent at once")
+    capacity.add_argument("--capacity-request-tokens", type=int, default=300, help="tokens each request holds")
+    capacity.add_argument("--capacity-new-tokens", type=int, default=32, help="of which generated")
+    capacity.add_argument("--capacity-max-rows", type=int, default=128, help="the paged run's row limit")
     stall = bench.add_argument_group(
         "long prompt", "how long running streams stall while a long prompt is prefilled, chunked and whole"
     )

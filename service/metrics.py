@@ -58,6 +58,8 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        for cause in ("priority", "kv_cache"):  # both series exist from the start, at 0
+            self.preemptions.labels(cause=cause)
         self.prefix_cache_queried = Counter(
             "genserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
         )

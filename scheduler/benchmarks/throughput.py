@@ -121,9 +121,10 @@ def run_genserve(
     name: str = "genserve",
     engine_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    on_step: Callable[[Engine], None] = lambda engine: None,
 ) -> BenchResult:
     """The workload through the engine; `engine_options` are EngineConfig fields, `overrides` go to every
-    request."""
+    request, `on_step` sees the engine after each step."""
     options = {"max_queue": len(workload.prompts) + 1} | (engine_options or {})
     engine = Engine(loaded, EngineConfig(max_running=max_batch_size, **options))
     outputs: dict[str, list[int]] = {}
@@ -142,6 +143,7 @@ def run_genserve(
         engine.submit(prompt, params, RequestOptions(request_id=str(i)))
     with tqdm(total=len(workload.prompts), desc=name, unit="req", leave=False) as bar:
         while engine.step():
+            on_step(engine)
             bar.n = len(workload.prompts) - engine.num_running - engine.num_waiting
             bar.refresh()
     seconds = time.perf_counter() - started
@@ -254,6 +256,13 @@ def run_benchmark(
         "sequential": lambda: run_hf_sequential(loaded, workload),
         "static": lambda: run_hf_static(loaded, workload, max_batch_size),
         "continuous": lambda: run_hf_continuous(loaded, workload, max_batch_size),
+        "slots": lambda: run_genserve(
+            loaded,
+            workload,
+            max_batch_size,
+            "genserve, a KV slot per row",
+            (engine_options or {}) | {"kv_cache_memory": 0},
+        ),
     }
     for name in baselines:
         result = in_passing_thread(runners[name])
