@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     capacity.add_argument("--capacity-max-context", type=int, default=16384, help="the context both designs serve")
     capacity.add_argument("--capacity-requests", type=int, default=80, help="requests, all sent at once")
     capacity.add_argument("--capacity-request-tokens", type=int, default=300, help="tokens each request holds")
-    capacity.add_argument("--capacity-new-tokens", type=int, default=32, help="of which generated")
+    capacity.add_argument("--capacity-new-tokens", type=int, default=200, help="of which generated")
     capacity.add_argument("--capacity-max-rows", type=int, default=128, help="the paged run's row limit")
     stall = bench.add_argument_group(
         "long prompt", "how long running streams stall while a long prompt is prefilled, chunked and whole"

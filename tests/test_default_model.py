@@ -139,3 +139,24 @@ def test_a_long_prompt_prefills_in_chunks_while_streams_decode_and_equals_genera
     chunk_steps = [(rows, tokens) for rows, tokens in steps[2:] if tokens]
     assert len(chunk_steps) >= 3 and all(tokens <= 384 for _, tokens in chunk_steps)
     assert all(rows >= 1 for rows, _ in chunk_steps)  # the streams got tokens while it prefilled
+
+
+def test_a_12000_token_prompt_decodes_beside_short_ones_in_a_1gib_paged_cache(default_model) -> None:
+    """At --max-context 16384 a slot per row holds 16,384 x 46 KB = 755 MB: 1 GiB buys one row. The paged cache
+    serves a 12,010-token prompt next to three chat requests in that budget, all equal to generate() (past the
+    model's 8,192 trained positions, where generate() goes as well)."""
+    from scheduler.benchmarks.long_prompt import long_prompt
+    from tests.conftest import StepDriver
+
+    driver = StepDriver(default_model, max_running=8, max_context=16384, kv_cache_memory=2**30)
+    prompt = long_prompt(default_model, 12000)
+    streams = {f"s{i}": _chat(default_model, question) for i, question in enumerate(QUESTIONS[:3])}
+    schedule = {0: [(name, ids, dict(max_new_tokens=24)) for name, ids in streams.items()]}
+    schedule[2] = [("long", prompt, dict(max_new_tokens=16))]
+    driver.run(schedule)
+    assert len(prompt) >= 12000 and driver.engine.scheduler.blocks.num_blocks * 16 < 2 * 12000
+    for name, ids in {**streams, "long": prompt}.items():
+        budget = 16 if name == "long" else 24
+        assert driver.tokens[name] == hf_generate(
+            default_model.model, ids, driver.engine.make_parameters(max_new_tokens=budget)
+        ), name

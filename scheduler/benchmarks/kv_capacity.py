@@ -4,7 +4,8 @@ Both runs get the same budget (`--kv-cache-memory`) and context (`--max-context`
 max_context positions per row, so the budget buys budget // (max_context x bytes per token) rows; the paged
 cache holds what each request has, so the same budget admits as many requests as their tokens fit. Every
 request arrives at once; the report gives the peak of running requests (what `genserve_running_requests` shows
-after each step) and the throughput of each run.
+after each step) and the throughput of each run. The slot design, which serves its few rows one batch after
+another, runs the first SLOT_BATCHES x its rows of the requests (its peak is its row count either way).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from scheduler.benchmarks.throughput import Workload, run_genserve
 from scheduler.cpu_threads import in_passing_thread
 from scheduler.kv_cache import SlotKVCache
 from scheduler.model_loader import LoadedModel
+from scheduler.snapshot import EngineSnapshot
+
+SLOT_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class CapacityResult:
     design: str
     rows: int  # the engine's row limit
     peak_running: int
+    peak_tokens_held: int  # KV positions held by the running requests, at most
     tokens_per_second: float
 
 
@@ -42,21 +47,25 @@ def run_kv_capacity(
     slot_rows = memory_bytes // (max_context * bytes_per_token)
     if slot_rows < 1:
         raise ValueError(f"{memory_bytes} bytes hold no slot of {max_context} positions")
-    designs = (("slot per row", slot_rows, 0), ("paged", max_rows, memory_bytes))
+    slot_count = SLOT_BATCHES * slot_rows
+    slot_workload = Workload(workload.prompts[:slot_count], workload.max_new_tokens[:slot_count])
+    designs = (("slot per row", slot_rows, 0, slot_workload), ("paged", max_rows, memory_bytes, workload))
     results = []
-    for design, rows, kv_cache_memory in designs:
-        running: list[int] = []
+    for design, rows, kv_cache_memory, requests in designs:
+        snapshots: list[EngineSnapshot] = []
         result = in_passing_thread(
             run_genserve,
             loaded,
-            workload,
+            requests,
             rows,
             name=design,
             engine_options={"max_context": max_context, "kv_cache_memory": kv_cache_memory},
             overrides={"ignore_eos": True},
-            on_step=lambda engine: running.append(engine.snapshot.num_running),
+            on_step=lambda engine: snapshots.append(engine.snapshot),
         )
-        results.append(CapacityResult(design, rows, max(running), result.tokens_per_second))
+        peak_running = max(snapshot.num_running for snapshot in snapshots)
+        peak_held = max(snapshot.tokens_held for snapshot in snapshots)
+        results.append(CapacityResult(design, rows, peak_running, peak_held, result.tokens_per_second))
     return results
 
 
@@ -67,14 +76,14 @@ def format_capacity_report(
     lines = [
         f"KV budget {memory_bytes / 2**30:.2f} GiB, --max-context {max_context}, requests of {request_tokens} tokens",
         "",
-        "| KV design | row limit | peak running requests | x slot | tokens/s | x slot |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| KV design | row limit | peak running requests | x slot | peak KV tokens held | tokens/s | x slot |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         more_requests = result.peak_running / slot.peak_running
         faster = result.tokens_per_second / slot.tokens_per_second
         lines.append(
             f"| {result.design} | {result.rows} | {result.peak_running} | {more_requests:.1f}x "
-            f"| {result.tokens_per_second:.1f} | {faster:.2f}x |"
+            f"| {result.peak_tokens_held} | {result.tokens_per_second:.1f} | {faster:.2f}x |"
         )
     return "\n".join(lines)
