@@ -96,12 +96,13 @@ class SlotKVCache(Cache):
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t.shape[1] * t.shape[3] for t in (*self.keys, *self.values)) * self.dtype.itemsize
+        shapes = (shape for layer in range(self.num_layers) for shape in self.layer_shapes(layer))
+        return sum(heads * head_dim for heads, head_dim in shapes) * self.dtype.itemsize
 
     def layer_shapes(self, layer: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, head_dim) of this layer's keys and of its values."""
         keys, values = self.keys[layer], self.values[layer]
-        return (keys.shape[1], keys.shape[3]), (values.shape[1], values.shape[3])
+        return (keys.shape[self.HEADS_AXIS], keys.shape[-1]), (values.shape[self.HEADS_AXIS], values.shape[-1])
 
     def ensure_capacity(self, num_positions: int) -> None:
         if num_positions <= self.capacity:
@@ -197,6 +198,7 @@ class SlotKVCache(Cache):
     def is_initialized(self) -> bool:
         return all(keys is not None for keys in self.keys)
 
+    HEADS_AXIS = 1  # of each layer's storage, [rows, heads, positions, head_dim]
     # Fixed-address tensors (CUDA graphs) are the engine's business; HF must not treat this as a static cache.
     is_compileable = False
     # Rows are cut and moved by the engine (release, move_rows), never by generate()'s cache surgery.

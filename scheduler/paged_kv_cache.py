@@ -62,13 +62,7 @@ class PagedKVCache(SlotKVCache):
         shapes = [probe.layer_shapes(layer) for layer in range(probe.num_layers)]
         return cls(probe.layout, max_rows, max_context, probe.dtype, probe.device, shapes, num_blocks, spare_positions)
 
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(t.shape[2] * t.shape[3] for t in (*self.keys, *self.values)) * self.dtype.itemsize
-
-    def layer_shapes(self, layer: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        keys, values = self.keys[layer], self.values[layer]
-        return (keys.shape[2], keys.shape[3]), (values.shape[2], values.shape[3])
+    HEADS_AXIS = 2  # of each layer's pool, [blocks, block_size, heads, head_dim]
 
     def ensure_capacity(self, num_positions: int) -> None:
         """Nothing to grow: the pool is allocated whole at start-up."""

@@ -17,7 +17,7 @@ TINY_VOCAB = 320
 TINY_EOS = 2
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(seed: int = 0, max_position_embeddings: int = 1024) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=TINY_VOCAB,
@@ -26,7 +26,7 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
         eos_token_id=TINY_EOS,
         pad_token_id=0,
         bos_token_id=1,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from service.cli import build_parser, engine_config, main, memory_size
 from tests.conftest import byte_tokenizer, tiny_model
 
 
@@ -85,6 +86,24 @@ def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:
     assert [row[1].strip() for row in rows] == ["chunked, 48 tokens/step", "whole prompt in one step"]
     assert all(row[-2].strip() == "yes" for row in rows)  # the long prompt's tokens equal generate()'s
     assert all(float(row[3]) > 0 for row in rows)  # the gap as a fraction of the idle prefill (timing: no bound)
+
+
+def test_bench_kv_capacity_table_and_memory_sizes(tmp_path: Path, capsys) -> None:
+    assert [memory_size(text) for text in ("1GiB", "512MiB", "2G", "0.9", "4096")] == [2**30, 2**29, 2e9, 0.9, 4096]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+        memory_size("lots")
+    config = engine_config(build_parser().parse_args(["serve", "--kv-cache-memory", "64MiB"]))
+    assert config.kv_cache_memory == 64 * 2**20 and config.paged
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--baselines", "", "--kv-capacity"]
+    arguments += ["--kv-cache-memory", "1MiB", "--capacity-max-context", "1024", "--capacity-requests", "12"]
+    code = main([*arguments, "--capacity-request-tokens", "60", "--capacity-new-tokens", "20"])
+    report = capsys.readouterr().out
+    assert code == 0 and "requests of 60 tokens" in report
+    rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines() if line.startswith("| ")}
+    # 1 MiB holds two slots of 1,024 x 512 B; paged, 127 blocks of 16 hold all twelve requests (4 blocks each).
+    assert int(rows["slot per row"][2]) == int(rows["slot per row"][3]) == 2
+    assert int(rows["paged"][3]) == 12 and rows["paged"][4].strip() == "6.0x"
 
 
 def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tmp_path: Path, capsys) -> None:

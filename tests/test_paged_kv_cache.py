@@ -7,21 +7,20 @@ import urllib.request
 
 import grpc
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from scheduler.config import EngineConfig
 from scheduler.kv_blocks import BlockPool
 from scheduler.model_loader import LoadedModel
-from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import Priority, RequestOptions, Sequence
+from scheduler.params import ValidationError
+from scheduler.request import Priority
 from scheduler.scheduler import Scheduler
 from scheduler.step_plan import ModelOutput, RowResult, StepPlan, StopCode
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from tests.conftest import TINY_VOCAB, StepDriver, hf_generate
+from tests.conftest import TINY_VOCAB, StepDriver, hf_generate, tiny_model
 from tests.serving import ServerThread, ids_request, wait_for
 from tests.test_engine_parity import MIXED_PARAMETERS
+from tests.test_scheduler import _seq
 
 TINY_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # layers x (keys, values) x kv heads x head_dim x fp32
 BLOCK_BYTES = 16 * TINY_BYTES_PER_TOKEN
@@ -30,15 +29,6 @@ BLOCK_BYTES = 16 * TINY_BYTES_PER_TOKEN
 def _prompts(count: int, seed: int, longest: int = 60) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, longest))] for _ in range(count)]
-
-
-def _seq(request_id: str, length: int, max_new_tokens: int = 50, **options: object) -> Sequence:
-    return Sequence(
-        request_id,
-        list(range(length)),
-        GenerationParameters(max_new_tokens=max_new_tokens),
-        options=RequestOptions(**options),
-    )
 
 
 def test_block_pool_hands_out_whole_blocks_and_takes_them_back() -> None:
@@ -131,18 +121,7 @@ def test_seeded_sampling_survives_preemption_and_batch_mates(tiny) -> None:
 def test_a_long_prompt_is_served_next_to_short_ones_in_a_budget_no_slot_could_hold() -> None:
     """A 12,000-token prompt decodes beside short requests in 8 MB of KV, where slots of the same 16,384-token
     context would hold 8 MB / (16,384 x 512 B) = 1 row; all outputs equal generate()."""
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-        attn_implementation="sdpa",
-    )
-    loaded = LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=None, name="tiny-long")
+    loaded = LoadedModel(model=tiny_model(seed=3, max_position_embeddings=16384), tokenizer=None, name="tiny-long")
     driver = StepDriver(loaded, max_running=4, max_context=16384, kv_cache_memory=8 * 2**20)
     rng = random.Random(5)
     long_prompt = [rng.randrange(3, TINY_VOCAB) for _ in range(12_000)]
