@@ -59,7 +59,7 @@ class ModelRunner:
             self.cache = PagedKVCache.for_model(model, max_rows, max_context, MAX_SPECULATIVE, memory)
         else:
             self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
-        self._block_tables: dict[int, tuple[int, ...]] = {}  # paged: id(request or companion) -> its blocks
+        self._blocks_held: dict[int, int] = {}  # paged: id(request or companion) -> blocks the scheduler gave it
         # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
         self.can_speculate = not self.cache.layout.padding_mask_only
         self.speculated_tokens = 0  # proposals verified since start
@@ -72,6 +72,8 @@ class ModelRunner:
         mode = config.decode_mode
         static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
         self.static_decoder = StaticDecoder(model, self.cache, capture=True) if static else None
+        if static and self.device.type == "cuda" and isinstance(self.cache, PagedKVCache):
+            self.cache.always_gather = True  # a captured pass cannot choose between reading homes and gathering
         self.shared_generator = torch.Generator(device=self.device)
         self.shared_generator.manual_seed(config.seed)
 
@@ -117,7 +119,7 @@ class ModelRunner:
         A request whose own prefill raises fails alone (in the output's errors). Any other error frees the rows
         this step's chunks touched (the scheduler requeues or fails them), records no token, and propagates."""
         self.release(plan.released)
-        self._apply_block_tables(plan.kv_blocks)
+        self._hold_blocks(plan.kv_blocks)
         if not plan.has_work:
             return ModelOutput()
         try:
@@ -126,13 +128,13 @@ class ModelRunner:
             self.release(chunk.seq for chunk in plan.prefills)
             raise
 
-    def _apply_block_tables(self, tables: tuple[tuple[Sequence, tuple[int, ...]], ...]) -> None:
-        """The plan's new block tables: rows that hold a slot point at theirs now, new ones when they get one."""
-        for member, blocks in tables:
-            self._block_tables[id(member)] = blocks
+    def _hold_blocks(self, counts: tuple[tuple[Sequence, int], ...]) -> None:
+        """The plan's block counts: rows that hold a slot take their blocks now, new ones when they get one."""
+        for member, count in counts:
+            self._blocks_held[id(member)] = count
             slot = self._slot(member)
             if slot is not None:
-                self.cache.set_blocks(slot, blocks)
+                self.cache.hold_blocks(slot, count)
 
     def _execute(self, plan: StepPlan) -> ModelOutput:
         num_decoding = self.state.num_rows
@@ -236,7 +238,7 @@ class ModelRunner:
             return
         if not keep_blocks:
             for key in leaving:
-                self._block_tables.pop(key, None)
+                self._blocks_held.pop(key, None)
         rows = {slot for slot, seq in enumerate(self.state.rows) if id(seq) in leaving}
         prefilling = {index for index, seq in enumerate(self.prefilling) if id(seq) in leaving}
         if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
@@ -260,10 +262,10 @@ class ModelRunner:
             if old_num_rows + old != self.state.num_rows + new:
                 sources.append(old_num_rows + old)
                 destinations.append(self.state.num_rows + new)
+        if isinstance(self.cache, PagedKVCache):  # before the moves: the holes' blocks are free for them
+            self.cache.free_rows(rows | {old_num_rows + index for index in prefilling})
         self.prefilling = [self.prefilling[index] for index in kept]
         self.cache.move_rows(sources, destinations)
-        if isinstance(self.cache, PagedKVCache):
-            self.cache.clear_rows(self.num_slots)
         if rows:
             self.state.refresh_composition()
 
@@ -462,7 +464,7 @@ class ModelRunner:
         self.prefilling.append(seq)
         slot = self.state.num_rows + len(self.prefilling) - 1
         if isinstance(self.cache, PagedKVCache):
-            self.cache.set_blocks(slot, self._block_tables[id(seq)])
+            self.cache.hold_blocks(slot, self._blocks_held[id(seq)])
         return slot
 
     def _slot(self, seq: Sequence) -> int | None:

@@ -44,7 +44,7 @@ class Scheduler:
         """`blocks`: the paged KV cache's pool, whose blocks this scheduler hands out (None: slot cache)."""
         self.config = config
         self.blocks = blocks
-        self._grown: dict[int, Sequence] = {}  # requests (or companions) whose block table changed since the last plan
+        self._grown: dict[int, Sequence] = {}  # requests (or companions) whose blocks grew since the last plan
         self.waiting = WaitingQueue(config.max_queue)
         self.prefilling: list[Sequence] = []  # admitted, prompt not yet fully computed; in admission order
         self.running: list[Sequence] = []  # decoding
@@ -89,7 +89,7 @@ class Scheduler:
             prefills=prefills,
             decodes=tuple(self.running),
             speculate=speculate,
-            kv_blocks=tuple((member, self.blocks.table(member)) for member in grown.values()),
+            kv_blocks=tuple((member, self.blocks.held(member)) for member in grown.values()),
         )
         return plan, events
 

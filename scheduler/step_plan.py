@@ -51,8 +51,8 @@ class StepPlan:
     decodes: tuple[Sequence, ...] = ()  # rows that get their next token
     speculate: bool = False  # the decoding rows that asked for speculation propose tokens this step
     num_preempted_for_kv: int = 0  # of the preempted, how many for lack of free KV blocks (the rest for priority)
-    # Paged KV cache: the whole block table of each request (or guidance companion) whose blocks changed.
-    kv_blocks: tuple[tuple[Sequence, tuple[int, ...]], ...] = ()
+    # Paged KV cache: how many blocks each request (or guidance companion) whose blocks grew now holds.
+    kv_blocks: tuple[tuple[Sequence, int], ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:

@@ -34,14 +34,14 @@ def _prompts(count: int, seed: int, longest: int = 60) -> list[list[int]]:
 def test_block_pool_hands_out_whole_blocks_and_takes_them_back() -> None:
     pool = BlockPool(num_blocks=10, block_size=16, reserve_fraction=0.2)
     first, second = _seq("a", 1), _seq("b", 1)
-    assert pool.grow(first, 33) and pool.table(first) == (1, 2, 3)  # 33 positions: three blocks
+    assert pool.grow(first, 33) and pool.held(first) == 3  # 33 positions: three blocks
     assert pool.missing(first, 48) == 0 and pool.missing(first, 49) == 1
     assert pool.can_admit(5) and not pool.can_admit(6)  # 7 free, 2 of them the reserve
-    assert not pool.grow(second, 16 * 8) and pool.table(second) == () and pool.num_free == 7  # all or nothing
+    assert not pool.grow(second, 16 * 8) and pool.held(second) == 0 and pool.num_free == 7  # all or nothing
     assert pool.grow(second, 16 * 7) and pool.num_free == 0
     pool.free(first)
-    assert pool.num_free == 3 and pool.table(first) == ()
-    assert pool.grow(first, 16) and pool.table(first) == (1,)  # freed blocks are handed out again
+    assert pool.num_free == 3 and pool.held(first) == 0
+    assert pool.grow(first, 16) and pool.held(first) == 1 and pool.num_used == 8
 
 
 def _decode_step(scheduler: Scheduler, now: float) -> StepPlan:
@@ -65,7 +65,7 @@ def test_admission_waits_for_blocks_and_growth_preempts_the_least_important() ->
     scheduler.add(new)
     plan = _decode_step(scheduler, now=1.0)
     assert [chunk.seq.request_id for chunk in plan.prefills] == ["interactive", "new"]
-    assert {member.request_id: len(table) for member, table in plan.kv_blocks} == {"interactive": 4, "new": 4}
+    assert {member.request_id: count for member, count in plan.kv_blocks} == {"interactive": 4, "new": 4}
     assert blocks.num_free == 0
     scheduler.add(late)
     for now in (2.0, 3.0, 4.0):  # "late" waits for blocks, not for a row (5 of 8 are free)
@@ -76,7 +76,7 @@ def test_admission_waits_for_blocks_and_growth_preempts_the_least_important() ->
     assert [seq.request_id for seq in plan.preempted] == ["new"] and plan.num_preempted_for_kv == 1
     assert [seq.request_id for seq in plan.decodes] == ["old", "interactive"] and not plan.prefills
     assert new.num_computed_tokens == 0 and new.generated_ids == [7] * 4  # kept: recomputed when readmitted
-    assert [(member.request_id, len(table)) for member, table in plan.kv_blocks] == [("old", 5)]
+    assert [(member.request_id, count) for member, count in plan.kv_blocks] == [("old", 5)]
     assert blocks.num_free == 3  # "late" needs 4: still waiting
 
 
