@@ -128,18 +128,14 @@ class PagedKVCache(SlotKVCache):
         if not sources:
             return
         moving = [self._rows[source] for source in sources]
-        for source in sources:
-            self._rows[source] = []
-            self._away.discard(source)
-        for blocks in moving:
-            self._give_back(blocks)
+        self.free_rows(set(sources))
         copies_from, copies_to = [], []
         for destination, blocks in zip(destinations, moving):
             self._away.discard(destination)
             self._rows[destination] = [self._take(destination, index) for index in range(len(blocks))]
             copies_from += blocks
             copies_to += self._rows[destination]
-        for row in {*sources, *destinations}:
+        for row in destinations:
             table = torch.zeros(self.max_blocks_per_row, dtype=torch.long)
             table[: len(self._rows[row])] = torch.tensor(self._rows[row], dtype=torch.long)
             self.block_table[row] = table.to(self.device)

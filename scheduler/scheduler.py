@@ -120,10 +120,12 @@ class Scheduler:
         for member in (seq, seq.companion):
             if member is None:
                 continue
-            if self.blocks.missing(member, min(member.num_tokens + extra_positions, limit)):
-                if not self.blocks.grow(member, min(member.num_tokens + extra_positions, limit)):
-                    return False
-                self._grown[id(member)] = member
+            positions = min(member.num_tokens + extra_positions, limit)
+            if not self.blocks.missing(member, positions):
+                continue
+            if not self.blocks.grow(member, positions):
+                return False
+            self._grown[id(member)] = member
         return True
 
     def _kv_blocks_needed(self, seq: Sequence) -> int:
