@@ -213,6 +213,9 @@ class SlotKVCache(Cache):
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
 
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return 0  # no recurrent state, and the past is never recorded (see is_recording_past)
+
     def activate_past_recording(self) -> None:
         raise _generate_only("activate_past_recording")
 
@@ -256,6 +259,9 @@ class SlotKVCache(Cache):
         self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs: object
     ) -> torch.Tensor:
         raise _unsupported_state("convolution")
+
+    def increase_count(self, layer_idx: int, state_idx: int) -> None:
+        raise _unsupported_state("convolution")  # counts tokens written into a conv state in place
 
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
         raise _unsupported_state("recurrent")

@@ -21,7 +21,14 @@ GENERATE_ONLY = {
     "early_initialization",
     "activate_past_recording",
 }
-RECURRENT = {"get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state", "update_indexer"}
+RECURRENT = {
+    "get_conv_state",
+    "update_conv_state",
+    "increase_count",
+    "get_recurrent_state",
+    "update_recurrent_state",
+    "update_indexer",
+}
 
 
 def _public_members() -> list[str]:
@@ -50,6 +57,7 @@ def test_answers_during_passes(tiny) -> None:
     decode_pass(tiny.model, cache, torch.tensor([[5], [6]]), positions, read_length=10)
     assert (cache.get_seq_length(), cache.get_mask_sizes(1, 0), cache.batch_size) == (9, (10, 0), 2)
     assert not cache.has_previous_state() and not cache.is_recording_past(0)
+    assert cache.get_recurrent_states_to_keep() == 0 and cache.get_recurrent_states_to_keep(0) == 0
     cache.offload(0)
     cache.prefetch(0)
     for name in GENERATE_ONLY:
