@@ -47,6 +47,11 @@ class StaticDecoder:
         self._buckets: dict[tuple[int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
+    @property
+    def captured_graphs(self) -> int:
+        """Buckets replayed from a CUDA graph (0 on CPU, or after a capture failed and decoding went eager)."""
+        return sum(bucket.graph is not None for bucket in self._buckets.values())
+
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor:
         """Next-token logits [rows, vocab] after each row's token at its position (one query per row)."""
         num_rows = tokens.shape[0]

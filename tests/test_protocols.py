@@ -5,6 +5,7 @@ the TGIS stubs shipped in `caikit-tgis-backend`. They need protobuf < 7, so they
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,12 @@ import pytest
 from service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.serving import ServerThread, wait_for
 
-CLIENTS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-clients" / "bin" / "python"
+# `make test-latest` points this at its unpinned clients' environment.
+CLIENTS_PYTHON = Path(
+    os.environ.get(
+        "GENSERVE_CLIENTS_PYTHON", Path(__file__).resolve().parent.parent / ".venv-clients" / "bin" / "python"
+    )
+)
 SCRIPTS = Path(__file__).resolve().parent / "clients"
 PROMPTS = ["The quick brown fox", "Once upon a time", "genserve speaks three protocols"]
 MAX_NEW_TOKENS = 24
