@@ -45,8 +45,8 @@ serve: $(STAMP)
 # Debian's packages when missing. A failed install fails here: a missing tool must never turn into a skipped test.
 APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 test-tools:
-	@command -v prometheus >/dev/null || $(APT_INSTALL) prometheus >/dev/null
-	@command -v npm >/dev/null || $(APT_INSTALL) nodejs npm >/dev/null
+	@command -v prometheus >/dev/null || { $(APT_INSTALL) prometheus >/dev/null; }
+	@command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm >/dev/null; }
 
 test: $(STAMP) $(CLIENTS_STAMP) test-tools
 	$(PY) -m pytest -ra
@@ -96,7 +96,7 @@ bench: $(STAMP)
 	$(VENV)/bin/genserve bench
 
 proto: $(STAMP)
-	$(PY) -m service.proto_build
+	$(PY) proto/build.py
 
 # The README's table of served and refused architectures, from the parity suite's registry.
 architectures: $(STAMP)

@@ -1,0 +1,1 @@
+"""The engine of genserve (`genserve.scheduler`): free of gRPC and HTTP."""

@@ -20,14 +20,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scheduler.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
-from scheduler.engine import Engine
-from scheduler.params import GenerationParameters, ValidationError
-from scheduler.request import FinishReason, Priority, RequestOptions
-from scheduler.submission import DeadlineUnreachableError
-from scheduler.waiting_queue import QueueFullError
-from service import kserve, tgis
-from service.convert import (
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.params import GenerationParameters, ValidationError
+from genserve.scheduler.core.request import FinishReason, Priority, RequestOptions
+from genserve.scheduler.core.submission import DeadlineUnreachableError
+from genserve.scheduler.core.waiting_queue import QueueFullError
+from genserve.scheduler.streaming.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
+from genserve.service.ops.load_report import OOB_SERVICE, RequestRates, out_of_band_handler
+from genserve.service.ops.metrics import Metrics
+from genserve.service.ops.security import AuthInterceptor, TLSConfig
+from genserve.service.proto_gen.fmaas import generation_pb2_grpc
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
+from genserve.service.protocols import kserve, tgis
+from genserve.service.protocols.convert import (
     FINISH_REASONS,
     chat_messages,
     constraint_from_proto,
@@ -35,15 +42,8 @@ from service.convert import (
     parameter_overrides,
     parameters_to_proto,
 )
-from service.errors import DrainingError, ErrorInterceptor
-from service.load_report import OOB_SERVICE, RequestRates, out_of_band_handler
-from service.metrics import Metrics
-from service.proto_gen.fmaas import generation_pb2_grpc
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
-from service.proto_gen.inference import grpc_service_pb2_grpc
-from service.security import AuthInterceptor, TLSConfig
-from service.stream_store import Chunk, StreamStore
+from genserve.service.protocols.errors import DrainingError, ErrorInterceptor
+from genserve.service.protocols.stream_store import Chunk, StreamStore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 # Every service that generates: health, reflection, errors and ORCA reports cover them alike.

@@ -7,11 +7,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel, load_model
-from scheduler.params import GenerationParameters
-from scheduler.request import FinishReason, RequestOptions, TokenEvent
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.params import GenerationParameters
+from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent
+from genserve.scheduler.model.loader import LoadedModel, load_model
 
 TINY_VOCAB = 320
 TINY_EOS = 2

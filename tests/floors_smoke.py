@@ -6,8 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import service.server  # noqa: E402, F401 - the import itself is the check: generated code, grpc, protobuf
-from scheduler.model_loader import LoadedModel  # noqa: E402
+import genserve.service.server  # noqa: E402, F401 - the import itself is the check: generated code, grpc, protobuf
+from genserve.scheduler.model.loader import LoadedModel  # noqa: E402
 from tests.conftest import StepDriver, hf_generate, tiny_model  # noqa: E402
 
 loaded = LoadedModel(tiny_model(), None, "tiny")

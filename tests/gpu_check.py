@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from scheduler.benchmarks.decode_latency import decode_latencies
-from scheduler.benchmarks.throughput import default_workload, run_benchmark
-from scheduler.model_loader import LoadedModel, load_model
+from genserve.scheduler.benchmarks.decode_latency import decode_latencies
+from genserve.scheduler.benchmarks.throughput import default_workload, run_benchmark
+from genserve.scheduler.model.loader import LoadedModel, load_model
 from tests.architectures import SERVED, VOCAB, Case, save_tiny_model
 from tests.conftest import StepDriver, hf_generate
 
@@ -58,7 +58,7 @@ class Sizes:
     """How big each measured section runs: the GPU's sizes, or the CPU dry run's smallest."""
 
     dtypes: tuple[str, ...]
-    decode_model: str  # a bundled shape (scheduler/model_configs/) or a model folder, run with dummy weights
+    decode_model: str  # a bundled shape (scheduler/model/model_configs/) or a model folder, run with dummy weights
     batch_sizes: tuple[int, ...]
     decode_context: int
     decode_steps: int

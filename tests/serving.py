@@ -11,13 +11,13 @@ from collections.abc import Callable
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel
-from scheduler.plugins import PluginRegistry
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
-from service.server import GenerationServer, ServerOptions
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.features.plugins import PluginRegistry
+from genserve.scheduler.model.loader import LoadedModel
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.server import GenerationServer, ServerOptions
 
 
 class ServerThread:

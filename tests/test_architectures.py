@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.model_loader import load_model
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.scheduler.model.loader import load_model
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.architectures import REFUSED, SERVED, VOCAB, Case, readme_table, save_tiny_model, tiny_config
 from tests.conftest import hf_generate
 from tests.serving import ServerThread, ids_request
@@ -102,7 +102,7 @@ def test_serve_exits_at_start_up_naming_the_architecture(model_type: str, tmp_pa
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "genserve.service.cli.main",
             "serve",
             "--model",
             str(tmp_path),

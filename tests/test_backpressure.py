@@ -12,10 +12,10 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 from xds.data.orca.v3 import orca_load_report_pb2
 
-from scheduler.load_estimator import LoadEstimator
-from scheduler.request import FinishReason, RequestOptions
-from service.load_report import APPLICATION_TRAILER_KEY
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.scheduler.core.load_estimator import LoadEstimator
+from genserve.scheduler.core.request import FinishReason, RequestOptions
+from genserve.service.ops.load_report import APPLICATION_TRAILER_KEY
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import StepDriver
 from tests.serving import ServerThread, ids_request, wait_for
 

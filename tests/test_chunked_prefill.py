@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from scheduler.request import Priority, RequestOptions
+from genserve.scheduler.core.request import Priority, RequestOptions
 from tests.conftest import TINY_VOCAB, StepDriver, hf_generate
 from tests.test_guidance import hf_guided
 

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, engine_config, main, memory_size
+from genserve.service.cli.main import build_parser, engine_config, main, memory_size
 from tests.conftest import byte_tokenizer, tiny_model
 
 
 @pytest.mark.parametrize("command", ["serve", "bench", "generate", "chat", "loadtest"])
 def test_every_subcommand_has_help(command: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", command, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "genserve.service.cli.main", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and "usage: genserve" in result.stdout and len(result.stdout) > 300
 
@@ -136,8 +139,8 @@ def test_serving_imports_neither_the_benchmarks_nor_matplotlib() -> None:
     import sys
 
     check = (
-        "import sys, service.server, service.cli; "
-        "loaded = [m for m in sys.modules if m == 'matplotlib' or m.startswith('scheduler.benchmarks')]; "
+        "import sys, service.server, genserve.service.cli.main; "
+        "loaded = [m for m in sys.modules if m == 'matplotlib' or m.startswith('genserve.scheduler.benchmarks')]; "
         "assert not loaded, loaded"
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)

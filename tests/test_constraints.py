@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.constraints import Constraint
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.scheduler.features.constraints import Constraint
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_EOS, hf_generate
 from tests.serving import ServerThread, ids_request
 

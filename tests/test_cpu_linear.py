@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scheduler.config import EngineConfig
-from scheduler.cpu_linear import (
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.model.cpu_linear import (
     FusedProjection,
     FusedProjections,
     PrepackedLinear,
     prepacked_copy,
     resolve_linear_kernel,
 )
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel
+from genserve.scheduler.model.loader import LoadedModel
 from tests.conftest import StepDriver, hf_generate, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
-from scheduler.custom_examples import BannedPhrasesLogitsProcessor, MaxSentencesCriteria
-from scheduler.plugins import PluginRegistry
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.scheduler.features.custom_examples import BannedPhrasesLogitsProcessor, MaxSentencesCriteria
+from genserve.scheduler.features.plugins import PluginRegistry
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import hf_generate
 from tests.serving import ServerThread, ids_request
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.serving import ServerThread
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "genserve-dashboard.json"

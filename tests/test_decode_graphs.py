@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
 from tests.conftest import StepDriver, hf_generate
 
 QUOTE = [40, 41, 42, 43, 44, 45]

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from scheduler.async_engine import AsyncEngine, GenerationOutput
-from scheduler.config import EngineConfig
-from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.engine import Engine
-from scheduler.request import FinishReason
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.request import FinishReason
+from genserve.scheduler.streaming.async_engine import AsyncEngine, GenerationOutput
+from genserve.scheduler.streaming.detokenizer import IncrementalDetokenizer
 from tests.conftest import hf_generate
 
 pytestmark = pytest.mark.default_model
@@ -120,7 +120,7 @@ def test_detokenizer_holds_back_a_possible_stop_string(default_model) -> None:
 
 
 def test_a_long_prompt_prefills_in_chunks_while_streams_decode_and_equals_generate(default_model) -> None:
-    from scheduler.benchmarks.long_prompt import long_prompt
+    from genserve.scheduler.benchmarks.long_prompt import long_prompt
     from tests.conftest import StepDriver
 
     driver = StepDriver(default_model, max_running=8)  # the default budget: 384 tokens per step
@@ -145,7 +145,7 @@ def test_a_12000_token_prompt_decodes_beside_short_ones_in_a_1gib_paged_cache(de
     """At --max-context 16384 a slot per row holds 16,384 x 46 KB = 755 MB: 1 GiB buys one row. The paged cache
     serves a 12,010-token prompt next to three chat requests in that budget, all equal to generate() (past the
     model's 8,192 trained positions, where generate() goes as well)."""
-    from scheduler.benchmarks.long_prompt import long_prompt
+    from genserve.scheduler.benchmarks.long_prompt import long_prompt
     from tests.conftest import StepDriver
 
     driver = StepDriver(default_model, max_running=8, max_context=16384, kv_cache_memory=2**30)

@@ -42,7 +42,7 @@ def test_core_manifests_validate_against_kubernetes_schemas() -> None:
 
 
 def test_manifests_agree_with_each_other_and_the_server() -> None:
-    from service.cli import build_parser
+    from genserve.service.cli.main import build_parser
 
     kustomization = _load("kustomization.yaml")
     local = sorted(p.name for p in MANIFESTS if p.name != "kustomization.yaml")
@@ -64,7 +64,7 @@ def test_manifests_agree_with_each_other_and_the_server() -> None:
     assert service["spec"]["selector"].items() <= labels.items()
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert metric in (Path(__file__).parent.parent / "service" / "metrics.py").read_text()
+    assert metric in (Path(__file__).parent.parent / "service" / "ops" / "metrics.py").read_text()
 
 
 def test_scale_out_manifests_agree() -> None:
@@ -74,7 +74,7 @@ def test_scale_out_manifests_agree() -> None:
     served = {rule["name"]["as"] for rule in yaml.safe_load(rules["data"]["config.yaml"])["rules"]}
     wanted = {metric["pods"]["metric"]["name"] for metric in hpa["spec"]["metrics"]}
     assert wanted == served == {"genserve_queue_size", "genserve_running_requests"}
-    exported = (Path(__file__).parent.parent / "service" / "metrics.py").read_text()
+    exported = (Path(__file__).parent.parent / "service" / "ops" / "metrics.py").read_text()
     assert all(name in exported for name in wanted)
     assert replicas["spec"]["clusterIP"] == "None"
     envoy = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())

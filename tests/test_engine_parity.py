@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from scheduler.request import FinishReason
+from genserve.scheduler.core.request import FinishReason
 from tests.conftest import TINY_EOS, TINY_VOCAB, StepDriver, hf_generate
 
 MIXED_PARAMETERS: list[dict] = [

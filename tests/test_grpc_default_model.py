@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import hf_generate
 from tests.serving import ServerThread
 

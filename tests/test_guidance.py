@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_EOS, StepDriver, hf_generate
 from tests.serving import ServerThread, ids_request
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from service.benchmarks.llama_cpp import find_llama_server, fixed_prompts, format_comparison, run_genserve
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.service.benchmarks.llama_cpp import find_llama_server, fixed_prompts, format_comparison, run_genserve
 
 
 def test_fixed_prompts_have_the_asked_length(tiny_with_tokenizer) -> None:

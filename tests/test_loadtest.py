@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.cli import main
+from genserve.service.cli.main import main
 from tests.serving import ServerThread
 
 

@@ -7,11 +7,11 @@ import random
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from scheduler.batch_state import BatchState
-from scheduler.logits_processing import LogitsStep, NoRepeatNgram, process_logits
-from scheduler.params import GenerationParameters
-from scheduler.request import Sequence
-from scheduler.warpers import warp_for_sampling
+from genserve.scheduler.core.params import GenerationParameters
+from genserve.scheduler.core.request import Sequence
+from genserve.scheduler.features.logits_processing import LogitsStep, NoRepeatNgram, process_logits
+from genserve.scheduler.features.warpers import warp_for_sampling
+from genserve.scheduler.model.batch_state import BatchState
 
 VOCAB = 97
 ROW_PARAMETERS = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.model_loader import BUNDLED_CONFIGS, load_model, resolve_dtype
+from genserve.scheduler.model.loader import BUNDLED_CONFIGS, load_model, resolve_dtype
 from tests.conftest import StepDriver, tiny_model
 
 

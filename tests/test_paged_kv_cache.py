@@ -9,14 +9,14 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.config import EngineConfig
-from scheduler.kv_blocks import BlockPool
-from scheduler.model_loader import LoadedModel
-from scheduler.params import ValidationError
-from scheduler.request import Priority
-from scheduler.scheduler import Scheduler
-from scheduler.step_plan import ModelOutput, RowResult, StepPlan, StopCode
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.params import ValidationError
+from genserve.scheduler.core.request import Priority
+from genserve.scheduler.core.scheduler import Scheduler
+from genserve.scheduler.core.step_plan import ModelOutput, RowResult, StepPlan, StopCode
+from genserve.scheduler.kv.blocks import BlockPool
+from genserve.scheduler.model.loader import LoadedModel
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_VOCAB, StepDriver, hf_generate, tiny_model
 from tests.serving import ServerThread, ids_request, wait_for
 from tests.test_engine_parity import MIXED_PARAMETERS

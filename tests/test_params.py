@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from scheduler.params import DEFAULT_MAX_NEW_TOKENS, GenerationParameters, ValidationError
+from genserve.scheduler.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParameters, ValidationError
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import StepDriver, hf_generate
 from tests.serving import ServerThread, ids_request, scrape
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.serving import ServerThread, wait_for
 
 # `make test-latest` points this at its unpinned clients' environment.
@@ -111,8 +111,8 @@ def test_protocols_are_listed_by_reflection_and_health(server) -> None:
 
 
 def test_tgis_errors_name_the_field(server) -> None:
-    from service.proto_gen.fmaas import generation_pb2 as tgis
-    from service.proto_gen.fmaas import generation_pb2_grpc
+    from genserve.service.proto_gen.fmaas import generation_pb2 as tgis
+    from genserve.service.proto_gen.fmaas import generation_pb2_grpc
 
     stub = generation_pb2_grpc.GenerationServiceStub(server.channel)
     cases = {
@@ -133,8 +133,8 @@ def test_tgis_errors_name_the_field(server) -> None:
 
 
 def test_kserve_errors(server) -> None:
-    from service.proto_gen.inference import grpc_service_pb2 as kpb
-    from service.proto_gen.inference import grpc_service_pb2_grpc
+    from genserve.service.proto_gen.inference import grpc_service_pb2 as kpb
+    from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
 
     stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel)
     text = kpb.ModelInferRequest.InferInputTensor(
@@ -163,11 +163,11 @@ def test_kserve_errors(server) -> None:
 
 
 def test_protocol_calls_carry_load_reports(server) -> None:
-    from service.load_report import APPLICATION_TRAILER_KEY
-    from service.proto_gen.fmaas import generation_pb2 as tgis
-    from service.proto_gen.fmaas import generation_pb2_grpc
-    from service.proto_gen.inference import grpc_service_pb2 as kpb
-    from service.proto_gen.inference import grpc_service_pb2_grpc
+    from genserve.service.ops.load_report import APPLICATION_TRAILER_KEY
+    from genserve.service.proto_gen.fmaas import generation_pb2 as tgis
+    from genserve.service.proto_gen.fmaas import generation_pb2_grpc
+    from genserve.service.proto_gen.inference import grpc_service_pb2 as kpb
+    from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
 
     text = kpb.ModelInferRequest.InferInputTensor(
         name="text_input", datatype="BYTES", shape=[1], contents=kpb.InferTensorContents(bytes_contents=[b"hi"])

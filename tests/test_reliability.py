@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 from tests.conftest import TINY_VOCAB, hf_generate
 from tests.serving import ServerThread, ids_request
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from scheduler.config import EngineConfig
-from scheduler.params import GenerationParameters
-from scheduler.request import Priority, RequestOptions, Sequence
-from scheduler.scheduler import Scheduler
-from service.cli import main
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.server import ServerOptions
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.params import GenerationParameters
+from genserve.scheduler.core.request import Priority, RequestOptions, Sequence
+from genserve.scheduler.core.scheduler import Scheduler
+from genserve.service.cli.main import main
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.server import ServerOptions
 from tests.conftest import StepDriver, hf_generate
 from tests.serving import ServerThread, ids_request, wait_for
 

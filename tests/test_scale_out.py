@@ -20,8 +20,8 @@ import yaml
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from service.load_report import APPLICATION_TRAILER_KEY, OOB_SERVICE, UTILIZATION_SCALE
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.ops.load_report import APPLICATION_TRAILER_KEY, OOB_SERVICE, UTILIZATION_SCALE
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 from tests.serving import ServerThread, ids_request, wait_for
 
 ENVOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "envoy.yaml"

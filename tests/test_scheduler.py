@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from scheduler.config import EngineConfig
-from scheduler.params import GenerationParameters
-from scheduler.request import FinishReason, Priority, RequestOptions, Sequence
-from scheduler.scheduler import STEPS_TO_REGROW_ONE_ROW, Scheduler
-from scheduler.step_plan import ModelOutput, RowResult, StepPlan, StopCode
-from scheduler.waiting_queue import QueueFullError
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.params import GenerationParameters
+from genserve.scheduler.core.request import FinishReason, Priority, RequestOptions, Sequence
+from genserve.scheduler.core.scheduler import STEPS_TO_REGROW_ONE_ROW, Scheduler
+from genserve.scheduler.core.step_plan import ModelOutput, RowResult, StepPlan, StopCode
+from genserve.scheduler.core.waiting_queue import QueueFullError
 
 
 def _seq(request_id: str, length: int, max_new_tokens: int = 50, **options: object) -> Sequence:
@@ -253,5 +253,5 @@ def test_the_budget_must_leave_room_for_a_prompt_chunk() -> None:
 
 
 def test_the_scheduler_needs_no_torch() -> None:
-    probe = "import sys, scheduler.scheduler; print('torch' in sys.modules)"
+    probe = "import sys, genserve.scheduler.core.scheduler; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

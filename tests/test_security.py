@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
-from service.security import TLSConfig
-from service.server import ServerOptions
+from genserve.service.ops.security import TLSConfig
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.server import ServerOptions
 from tests.serving import ServerThread
 
 

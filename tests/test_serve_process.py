@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 from tests.conftest import tiny_model
 
 
@@ -21,7 +21,7 @@ def _start(model_dir: Path) -> tuple[subprocess.Popen, int]:
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "genserve.service.cli.main",
             "serve",
             "--model",
             str(model_dir),

@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_VOCAB
 from tests.serving import ServerThread
 

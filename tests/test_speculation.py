@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel
-from scheduler.params import ValidationError
-from scheduler.speculation import Drafts, accepted_counts, prompt_lookup
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.params import ValidationError
+from genserve.scheduler.features.speculation import Drafts, accepted_counts, prompt_lookup
+from genserve.scheduler.model.loader import LoadedModel
 from tests.conftest import TINY_EOS, StepDriver, hf_generate, tiny_model
 from tests.serving import ServerThread, ids_request, scrape
 
@@ -170,8 +170,8 @@ def test_speculation_over_grpc_with_stop_strings_and_metrics(tiny_with_tokenizer
 
 
 def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> None:
-    from scheduler.benchmarks.features import compare, format_feature_report
-    from scheduler.benchmarks.throughput import Workload
+    from genserve.scheduler.benchmarks.features import compare, format_feature_report
+    from genserve.scheduler.benchmarks.throughput import Workload
 
     workload = Workload([QUOTE * 3, [5, 6, 7] * 4, [9, 10]], [20, 15, 10])
     comparison = compare("prompt lookup", tiny, workload, 2, overrides=dict(prompt_lookup_num_tokens=4))
@@ -186,7 +186,7 @@ def test_feature_comparison_counts_speculation_and_identical_outputs(tiny) -> No
 def test_preempted_speculating_and_guided_rows_resume_exactly(tiny) -> None:
     """Batch rows (one speculating with an assistant, one guided) yield to interactive ones, are recomputed
     on readmission, and still end with exactly the tokens of an undisturbed run."""
-    from scheduler.request import Priority, RequestOptions
+    from genserve.scheduler.core.request import Priority, RequestOptions
 
     preempted: list[int] = []
 

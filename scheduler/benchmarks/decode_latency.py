@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.kv_cache import SlotKVCache
-from scheduler.model_loader import LoadedModel
-from scheduler.request import RequestOptions
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.request import RequestOptions
+from genserve.scheduler.kv.slot_cache import SlotKVCache
+from genserve.scheduler.model.loader import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from scheduler.benchmarks.throughput import BenchResult, Workload, run_genserve
-from scheduler.model_loader import LoadedModel
+from genserve.scheduler.benchmarks.throughput import BenchResult, Workload, run_genserve
+from genserve.scheduler.model.loader import LoadedModel
 
 _PASSAGES = [
     "The old lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed the "

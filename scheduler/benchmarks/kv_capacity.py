@@ -13,11 +13,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from scheduler.benchmarks.throughput import Workload, run_genserve
-from scheduler.cpu_threads import in_passing_thread
-from scheduler.kv_cache import SlotKVCache
-from scheduler.model_loader import LoadedModel
-from scheduler.snapshot import EngineSnapshot
+from genserve.scheduler.benchmarks.throughput import Workload, run_genserve
+from genserve.scheduler.core.snapshot import EngineSnapshot
+from genserve.scheduler.kv.slot_cache import SlotKVCache
+from genserve.scheduler.model.cpu_threads import in_passing_thread
+from genserve.scheduler.model.loader import LoadedModel
 
 SLOT_BATCHES = 4
 

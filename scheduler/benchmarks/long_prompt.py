@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.benchmarks.throughput import CONTEXT, QUESTIONS, chat_ids
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel
-from scheduler.request import RequestOptions, TokenEvent
+from genserve.scheduler.benchmarks.throughput import CONTEXT, QUESTIONS, chat_ids
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.request import RequestOptions, TokenEvent
+from genserve.scheduler.model.loader import LoadedModel
 
 NUM_STREAMS = 4
 LONG_NEW_TOKENS = 16

@@ -20,13 +20,13 @@ import torch
 from tqdm import tqdm
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
-from scheduler.config import EngineConfig
-from scheduler.cpu_linear import with_linear_kernel
-from scheduler.cpu_threads import in_passing_thread
-from scheduler.engine import Engine
-from scheduler.model_loader import LoadedModel
-from scheduler.request import RequestOptions, TokenEvent
-from scheduler.snapshot import TokenCounters
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.request import RequestOptions, TokenEvent
+from genserve.scheduler.core.snapshot import TokenCounters
+from genserve.scheduler.model.cpu_linear import with_linear_kernel
+from genserve.scheduler.model.cpu_threads import in_passing_thread
+from genserve.scheduler.model.loader import LoadedModel
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -244,7 +244,7 @@ def run_benchmark(
 ) -> tuple[list[BenchResult], float]:
     """`genserve` runs the workload through genserve some other way (e.g. over gRPC); default: the engine.
     Every run has a passing thread of its own, so that none leaves torch's worker threads behind to slow the
-    next (scheduler/cpu_threads.py)."""
+    next (scheduler/model/cpu_threads.py)."""
     genserve = genserve or (lambda w: run_genserve(loaded, w, max_batch_size, engine_options=engine_options))
     # Warm-up: first calls pay one-off costs (allocator, kernels) that belong to nobody's throughput.
     warm = Workload(workload.prompts[:2], [4, 4])

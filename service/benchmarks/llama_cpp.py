@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.benchmarks.local_server import local_server, stream_all
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.benchmarks.local_server import local_server, stream_all
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 
 _TEXT = (
     "The city council met on Tuesday to discuss the new park, the library hours, the bus routes and the budget "

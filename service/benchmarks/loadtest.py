@@ -22,8 +22,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 
 _WORDS = (
     "the river city market morning light engine garden winter music window letter answer question simple "

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from service.proto_gen.genserve.v1 import generate_pb2 as pb
-from service.proto_gen.genserve.v1 import generate_pb2_grpc
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class GrpcRun:
 @contextmanager
 def local_server(engine) -> Iterator[str]:  # noqa: ANN001 - an Engine (kept free of the engine's imports here)
     """Serve `engine` on 127.0.0.1 (a free port) until the block ends, then drain; yields the target."""
-    from service.server import GenerationServer, ServerOptions
+    from genserve.service.server import GenerationServer, ServerOptions
 
     server = GenerationServer(engine, ServerOptions(port=0))
     loop = asyncio.new_event_loop()

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.proto_gen.fmaas import generation_pb2 as service_dot_proto__gen_dot_fmaas_dot_generation__pb2
+from genserve.service.proto_gen.fmaas import generation_pb2 as genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/proto_gen/fmaas/generation_pb2_grpc.py depends on'
+        + ' but the generated code in genserve/service/proto_gen/fmaas/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class GenerationServiceStub:
         """
         self.Generate = channel.unary_unary(
                 '/fmaas.GenerationService/Generate',
-                request_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/fmaas.GenerationService/GenerateStream',
-                request_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/fmaas.GenerationService/Tokenize',
-                request_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/fmaas.GenerationService/ModelInfo',
-                request_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -88,23 +88,23 @@ def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,8 +132,8 @@ class GenerationService:
             request,
             target,
             '/fmaas.GenerationService/Generate',
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.SerializeToString,
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedGenerationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -159,8 +159,8 @@ class GenerationService:
             request,
             target,
             '/fmaas.GenerationService/GenerateStream',
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.SerializeToString,
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.SingleGenerationRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.GenerationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -186,8 +186,8 @@ class GenerationService:
             request,
             target,
             '/fmaas.GenerationService/Tokenize',
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.SerializeToString,
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.BatchedTokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -213,8 +213,8 @@ class GenerationService:
             request,
             target,
             '/fmaas.GenerationService/ModelInfo',
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-            service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_fmaas_dot_generation__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

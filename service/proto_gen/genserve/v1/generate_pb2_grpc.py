@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.proto_gen.genserve.v1 import generate_pb2 as service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/proto_gen/genserve/v1/generate_pb2_grpc.py depends on'
+        + ' but the generated code in genserve/service/proto_gen/genserve/v1/generate_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class TextGenerationStub:
         """
         self.Generate = channel.unary_unary(
                 '/genserve.v1.TextGeneration/Generate',
-                request_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/genserve.v1.TextGeneration/GenerateStream',
-                request_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/genserve.v1.TextGeneration/Tokenize',
-                request_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/genserve.v1.TextGeneration/ModelInfo',
-                request_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -93,23 +93,23 @@ def add_TextGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
-                    response_serializer=service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,8 +137,8 @@ class TextGeneration:
             request,
             target,
             '/genserve.v1.TextGeneration/Generate',
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -164,8 +164,8 @@ class TextGeneration:
             request,
             target,
             '/genserve.v1.TextGeneration/GenerateStream',
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -191,8 +191,8 @@ class TextGeneration:
             request,
             target,
             '/genserve.v1.TextGeneration/Tokenize',
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -218,8 +218,8 @@ class TextGeneration:
             request,
             target,
             '/genserve.v1.TextGeneration/ModelInfo',
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
-            service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

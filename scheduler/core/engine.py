@@ -1,0 +1,198 @@
+"""The engine: a thread that loops plan -> execute -> update, between the scheduler and the model runner.
+
+    scheduler.schedule()  ->  StepPlan     who is released, which prompt chunks and decode rows run, speculation
+    runner.execute(plan)  ->  ModelOutput  the step's tokens, keyed by request id (one device-to-host copy)
+    scheduler.update(...) ->  events       tokens appended, every finish decided; the engine frees ended rows
+
+Callers on any thread `submit()` (validated at once: a bad request or a full queue raises right there) and
+`cancel()`; both only touch thread-safe structures and wake the loop. After every step the engine hands the
+step's `TokenEvent`s to `on_events` (the async front end forwards them to its loop) and publishes an immutable
+`EngineSnapshot` that metrics, load reports and admission checks read instead of live engine state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.load_estimator import LoadEstimator
+from genserve.scheduler.core.params import GenerationParameters, model_generation_defaults
+from genserve.scheduler.core.request import FinishReason, RequestOptions, Sequence, TokenEvent
+from genserve.scheduler.core.scheduler import Scheduler
+from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
+from genserve.scheduler.core.step_plan import StepPlan
+from genserve.scheduler.core.submission import QueueState, Submission
+from genserve.scheduler.features.constraints import GrammarCompiler
+from genserve.scheduler.features.draft_model import check_assistant
+from genserve.scheduler.features.plugins import PluginRegistry
+from genserve.scheduler.model.loader import LoadedModel
+from genserve.scheduler.model.runner import ModelRunner, is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        plugins: PluginRegistry = PluginRegistry(),
+        assistant: LoadedModel | None = None,
+    ) -> None:
+        """`assistant` is a draft model for speculative decoding; greedy requests use it with
+        `config.num_assistant_tokens` proposals per step unless they set their own (0 turns it off)."""
+        if assistant is not None:
+            check_assistant(loaded, assistant)
+        self.loaded = loaded
+        self.config = config
+        self.runner = ModelRunner(loaded.model, config, assistant.model if assistant is not None else None)
+        self.assistant_name = assistant.name if assistant is not None else ""
+        self.scheduler = Scheduler(config, self.runner.block_pool())
+        defaults = model_generation_defaults(loaded.model.generation_config)
+        self.submission = Submission(
+            config, defaults, self.vocab_size, assistant is not None, plugins, self.scheduler.blocks
+        )
+        self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size)
+        self.estimator = LoadEstimator()
+        self.on_events: Callable[[list[TokenEvent]], None] = lambda events: None
+        self.on_step: Callable[[StepStats], None] = lambda stats: None
+        self._publish([])  # the first snapshot: an idle engine
+        self.num_prefilled = 0  # requests prefilled since start (a refused or dropped request never counts)
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def num_running(self) -> int:
+        return self.snapshot.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def make_parameters(self, prompt_length: int | None = None, **overrides: object) -> GenerationParameters:
+        return self.submission.parameters(prompt_length, **overrides)
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        options: RequestOptions = RequestOptions(),
+        grammar: object | None = None,
+    ) -> Sequence:
+        """Queue a request. `grammar` is its own matcher from `self.grammars` when its output is constrained."""
+        waiting = self.scheduler.waiting
+        queue = QueueState(len(waiting), waiting.num_tokens, self.snapshot.free_rows)
+        seq = self.submission.sequence(prompt_ids, params, options, grammar, self.estimator, queue)
+        self.scheduler.add(seq)
+        self._wakeup.set()
+        return seq
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        self.scheduler.cancel(request_id, reason)
+        self._wakeup.set()
+
+    def load_report(self) -> LoadReport:
+        snapshot, num_waiting = self.snapshot, self.num_waiting
+        return LoadReport(
+            queue_size=num_waiting,
+            running_requests=snapshot.num_running,
+            max_running=self.config.max_running,
+            kv_cache_usage_ratio=snapshot.kv_cache_usage_ratio,
+            tokens_in_flight=snapshot.tokens_held,
+            retry_delay_seconds=self.estimator.retry_delay(num_waiting),
+        )
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="genserve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            if not self.step():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+    def step(self) -> bool:
+        """One scheduling round and one model step; False when there was nothing to compute."""
+        started = time.monotonic()
+        plan, events = self.scheduler.schedule(started)
+        counters_before = self.runner.counters()
+        try:
+            output = self.runner.execute(plan)
+        except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
+            events += self._recover(plan, error)
+            self._publish(events)
+            return True
+        now = time.monotonic()
+        stepped, ended = self.scheduler.update(plan, output, now, self._deadline_margin())
+        self.runner.release(ended)
+        self._publish(events + stepped)
+        if plan.has_work:
+            num_prefill_tokens = plan.num_batched_tokens - len(plan.decodes)
+            self.num_prefilled += len(plan.admitted)
+            self.estimator.record_step(now - started, num_prefill_tokens)
+            self.estimator.record_finished(len(ended), now)
+            waits = tuple((seq.options.priority, started - seq.arrival_time) for seq in plan.admitted)
+            counters = self.runner.counters() - counters_before
+            self.on_step(
+                StepStats(
+                    len(plan.admitted),
+                    len(output.results),
+                    now - started,
+                    waits,
+                    len(plan.preempted) - plan.num_preempted_for_kv,
+                    counters,
+                    num_prefill_tokens,
+                    plan.num_preempted_for_kv,
+                )
+            )
+        return plan.has_work
+
+    def _recover(self, plan: StepPlan, error: Exception) -> list[TokenEvent]:
+        if is_out_of_memory(error):
+            to_release, events = self.scheduler.recover_from_out_of_memory(plan)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            log.exception("engine step failed; failing every request in it")
+            to_release, events = self.scheduler.fail_all(plan, f"{type(error).__name__}: {error}")
+        self.runner.release(to_release)
+        return events
+
+    def _deadline_margin(self) -> float:
+        """Stop a partial-results request this early, so its final message reaches the client in time."""
+        return 3 * (self.estimator.step_seconds or 0.0) + 0.1
+
+    def _publish(self, events: list[TokenEvent]) -> None:
+        scheduler, blocks = self.scheduler, self.scheduler.blocks
+        self.snapshot = EngineSnapshot(
+            num_running=len(scheduler.running) + len(scheduler.prefilling),
+            num_prefilling=len(scheduler.prefilling),
+            num_slots=scheduler.num_slots,
+            row_limit=scheduler.row_limit,
+            tokens_held=self.runner.num_tokens_held(),
+            kv_cache_usage_ratio=blocks.num_used / blocks.num_blocks if blocks else self.runner.kv_usage_ratio(),
+            kv_blocks_free=blocks.num_free if blocks else 0,
+            kv_blocks_total=blocks.num_blocks if blocks else 0,
+        )
+        if events:
+            self.on_events(events)

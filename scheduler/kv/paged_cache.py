@@ -1,0 +1,217 @@
+"""A paged KV cache (`--kv-cache-memory`): KV lives in a fixed pool of blocks of `block_size` positions, and each
+row reads its positions through a block table, so memory is held by the tokens requests have, not by rows times
+the longest context (vLLM's PagedAttention, transformers' PagedAttentionCache).
+
+The scheduler decides how many blocks each request holds (kv_blocks.py); this cache decides which physical
+blocks those are. Rows occupy slots 0..B-1 as in the slot cache, and every slot has a home: an equal share of the
+pool's blocks, laid out like a slot. A row takes its home blocks first and borrows free blocks elsewhere (blocks
+past the homes, then the homes of the highest free slots) only when its home is full or taken. While every
+decoding row lies in its own home, attention reads the homes as one strided view, with no copy, as fast as the
+slot cache; otherwise the rows' blocks are gathered into that layout (a copy of what the step reads). A row
+that moves to another slot has its blocks copied to its new home, as the slot cache copies a moving row.
+
+Block 0 is scratch: the table entries a row does not hold point there, so the padding positions of a
+right-padded prefill land harmlessly, and reads past a row's length (masked) find finite values. The pool and
+the table are allocated once, at start-up, and never move (what CUDA graphs need; captured passes always
+gather, since a graph cannot choose).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from genserve.scheduler.kv.slot_cache import SlotKVCache
+from genserve.scheduler.model.attention_masks import AttentionLayout
+
+BLOCK_SIZE = 16  # positions per block (vLLM's default)
+
+
+class PagedKVCache(SlotKVCache):
+    HEADS_AXIS = 0  # of each layer's pool, [heads, blocks, block_size, head_dim]
+
+    def __init__(
+        self,
+        layout: AttentionLayout,
+        max_rows: int,
+        max_context: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        layer_shapes: list[tuple[tuple[int, int], tuple[int, int]]],
+        num_blocks: int,
+        spare_positions: int = 0,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        """`layer_shapes`: each layer's (heads, head_dim) of keys and of values; `num_blocks` usable blocks."""
+        super().__init__(layout, max_rows, max_context, dtype, device, spare_positions=spare_positions)
+        self.capacity = self.max_positions  # every position is addressable from the start: nothing ever grows
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.home_blocks = num_blocks // max_rows  # each slot's share; what is left over is lent first
+        self.max_blocks_per_row = -(-self.max_positions // block_size)
+        self.block_table = torch.zeros(max_rows, self.max_blocks_per_row, dtype=torch.long, device=device)
+        for layer, shapes in enumerate(layer_shapes):
+            for pools, (heads, head_dim) in zip((self.keys, self.values), shapes):
+                pools[layer] = torch.zeros(heads, num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
+        self.always_gather = False  # set for captured (CUDA graph) passes, which cannot choose their reads
+        self._rows: list[list[int]] = [[] for _ in range(max_rows)]  # each slot's physical blocks, in order
+        self._used = [False] * (num_blocks + 1)
+        self._used[0] = True  # scratch
+        self._lendable = [-block for block in range(1, num_blocks + 1)]  # max-heap: leftovers, then high homes
+        heapq.heapify(self._lendable)
+        self._away: set[int] = set()  # slots holding a block outside their home
+        self._writes: torch.Tensor | None = None  # this pass's write positions in the flattened pool
+        self._reads: torch.Tensor | None = None  # the blocks this pass reads, [rows, blocks] (None: nothing)
+        self._view_rows: slice | None = None  # the rows whose homes this pass reads in place
+
+    @classmethod
+    def for_model(  # type: ignore[override]
+        cls, model: torch.nn.Module, max_rows: int, max_context: int, spare_positions: int, memory_bytes: int
+    ) -> PagedKVCache:
+        """A pool of `memory_bytes` for this model. A one-row slot cache probes the model first: it refuses what
+        the engine cannot serve, and learns each layer's key and value shapes."""
+        probe = SlotKVCache.for_model(model, 1, 1, 0)
+        num_blocks = memory_bytes // (probe.bytes_per_token * BLOCK_SIZE) - 1  # one is the scratch block
+        if num_blocks < 1:
+            raise ValueError(f"--kv-cache-memory {memory_bytes} bytes holds no block of {BLOCK_SIZE} positions")
+        shapes = [probe.layer_shapes(layer) for layer in range(probe.num_layers)]
+        return cls(probe.layout, max_rows, max_context, probe.dtype, probe.device, shapes, num_blocks, spare_positions)
+
+    def ensure_capacity(self, num_positions: int) -> None:
+        """Nothing to grow: the pool is allocated whole at start-up."""
+
+    # Placement: which physical blocks a slot's blocks are.
+    def _home(self, row: int, index: int) -> int | None:
+        return 1 + row * self.home_blocks + index if index < self.home_blocks else None
+
+    def _take(self, row: int, index: int) -> int:
+        """A free block for `row`'s block `index`: its home block if free, else the highest free block."""
+        home = self._home(row, index)
+        if home is not None and not self._used[home]:
+            block = home
+        else:
+            while self._used[block := -heapq.heappop(self._lendable)]:
+                pass  # taken as a home since it was pushed
+            self._away.add(row)
+        self._used[block] = True
+        return block
+
+    def _give_back(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._used[block] = False
+            heapq.heappush(self._lendable, -block)
+        if len(self._lendable) > 2 * self.num_blocks:  # blocks taken as homes leave stale entries: drop them
+            self._lendable = [-block for block in range(1, self.num_blocks + 1) if not self._used[block]]
+            heapq.heapify(self._lendable)
+
+    def hold_blocks(self, row: int, count: int) -> None:
+        """`row` holds `count` blocks from now on (the scheduler has counted them free)."""
+        blocks = self._rows[row]
+        if count <= len(blocks):
+            return
+        start = len(blocks)
+        blocks.extend(self._take(row, index) for index in range(start, count))
+        self.block_table[row, start:count] = torch.tensor(blocks[start:], dtype=torch.long).to(self.device)
+
+    def free_rows(self, rows: set[int]) -> None:
+        """These rows hold nothing now: their blocks are free and their tables point at scratch."""
+        for row in rows:
+            self._give_back(self._rows[row])
+            self._rows[row] = []
+            self._away.discard(row)
+            self.block_table[row] = 0
+
+    def move_rows(self, sources: list[int], destinations: list[int]) -> None:
+        """Each moving row takes blocks at its destination (its new home first) and its KV is copied there, all
+        moves at once (so that rows may swap); the sources hold nothing after, unless another row moved in."""
+        if not sources:
+            return
+        moving = [self._rows[source] for source in sources]
+        self.free_rows(set(sources))
+        copies_from, copies_to = [], []
+        for destination, blocks in zip(destinations, moving):
+            self._away.discard(destination)
+            self._rows[destination] = [self._take(destination, index) for index in range(len(blocks))]
+            copies_from += blocks
+            copies_to += self._rows[destination]
+        for row in destinations:
+            table = torch.zeros(self.max_blocks_per_row, dtype=torch.long)
+            table[: len(self._rows[row])] = torch.tensor(self._rows[row], dtype=torch.long)
+            self.block_table[row] = table.to(self.device)
+        pairs = [(a, b) for a, b in zip(copies_from, copies_to) if a != b]
+        if pairs:
+            source_blocks = torch.tensor([a for a, _ in pairs], device=self.device)
+            destination_blocks = torch.tensor([b for _, b in pairs], device=self.device)
+            for pool in (*self.keys, *self.values):
+                pool[:, destination_blocks] = pool[:, source_blocks]  # the right side is read whole first
+
+    # Passes.
+    def _pool_positions(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where `positions` ([rows, n]) of `rows` ([rows, 1]) live in a pool flattened to [heads, blocks * size,
+        head_dim]."""
+        blocks = self.block_table[rows, torch.div(positions, self.block_size, rounding_mode="floor")]
+        return blocks * self.block_size + positions % self.block_size
+
+    def _plan_reads(self, first_row: int, num_rows: int, length: int) -> None:
+        """Read rows first_row.. in place when they all lie in their homes, else gather their blocks."""
+        at_home = not self.always_gather and not any(first_row <= row < first_row + num_rows for row in self._away)
+        if at_home and length <= self.home_blocks * self.block_size:
+            self._view_rows, self._reads = slice(first_row, first_row + num_rows), None
+        else:
+            read_blocks = -(-length // self.block_size)
+            self._view_rows = None
+            self._reads = self.block_table[first_row : first_row + num_rows, :read_blocks]
+
+    def begin_prefill(self, first_row: int, num_rows: int, num_queries: int, offset: int = 0) -> None:
+        super().begin_prefill(first_row, num_rows, num_queries, offset)
+        rows = torch.arange(first_row, first_row + num_rows, device=self.device).unsqueeze(1)
+        positions = torch.arange(offset, offset + num_queries, device=self.device).expand(num_rows, num_queries)
+        self._writes = self._pool_positions(rows, positions).flatten()
+        if offset:
+            self._plan_reads(first_row, num_rows, offset + num_queries)
+        else:  # new rows: attention reads what it just computed
+            self._view_rows = self._reads = None
+
+    def begin_decode(self, positions: torch.Tensor, read_length: int) -> None:
+        super().begin_decode(positions, read_length)
+        rows = torch.arange(positions.shape[0], device=self.device).unsqueeze(1)
+        self._writes = self._pool_positions(rows, positions).flatten()
+        self._plan_reads(0, positions.shape[0], read_length)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this pass's keys/values into their blocks; return what attention reads: the new ones alone for
+        new rows, else every position each row reads, [rows, heads, length, head_dim]."""
+        current = self._current()
+        read = []
+        for pool, states in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            rows, heads, queries, head_dim = states.shape
+            flat = pool.view(heads, -1, head_dim)
+            flat.index_copy_(1, self._writes, states.transpose(0, 1).reshape(heads, -1, head_dim))
+            length = current.offset + queries if current.is_prefill else current.read_length
+            if self._view_rows is not None:
+                homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
+                read.append(homes[:, self._view_rows, :length].transpose(0, 1))
+            elif self._reads is not None:
+                gathered = pool.index_select(1, self._reads.flatten()).view(heads, rows, -1, head_dim)
+                read.append(gathered[:, :, :length].transpose(0, 1))
+        return (read[0], read[1]) if read else (key_states, value_states)
+
+    def _row_positions(self, row: int, start: int, end: int) -> torch.Tensor:
+        rows = torch.tensor([[row]], device=self.device)
+        return self._pool_positions(rows, torch.arange(start, end, device=self.device).unsqueeze(0)).flatten()
+
+    def read_row(self, layer: int, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        where = self._row_positions(row, 0, length)
+        return tuple(pool.flatten(1, 2)[:, where] for pool in (self.keys[layer], self.values[layer]))
+
+    def write_row(self, layer: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        where = self._row_positions(row, start, start + keys.shape[1])
+        for pool, states in ((self.keys[layer], keys), (self.values[layer], values)):
+            pool.flatten(1, 2).index_copy_(1, where, states)
+
+    def reset(self) -> None:
+        super().reset()
+        self.free_rows(set(range(self.max_rows)))

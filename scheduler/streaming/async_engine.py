@@ -1,0 +1,134 @@
+"""The asyncio-facing API: `generate()` returns an async iterator of outputs; the event loop never waits on the model.
+
+The engine thread hands each step's events over with one `call_soon_threadsafe` per step; they are routed here
+to per-request queues. Detokenization and stop strings run here, per request, off the engine thread.
+Leaving the iterator early (client gone, task cancelled) cancels the request, which frees its row within a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.core.params import GenerationParameters, ValidationError
+from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
+from genserve.scheduler.streaming.detokenizer import IncrementalDetokenizer
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (a fault in its step); the message says why."""
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens in this chunk
+    text: str  # new text in this chunk
+    num_prompt_tokens: int
+    num_generated_tokens: int  # so far, this chunk included
+    finish_reason: FinishReason | None = None
+    stop_string: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in this chunk, when asked
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer: PreTrainedTokenizerBase | None = engine.loaded.tokenizer
+        self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def num_streams(self) -> int:
+        """Requests with a live output stream (a leak shows up here)."""
+        return len(self._queues)
+
+    def start(self) -> None:
+        """Bind to the running event loop and start the engine thread."""
+        self._loop = asyncio.get_running_loop()
+        self.engine.on_events = self._from_engine_thread
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._require_tokenizer().encode(text)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._require_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValidationError("messages", "this model has no chat template")
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        options: RequestOptions = RequestOptions(),
+    ) -> AsyncIterator[GenerationOutput]:
+        if options.request_id is not None and options.request_id in self._queues:
+            raise ValidationError("request_id", f"request {options.request_id!r} is already running")
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        # Compiling a grammar can take a while on a cache miss: a worker thread does it, never the event loop.
+        constraint = options.constraint
+        grammar = await asyncio.to_thread(self.engine.grammars.matcher, constraint) if constraint else None
+        seq = self.engine.submit(prompt_ids, params, options, grammar)
+        self._queues[seq.request_id] = queue
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
+        num_generated = 0
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                if event.error is not None:
+                    raise RequestFailedError(event.error)
+                text, stop_string = "", None
+                for token_id in event.token_ids:
+                    num_generated += 1
+                    if detokenizer is not None:
+                        delta = detokenizer.push(token_id)
+                        text += delta.text
+                        stop_string = delta.stop_string
+                        if stop_string is not None:
+                            break  # tokens after it in this chunk (accepted speculation) are not part of the output
+                finish_reason = event.finish_reason
+                if stop_string is not None:
+                    finish_reason = FinishReason.STOP_STRING
+                    self.engine.cancel(seq.request_id, FinishReason.STOP_STRING)
+                elif finish_reason is not None and detokenizer is not None:
+                    text += detokenizer.flush()
+                finished = finish_reason is not None
+                yield GenerationOutput(
+                    seq.request_id,
+                    event.token_ids,
+                    text,
+                    event.num_prompt_tokens,
+                    num_generated,
+                    finish_reason,
+                    stop_string,
+                    event.logprobs,
+                )
+        finally:
+            del self._queues[seq.request_id]
+            if not finished:
+                self.engine.cancel(seq.request_id)
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValidationError("text", "this model has no tokenizer; send input_ids")
+        return self.tokenizer
+
+    def _from_engine_thread(self, events: list[TokenEvent]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._route, events)
+
+    def _route(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            queue = self._queues.get(event.request_id)
+            if queue is not None:
+                queue.put_nowait(event)
