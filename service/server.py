@@ -1,7 +1,5 @@
-"""The grpc.aio front end: TextGeneration, standard health and reflection, graceful drain.
-
-Handlers only validate, submit and await the engine's per-request stream; the model runs on the engine thread.
-"""
+"""The grpc.aio server's assembly: the native service and the standard protocols over one engine, health and
+reflection, interceptors (auth, errors, load reports), the metrics endpoint, warm-up and graceful drain."""
 
 from __future__ import annotations
 
@@ -9,43 +7,27 @@ import asyncio
 import importlib.metadata
 import logging
 import signal
-import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from genserve.scheduler.core.engine import Engine
-from genserve.scheduler.core.params import GenerationParameters, ValidationError
-from genserve.scheduler.core.request import FinishReason, Priority, RequestOptions
-from genserve.scheduler.core.submission import DeadlineUnreachableError
-from genserve.scheduler.core.waiting_queue import QueueFullError
-from genserve.scheduler.streaming.async_engine import AsyncEngine, GenerationOutput, RequestFailedError
+from genserve.scheduler import (
+    AsyncEngine,
+    Engine,
+    RequestOptions,
+)
 from genserve.service.ops.load_report import OOB_SERVICE, RequestRates, out_of_band_handler
 from genserve.service.ops.metrics import Metrics
 from genserve.service.ops.security import AuthInterceptor, TLSConfig
 from genserve.service.proto_gen.fmaas import generation_pb2_grpc
-from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
 from genserve.service.protocols import kserve, tgis
-from genserve.service.protocols.convert import (
-    FINISH_REASONS,
-    chat_messages,
-    constraint_from_proto,
-    logprobs_to_proto,
-    parameter_overrides,
-    parameters_to_proto,
-)
-from genserve.service.protocols.errors import DrainingError, ErrorInterceptor
-from genserve.service.protocols.stream_store import Chunk, StreamStore
+from genserve.service.protocols.errors import ErrorInterceptor
+from genserve.service.protocols.native import SERVICE_NAME, TextGenerationService
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 # Every service that generates: health, reflection, errors and ORCA reports cover them alike.
 GENERATION_SERVICES = (SERVICE_NAME, kserve.SERVICE_NAME, tgis.SERVICE_NAME)
 # The calls that generate: they count in the request rates that load reports carry.
@@ -58,352 +40,8 @@ GENERATION_METHODS = frozenset(
     )
     for method in methods
 )
-CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-MAX_RETURN_SEQUENCES = 16
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
-request_log = logging.getLogger("genserve.requests")
-
-
-async def _merged(sources: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they come, tagged with the iterator's index; leaving early (or a
-    failure in one) closes them all, which cancels their requests."""
-    if len(sources) == 1:
-        async for item in sources[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
-    finished = object()
-
-    async def pump(index: int, source: AsyncIterator[T]) -> None:
-        try:
-            async for item in source:
-                await queue.put((index, item))
-            await queue.put((index, finished))
-        except Exception as error:  # noqa: BLE001 - re-raised in the consumer
-            await queue.put((index, error))
-
-    tasks = [asyncio.ensure_future(pump(index, source)) for index, source in enumerate(sources)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is finished:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def _choice(index: int, outputs: list[GenerationOutput], request: pb.GenerateRequest, prompt_text: str) -> pb.Choice:
-    last = outputs[-1]
-    return pb.Choice(
-        index=index,
-        text=prompt_text + "".join(output.text for output in outputs),
-        token_ids=[t for output in outputs for t in output.token_ids] if request.return_token_ids else [],
-        finish_reason=FINISH_REASONS[last.finish_reason],
-        stop_string=last.stop_string or "",
-        generated_tokens=last.num_generated_tokens,
-        logprobs=logprobs_to_proto(tuple(lp for output in outputs for lp in output.logprobs)),
-    )
-
-
-async def _with_offsets(outputs: AsyncIterator[GenerationOutput]) -> AsyncIterator[Chunk]:
-    previous = None
-    async for output in outputs:
-        previous = Chunk.after(previous, output)
-        yield previous
-
-
-def _stream_message(chunk: Chunk, request: pb.GenerateRequest, prompt_text: str) -> pb.GenerateStreamResponse:
-    output, is_first = chunk.output, chunk.token_offset == 0 and chunk.text_offset == 0
-    message = pb.GenerateStreamResponse(
-        request_id=output.request_id,
-        text=(prompt_text if is_first else "") + output.text,
-        token_ids=list(output.token_ids) if request.return_token_ids else [],
-        logprobs=logprobs_to_proto(output.logprobs),
-        token_offset=chunk.token_offset,
-        text_offset=chunk.text_offset,
-    )
-    if is_first:
-        message.prompt_tokens = output.num_prompt_tokens
-    if output.finish_reason is not None:
-        message.finish_reason = FINISH_REASONS[output.finish_reason]
-        message.stop_string = output.stop_string or ""
-        message.usage.CopyFrom(
-            pb.Usage(prompt_tokens=output.num_prompt_tokens, generated_tokens=output.num_generated_tokens)
-        )
-    return message
-
-
-def _deadline_passed(output: GenerationOutput, options: RequestOptions, now: float) -> bool:
-    """The engine dropped the request at its deadline; unless partial results were asked for, that is
-    DEADLINE_EXCEEDED (the engine can notice a moment before gRPC does)."""
-    return (
-        output.finish_reason is FinishReason.TIME_LIMIT
-        and options.deadline is not None
-        and not options.partial_on_deadline
-        and now >= options.deadline
-    )
-
-
-def _client_id(context: grpc.aio.ServicerContext) -> str:
-    """The `x-client-id` metadata when the client names itself, else its address (without the port)."""
-    named = dict(context.invocation_metadata() or ()).get("x-client-id")
-    return named or context.peer().rsplit(":", 1)[0]
-
-
-@dataclass
-class PreparedRequest:
-    prompt_ids: list[int]
-    params: GenerationParameters
-    prompt_text: str
-    options: RequestOptions
-
-
-class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        metrics: Metrics,
-        max_requests_per_client: int | None = None,
-        stream_retention_seconds: float = 60.0,
-    ) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.streams = StreamStore(stream_retention_seconds)
-        self.max_requests_per_client = max_requests_per_client
-        self.in_flight: Counter[str] = Counter()
-        self.draining = False
-
-    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
-        kind = request.WhichOneof("input")
-        if kind == "text":
-            if not request.text:
-                raise ValidationError("text", "the prompt text is empty")
-            return self.engine.encode_text(request.text)
-        if kind == "input_ids":
-            return list(request.input_ids.ids)
-        if kind == "messages":
-            return self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES))
-        raise ValidationError("input", "set one of text, input_ids or messages")
-
-    def _negative_prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...] | None:
-        kind = request.WhichOneof("negative_prompt")
-        if kind == "negative_text":
-            return tuple(self.engine.encode_text(request.negative_text))
-        if kind == "negative_input_ids":
-            return tuple(request.negative_input_ids.ids)
-        return None
-
-    def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> PreparedRequest:
-        if self.draining:
-            raise DrainingError("the server is draining for shutdown; retry on another replica")
-        prompt_ids = self._prompt_ids(request)
-        if request.HasField("truncate_prompt_tokens"):
-            keep = request.truncate_prompt_tokens
-            if keep < 1:
-                raise ValidationError("truncate_prompt_tokens", f"must be >= 1, got {keep}")
-            prompt_ids = prompt_ids[-keep:]
-        overrides = parameter_overrides(request.parameters)
-        constraint = None
-        if request.HasField("constraint"):
-            constraint, allowed_token_ids = constraint_from_proto(request.constraint)
-            if allowed_token_ids:
-                overrides["allowed_token_ids"] = allowed_token_ids
-        params = self.engine.engine.make_parameters(prompt_length=len(prompt_ids), **overrides)
-        prompt_text = ""
-        if request.echo_prompt and self.engine.tokenizer is not None:
-            prompt_text = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        wants_logprobs = request.return_logprobs or request.top_logprobs > 0
-        remaining = context.time_remaining()
-        options = RequestOptions(
-            request_id=request.request_id or None,
-            client_id=_client_id(context),
-            top_logprobs=request.top_logprobs if wants_logprobs else None,
-            processed_logprobs=request.logprobs_mode == pb.PROCESSED_LOGPROBS,
-            # The client's gRPC deadline drives scheduling: refused early if unreachable, dropped if it expires queued.
-            deadline=time.monotonic() + remaining if remaining is not None and not request.resumable else None,
-            partial_on_deadline=request.partial_on_deadline,
-            priority=Priority.BATCH if request.priority == pb.BATCH else Priority.INTERACTIVE,
-            logits_processors=tuple((c.name, c.json_args) for c in request.logits_processors),
-            stopping_criteria=tuple((c.name, c.json_args) for c in request.stopping_criteria),
-            constraint=constraint,
-            negative_prompt_ids=self._negative_prompt_ids(request),
-        )
-        return PreparedRequest(prompt_ids, params, prompt_text, options)
-
-    async def outputs(
-        self, method: str, prepared: PreparedRequest, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[GenerationOutput]:
-        """The engine's outputs for this request, timed into the metrics on the way through."""
-        client = prepared.options.client_id
-        limit = self.max_requests_per_client
-        if limit is not None and self.in_flight[client] >= limit:
-            raise QueueFullError(f"client {client!r} already has {limit} requests in flight")
-        self.in_flight[client] += 1
-        started = previous = time.monotonic()
-        first_token_at: float | None = None
-        last: GenerationOutput | None = None
-        code = "OK"
-        try:
-            async for output in self.engine.generate(prepared.prompt_ids, prepared.params, prepared.options):
-                now = time.monotonic()
-                if _deadline_passed(output, prepared.options, now):
-                    raise DeadlineUnreachableError("the deadline passed while the request waited for a row")
-                if output.token_ids:
-                    if first_token_at is None:
-                        first_token_at = now
-                        priority = prepared.options.priority.name.lower()
-                        self.metrics.time_to_first_token.labels(priority=priority).observe(now - started)
-                    else:
-                        self.metrics.inter_token_latency.observe(now - previous)
-                    previous = now
-                last = output
-                yield output
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-            raise
-        except RequestFailedError:
-            code = "INTERNAL"
-            raise
-        finally:
-            self.in_flight[client] -= 1
-            if not self.in_flight[client]:
-                del self.in_flight[client]
-            finish = last.finish_reason.value if last is not None and last.finish_reason is not None else ""
-            generated = last.num_generated_tokens if last is not None else 0
-            duration = time.monotonic() - started
-            self.metrics.record_request(method, code, finish, duration, len(prepared.prompt_ids), generated)
-            # Never the prompt or the output text: logs are not a place for user data.
-            request_log.info(
-                "request finished",
-                extra={
-                    "request_id": last.request_id if last is not None else request.request_id,
-                    "method": method,
-                    "code": code,
-                    "finish_reason": finish,
-                    "prompt_tokens": len(prepared.prompt_ids),
-                    "generated_tokens": generated,
-                    "duration_s": round(duration, 4),
-                    "ttft_s": round(first_token_at - started, 4) if first_token_at is not None else None,
-                },
-            )
-
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        samples = self._samples(self.prepare(request, context), request)
-        outputs: list[list[GenerationOutput]] = [[] for _ in samples]
-        sources = [self.outputs("Generate", sample, request, context) for sample in samples]
-        async for index, output in _merged(sources):
-            outputs[index].append(output)
-        choices = [_choice(index, items, request, samples[0].prompt_text) for index, items in enumerate(outputs)]
-        first, last = choices[0], outputs[0][-1]
-        return pb.GenerateResponse(
-            # With n samples, each sample's id is "<id>/<i>": the response names the request itself.
-            request_id=last.request_id if len(samples) == 1 else last.request_id.rsplit("/", 1)[0],
-            text=first.text,
-            token_ids=first.token_ids,
-            finish_reason=first.finish_reason,
-            stop_string=first.stop_string,
-            usage=pb.Usage(
-                prompt_tokens=last.num_prompt_tokens, generated_tokens=sum(c.generated_tokens for c in choices)
-            ),
-            logprobs=first.logprobs,
-            choices=choices,
-        )
-
-    def _samples(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> list[PreparedRequest]:
-        """One prepared request per sample: ids `<id>/<i>`, seeds `seed + i` (the engine prefills them once)."""
-        count = request.num_return_sequences or 1
-        if not 1 <= count <= MAX_RETURN_SEQUENCES:
-            raise ValidationError("num_return_sequences", f"must be in [1, {MAX_RETURN_SEQUENCES}], got {count}")
-        if count == 1:
-            return [prepared]
-        if request.resumable:
-            raise ValidationError("num_return_sequences", "resumable streams carry one sequence")
-        base_id = prepared.options.request_id or uuid.uuid4().hex
-        samples = []
-        for index in range(count):
-            params = prepared.params
-            if params.seed is not None:
-                params = replace(params, seed=(params.seed + index) % 2**63)
-            options = replace(prepared.options, request_id=f"{base_id}/{index}")
-            samples.append(replace(prepared, params=params, options=options))
-        return samples
-
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        if request.HasField("resume_from_token"):
-            stream = self.streams.get(request.request_id)
-            async for chunk in self.streams.follow(stream, request.resume_from_token):
-                yield _stream_message(chunk, request, prompt_text="")
-            return
-        prepared = self.prepare(request, context)
-        samples = self._samples(prepared, request)
-        if request.resumable:
-            if not request.request_id:
-                raise ValidationError("request_id", "a resumable stream needs a request_id to be resumed by")
-            if self.streams.is_retained(request.request_id):
-                raise ValidationError("request_id", f"a resumable stream {request.request_id!r} already exists")
-            # The generation outlives this call: it runs in the store's task, this call only reads.
-            outputs = self.outputs("GenerateStream", prepared, request, context)
-            chunks = self.streams.follow(self.streams.start(request.request_id, outputs))
-            async for chunk in chunks:
-                yield _stream_message(chunk, request, prepared.prompt_text)
-            return
-        sources = [_with_offsets(self.outputs("GenerateStream", sample, request, context)) for sample in samples]
-        async for index, chunk in _merged(sources):
-            message = _stream_message(chunk, request, prepared.prompt_text)
-            message.index = index
-            yield message
-
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        kind = request.WhichOneof("input")
-        if kind == "messages":
-            return pb.TokenizeResponse(token_ids=self.engine.encode_chat(chat_messages(request.messages, CHAT_ROLES)))
-        if kind != "text":
-            raise ValidationError("input", "set one of text or messages")
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            raise ValidationError("text", "this model has no tokenizer")
-        encoding = tokenizer(request.text, return_offsets_mapping=request.return_offsets)
-        response = pb.TokenizeResponse(token_ids=encoding["input_ids"])
-        if request.return_offsets:
-            response.offsets.extend(pb.TokenOffset(start=s, end=e) for s, e in encoding["offset_mapping"])
-        return response
-
-    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        engine = self.engine.engine
-        defaults = engine.make_parameters()
-        config, blocks = engine.config, engine.scheduler.blocks
-        return pb.ModelInfoResponse(
-            model_name=engine.loaded.name,
-            vocab_size=engine.vocab_size,
-            max_context=config.max_context,
-            eos_token_ids=list(defaults.eos_token_id),
-            default_parameters=parameters_to_proto(defaults),
-            limits=pb.Limits(
-                max_batch_size=config.max_running,
-                max_queue=config.max_queue,
-                max_context=config.max_context,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                kv_cache_tokens=blocks.capacity_tokens if blocks is not None else 0,
-                kv_block_size=blocks.block_size if blocks is not None else 0,
-            ),
-            has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
-            prefix_caching=engine.runner.prefix_cache is not None,
-            assistant_model=engine.assistant_name,
-            architecture=engine.loaded.architecture,
-            attn_implementation=engine.loaded.attn_implementation,
-        )
 
 
 def _package_version() -> str:
@@ -432,13 +70,13 @@ class GenerationServer:
     def __init__(self, engine: Engine, options: ServerOptions = ServerOptions()) -> None:
         self.options = options
         self.async_engine = AsyncEngine(engine)
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(self.async_engine)
         self.metrics_port = options.metrics_port
         self.service = TextGenerationService(
             self.async_engine, self.metrics, options.max_requests_per_client, options.stream_retention_seconds
         )
         # The standard protocols translate into the native service: same admission, metrics, limits, deadlines.
-        self.kserve = kserve.KServeService(self.service, engine.loaded.name, _package_version())
+        self.kserve = kserve.KServeService(self.service, self.async_engine.description.model_name, _package_version())
         self.tgis = tgis.TGISService(self.service)
         self.rates = RequestRates()
         self.grace_seconds = options.grace_seconds
@@ -453,7 +91,7 @@ class GenerationServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ErrorInterceptor(
                 self.metrics,
-                self.async_engine.engine.load_report,
+                self.async_engine.load_report,
                 self.rates,
                 GENERATION_SERVICES,
                 GENERATION_METHODS,
@@ -470,7 +108,7 @@ class GenerationServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.server)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.tgis, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((out_of_band_handler(self.async_engine.engine.load_report, self.rates),))
+        self.server.add_generic_rpc_handlers((out_of_band_handler(self.async_engine.load_report, self.rates),))
         reflection.enable_server_reflection(
             [
                 *GENERATION_SERVICES,
@@ -501,11 +139,11 @@ class GenerationServer:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.options.host)
             log.info("metrics on port %d at /metrics", self.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on port %d", self.async_engine.engine.loaded.name, self.port)
+        log.info("serving %s on port %d", self.async_engine.description.model_name, self.port)
 
     async def _warm_up(self) -> None:
         """One tiny generation, so the first client doesn't pay one-off costs and SERVING means ready."""
-        params = self.async_engine.engine.make_parameters(max_new_tokens=2)
+        params = self.async_engine.make_parameters(max_new_tokens=2)
         async for _ in self.async_engine.generate([0], params, RequestOptions(request_id="warm-up")):
             pass
 

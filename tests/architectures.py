@@ -171,8 +171,8 @@ def save_tiny_model(case: Case, folder: Path, seed: int = 0) -> Path:
 
 def refusal(case: Case) -> str:
     """The start-up message for a refused architecture (from the loader and the cache's probe, as served)."""
+    from genserve.scheduler.core.errors import UnsupportedModelError
     from genserve.scheduler.kv.slot_cache import SlotKVCache
-    from genserve.scheduler.model.architectures import UnsupportedModelError
     from genserve.scheduler.model.loader import load_model
 
     with tempfile.TemporaryDirectory() as folder:

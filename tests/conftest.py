@@ -8,9 +8,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.params import GenerationParameters
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.loader import LoadedModel, load_model
 
 TINY_VOCAB = 320

@@ -12,7 +12,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.features.plugins import PluginRegistry
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb

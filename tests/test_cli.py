@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from genserve.service.cli.main import build_parser, engine_config, main, memory_size
+from genserve.service.cli.flags import engine_config, memory_size
+from genserve.service.cli.main import build_parser, main
 from tests.conftest import byte_tokenizer, tiny_model
 
 
@@ -139,7 +140,7 @@ def test_serving_imports_neither_the_benchmarks_nor_matplotlib() -> None:
     import sys
 
     check = (
-        "import sys, service.server, genserve.service.cli.main; "
+        "import sys, genserve.service.server, genserve.service.cli.main; "
         "loaded = [m for m in sys.modules if m == 'matplotlib' or m.startswith('genserve.scheduler.benchmarks')]; "
         "assert not loaded, loaded"
     )

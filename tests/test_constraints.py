@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genserve.scheduler.features.constraints import Constraint
+from genserve.scheduler.core.request import Constraint
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_EOS, hf_generate
 from tests.serving import ServerThread, ids_request

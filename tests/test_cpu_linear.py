@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.cpu_linear import (
     FusedProjection,
     FusedProjections,

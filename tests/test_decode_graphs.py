@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.engine.loop import Engine
 from tests.conftest import StepDriver, hf_generate
 
 QUOTE = [40, 41, 42, 43, 44, 45]

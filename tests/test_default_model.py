@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.request import FinishReason
-from genserve.scheduler.streaming.async_engine import AsyncEngine, GenerationOutput
-from genserve.scheduler.streaming.detokenizer import IncrementalDetokenizer
+from genserve.scheduler.engine.async_engine import AsyncEngine, GenerationOutput
+from genserve.scheduler.engine.detokenizer import IncrementalDetokenizer
+from genserve.scheduler.engine.loop import Engine
 from tests.conftest import hf_generate
 
 pytestmark = pytest.mark.default_model

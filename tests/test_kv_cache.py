@@ -9,9 +9,9 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
+from genserve.scheduler.core.errors import UnsupportedModelError
+from genserve.scheduler.kv.attention_masks import FULL, SLIDING, AttentionLayout
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
-from genserve.scheduler.model.architectures import UnsupportedModelError
-from genserve.scheduler.model.attention_masks import FULL, SLIDING, AttentionLayout
 
 GENERATE_ONLY = {
     "crop",

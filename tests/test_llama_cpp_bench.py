@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
+from genserve.scheduler.engine.loop import Engine
 from genserve.service.benchmarks.llama_cpp import find_llama_server, fixed_prompts, format_comparison, run_genserve
 
 

@@ -9,9 +9,11 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from genserve.scheduler.core.params import GenerationParameters
 from genserve.scheduler.core.request import Sequence
-from genserve.scheduler.features.logits_processing import LogitsStep, NoRepeatNgram, process_logits
+from genserve.scheduler.features.batch_state import BatchState
+from genserve.scheduler.features.generate_processors import NoRepeatNgram
+from genserve.scheduler.features.logits_feature import LogitsStep
+from genserve.scheduler.features.logits_processing import process_logits
 from genserve.scheduler.features.warpers import warp_for_sampling
-from genserve.scheduler.model.batch_state import BatchState
 
 VOCAB = 97
 ROW_PARAMETERS = [

@@ -4,6 +4,7 @@ two copies of its classes)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,9 +29,13 @@ def test_pyproject_lists_every_package_folder() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source")
+    # A copy of what the wheel is built from, so that setuptools' build/ folder stays out of the checkout.
+    for name in ("pyproject.toml", "README.md", "genserve", "scheduler", "service"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         timeout=600,
@@ -68,7 +73,7 @@ def test_a_fresh_environment_runs_the_command_and_knows_no_bare_names(wheel: Pat
     for bare in ("scheduler", "service"):
         result = subprocess.run([python, "-c", f"import {bare}"], **outside)
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr
-    where = subprocess.run([python, "-c", "import genserve.scheduler.core.engine as m; print(m.__file__)"], **outside)
+    where = subprocess.run([python, "-c", "import genserve.scheduler.engine.loop as m; print(m.__file__)"], **outside)
     assert where.stdout.startswith(str(site)), where.stderr[-2000:]
 
 

@@ -10,11 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.kv_blocks import BlockPool
 from genserve.scheduler.core.params import ValidationError
 from genserve.scheduler.core.request import Priority
 from genserve.scheduler.core.scheduler import Scheduler
 from genserve.scheduler.core.step_plan import ModelOutput, RowResult, StepPlan, StopCode
-from genserve.scheduler.kv.blocks import BlockPool
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_VOCAB, StepDriver, hf_generate, tiny_model

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.params import ValidationError
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.features.speculation import Drafts, accepted_counts, prompt_lookup
 from genserve.scheduler.model.loader import LoadedModel
 from tests.conftest import TINY_EOS, StepDriver, hf_generate, tiny_model

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.request import RequestOptions
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.kv.slot_cache import SlotKVCache
 from genserve.scheduler.model.loader import LoadedModel
 

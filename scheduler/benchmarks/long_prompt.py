@@ -18,8 +18,8 @@ import torch
 
 from genserve.scheduler.benchmarks.throughput import CONTEXT, QUESTIONS, chat_ids
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.request import RequestOptions, TokenEvent
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.loader import LoadedModel
 
 NUM_STREAMS = 4

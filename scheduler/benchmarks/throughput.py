@@ -21,9 +21,9 @@ from tqdm import tqdm
 from transformers import ContinuousBatchingConfig, DynamicCache, GenerationConfig
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.request import RequestOptions, TokenEvent
 from genserve.scheduler.core.snapshot import TokenCounters
+from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.cpu_threads import in_passing_thread
 from genserve.scheduler.model.loader import LoadedModel

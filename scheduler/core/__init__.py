@@ -1,3 +1,3 @@
-"""The engine's core: requests and their parameters, the waiting queue, the scheduler's decisions, a step as data
-(the plan), the engine loop and what it publishes. The decision modules (scheduler, waiting queue, plan,
-snapshot, parameters) import no torch; the engine loop drives the model room through the runner."""
+"""The engine's decisions, free of torch: requests and their parameters, the waiting queue, the scheduler, the KV
+block bookkeeping it counts with, a step as data (the plan) and what the engine publishes. Imports nothing else
+of genserve; an import-linter contract keeps torch and transformers out."""

@@ -6,14 +6,26 @@ Counts (`num_generated`, `is_finished`) are derived from the ids and the finish 
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from genserve.scheduler.core.params import GenerationParameters
+from genserve.scheduler.core.params import GenerationParameters, ValidationError
 
-if TYPE_CHECKING:  # the constraint module needs torch; requests and the scheduler do not
-    from genserve.scheduler.features.constraints import Constraint
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match. `spec` is the regex, the schema (JSON text), the grammar, or for `choice`
+    a JSON list of the allowed strings."""
+
+    kind: str
+    spec: str
+
+    @classmethod
+    def choice(cls, options: list[str]) -> Constraint:
+        if not options or not all(options):
+            raise ValidationError("choice", "give at least one non-empty string")
+        return cls("choice", json.dumps(options))
 
 
 class FinishReason(enum.Enum):

@@ -21,11 +21,11 @@ import logging
 import threading
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.kv_blocks import BlockPool
 from genserve.scheduler.core.params import MAX_SPECULATIVE
 from genserve.scheduler.core.request import FinishReason, Priority, Sequence, TokenEvent
 from genserve.scheduler.core.step_plan import ModelOutput, PrefillChunk, StepPlan, StopCode
 from genserve.scheduler.core.waiting_queue import WaitingQueue
-from genserve.scheduler.kv.blocks import BlockPool
 
 log = logging.getLogger(__name__)
 

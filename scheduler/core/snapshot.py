@@ -53,6 +53,24 @@ class EngineSnapshot:
 
 
 @dataclass(frozen=True)
+class ModelDescription:
+    """What the front ends tell clients about the served model and the engine's limits (ModelInfo, TGIS)."""
+
+    model_name: str
+    vocab_size: int
+    max_running: int
+    max_queue: int
+    max_context: int
+    max_num_batched_tokens: int
+    kv_cache_tokens: int  # paged cache: positions the pool holds; 0 with the slot cache
+    kv_block_size: int  # paged cache: positions per block; 0 with the slot cache
+    prefix_caching: bool
+    assistant_model: str  # the draft model's name, "" without one
+    architecture: str  # the transformers class served
+    attn_implementation: str
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """The engine's load as a client or a load balancer would want it (gRPC ORCA trailers, RetryInfo)."""
 

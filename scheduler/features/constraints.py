@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
@@ -21,23 +20,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from genserve.scheduler.core.params import ValidationError
+from genserve.scheduler.core.request import Constraint
 
 CONSTRAINT_KINDS = ("regex", "json_schema", "choice", "grammar")
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What the output must match. `spec` is the regex, the schema (JSON text), the grammar, or for `choice`
-    a JSON list of the allowed strings."""
-
-    kind: str
-    spec: str
-
-    @classmethod
-    def choice(cls, options: list[str]) -> Constraint:
-        if not options or not all(options):
-            raise ValidationError("choice", "give at least one non-empty string")
-        return cls("choice", json.dumps(options))
 
 
 class GrammarCompiler:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.warpers import warp_for_sampling
-from genserve.scheduler.model.batch_state import BatchState
 
 
 def select_tokens(

@@ -19,11 +19,12 @@ gather, since a graph cannot choose).
 from __future__ import annotations
 
 import heapq
+import os
 
 import torch
 
+from genserve.scheduler.kv.attention_masks import AttentionLayout
 from genserve.scheduler.kv.slot_cache import SlotKVCache
-from genserve.scheduler.model.attention_masks import AttentionLayout
 
 BLOCK_SIZE = 16  # positions per block (vLLM's default)
 
@@ -215,3 +216,14 @@ class PagedKVCache(SlotKVCache):
     def reset(self) -> None:
         super().reset()
         self.free_rows(set(range(self.max_rows)))
+
+
+def pool_bytes(setting: float, device: torch.device) -> int:
+    """--kv-cache-memory in bytes: a size, or (<= 1) that fraction of the memory the device has free."""
+    if setting > 1:
+        return int(setting)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * setting)

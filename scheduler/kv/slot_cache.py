@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from genserve.scheduler.model.architectures import UnsupportedModelError
-from genserve.scheduler.model.attention_masks import AttentionLayout
+from genserve.scheduler.core.errors import UnsupportedModelError
+from genserve.scheduler.kv.attention_masks import AttentionLayout
 
 
 @dataclass

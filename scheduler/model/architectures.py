@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, DynamicCache, PretrainedConfig
 
+from genserve.scheduler.core.errors import UnsupportedModelError
+
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 # Layer kinds the slot cache serves: attention over every earlier token, or over a sliding window of them.
 SERVED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -17,10 +19,6 @@ UNSERVED_LAYER_REASONS = {
     "hybrid": "hybrid layers (attention and state-space in parallel)",
     "chunked_attention": "chunked local attention layers",
 }
-
-
-class UnsupportedModelError(ValueError):
-    """The model needs something the engine does not serve (raised at start-up, never per request)."""
 
 
 def architecture_name(config: PretrainedConfig) -> str:

@@ -40,7 +40,7 @@ from grpc_status import rpc_status
 from xds.data.orca.v3 import orca_load_report_pb2
 from xds.service.orca.v3 import orca_pb2
 
-from genserve.scheduler.core.snapshot import LoadReport
+from genserve.scheduler import LoadReport
 
 ORCA_TRAILER_KEY = "endpoint-load-metrics-bin"
 APPLICATION_TRAILER_KEY = "genserve-load-report-bin"

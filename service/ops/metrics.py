@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from genserve.scheduler.core.engine import Engine
-from genserve.scheduler.core.snapshot import StepStats
+from genserve.scheduler import AsyncEngine, StepStats
 
 # LLM latencies span milliseconds (a decode step) to minutes (a long generation under load).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -18,7 +17,7 @@ LENGTH_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
-    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -100,7 +99,7 @@ class Metrics:
         self.batch_size = Gauge("genserve_batch_size", "Rows in the last engine step", registry=r)
         Gauge("genserve_queue_size", "Requests waiting for a row", registry=r).set_function(lambda: engine.num_waiting)
         Gauge("genserve_running_requests", "Requests holding a row", registry=r).set_function(
-            lambda: engine.num_running
+            lambda: engine.snapshot.num_running
         )
         Gauge(
             "genserve_kv_cache_usage_ratio",
@@ -110,13 +109,12 @@ class Metrics:
         Gauge(
             "genserve_kv_blocks_free", "Free blocks of the paged KV cache (0 with the slot cache)", registry=r
         ).set_function(lambda: engine.snapshot.kv_blocks_free)
-        pool = engine.scheduler.blocks
         Gauge("genserve_kv_blocks", "Blocks in the paged KV cache's pool (0 with the slot cache)", registry=r).set(
-            pool.num_blocks if pool is not None else 0
+            engine.snapshot.kv_blocks_total
         )
         model_info = Gauge("genserve_model_info", "The served model (value 1)", ["model"], registry=r)
-        model_info.labels(model=engine.loaded.name).set(1)
-        engine.on_step = self.record_step
+        model_info.labels(model=engine.description.model_name).set(1)
+        engine.on_step(self.record_step)
 
     def record_step(self, stats: StepStats) -> None:
         self.step_duration.labels(phase="prefill" if stats.num_prefilled else "decode").observe(stats.seconds)

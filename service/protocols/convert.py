@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from genserve.scheduler.core.params import GenerationParameters, ValidationError
-from genserve.scheduler.core.request import FinishReason, TokenLogprob
-from genserve.scheduler.features.constraints import Constraint
+from genserve.scheduler import Constraint, FinishReason, GenerationParameters, TokenLogprob, ValidationError
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 
 # Every optional scalar of the proto's GenerationParameters is the GenerationParameters field of the same name.

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from genserve.scheduler.core.params import ValidationError
-from genserve.scheduler.core.snapshot import LoadReport
-from genserve.scheduler.core.submission import DeadlineUnreachableError
-from genserve.scheduler.core.waiting_queue import QueueFullError
-from genserve.scheduler.streaming.async_engine import RequestFailedError
+from genserve.scheduler import DeadlineUnreachableError, LoadReport, QueueFullError, RequestFailedError, ValidationError
 from genserve.service.ops.load_report import RequestRates, Trailer, orca_trailer, retry_status
 from genserve.service.ops.metrics import Metrics
 from genserve.service.protocols.stream_store import StreamNotFoundError

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 
-from genserve.scheduler.core.params import ValidationError
-from genserve.scheduler.core.request import FinishReason
-from genserve.scheduler.streaming.async_engine import GenerationOutput
+from genserve.scheduler import FinishReason, GenerationOutput, ValidationError
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from genserve.service.proto_gen.inference import grpc_service_pb2 as kpb
 from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
 from genserve.service.protocols.errors import ModelNotFoundError
+from genserve.service.protocols.native import TextGenerationService
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MODEL_VERSION = "1"
@@ -141,7 +140,7 @@ def _scalar(field: FieldDescriptor, value: object) -> object:
 
 
 class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, native, model_name: str, version: str) -> None:  # noqa: ANN001 - TextGenerationService
+    def __init__(self, native: TextGenerationService, model_name: str, version: str) -> None:
         self.native = native
         self.model_name = model_name
         self.version = version

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from genserve.scheduler.streaming.async_engine import GenerationOutput
+from genserve.scheduler import GenerationOutput
 
 
 class StreamNotFoundError(LookupError):

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from genserve.scheduler.core.params import ValidationError
-from genserve.scheduler.core.request import FinishReason
-from genserve.scheduler.streaming.async_engine import GenerationOutput
+from genserve.scheduler import FinishReason, GenerationOutput, ValidationError
 from genserve.service.proto_gen.fmaas import generation_pb2 as tpb
 from genserve.service.proto_gen.fmaas import generation_pb2_grpc
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from genserve.service.protocols.native import TextGenerationService
 
 SERVICE_NAME = tpb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -87,7 +86,7 @@ def native_request(text: str, params: tpb.Parameters) -> pb.GenerateRequest:
 
 
 class TGISService(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, native) -> None:  # noqa: ANN001 - TextGenerationService
+    def __init__(self, native: TextGenerationService) -> None:
         self.native = native
 
     def _check(self, request: tpb.BatchedGenerationRequest | tpb.SingleGenerationRequest) -> None:
@@ -201,7 +200,7 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         return tpb.BatchedTokenizeResponse(responses=responses)
 
     async def ModelInfo(self, request: tpb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> object:
-        max_context = self.native.engine.engine.config.max_context
+        max_context = self.native.engine.description.max_context
         return tpb.ModelInfoResponse(
             model_kind=tpb.ModelInfoResponse.DECODER_ONLY,
             max_sequence_length=max_context,

@@ -8,15 +8,16 @@ Leaving the iterator early (client gone, task cancelled) cancels the request, wh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from genserve.scheduler.core.engine import Engine
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
-from genserve.scheduler.streaming.detokenizer import IncrementalDetokenizer
+from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
+from genserve.scheduler.engine.detokenizer import IncrementalDetokenizer
+from genserve.scheduler.engine.loop import Engine
 
 
 class RequestFailedError(RuntimeError):
@@ -36,11 +37,34 @@ class GenerationOutput:
 
 
 class AsyncEngine:
+    """The one object the front ends hold: requests in and streams out, and everything they may read of the
+    engine (parameters with the model's defaults, the model's description, load, the published snapshot)."""
+
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+        self._engine = engine
         self.tokenizer: PreTrainedTokenizerBase | None = engine.loaded.tokenizer
+        self.description = engine.describe()
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def make_parameters(self, prompt_length: int | None = None, **overrides: object) -> GenerationParameters:
+        """Parameters with the model's generation defaults under `overrides`, validated (ValidationError)."""
+        return self._engine.make_parameters(prompt_length, **overrides)
+
+    def load_report(self) -> LoadReport:
+        return self._engine.load_report()
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        return self._engine.snapshot
+
+    @property
+    def num_waiting(self) -> int:
+        return self._engine.num_waiting
+
+    def on_step(self, callback: Callable[[StepStats], None]) -> None:
+        """Call `callback` on the engine thread after each step (keep it cheap: it delays the next step)."""
+        self._engine.on_step = callback
 
     @property
     def num_streams(self) -> int:
@@ -50,11 +74,11 @@ class AsyncEngine:
     def start(self) -> None:
         """Bind to the running event loop and start the engine thread."""
         self._loop = asyncio.get_running_loop()
-        self.engine.on_events = self._from_engine_thread
-        self.engine.start()
+        self._engine.on_events = self._from_engine_thread
+        self._engine.start()
 
     def stop(self) -> None:
-        self.engine.stop()
+        self._engine.stop()
 
     def encode_text(self, text: str) -> list[int]:
         return self._require_tokenizer().encode(text)
@@ -76,8 +100,8 @@ class AsyncEngine:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         # Compiling a grammar can take a while on a cache miss: a worker thread does it, never the event loop.
         constraint = options.constraint
-        grammar = await asyncio.to_thread(self.engine.grammars.matcher, constraint) if constraint else None
-        seq = self.engine.submit(prompt_ids, params, options, grammar)
+        grammar = await asyncio.to_thread(self._engine.grammars.matcher, constraint) if constraint else None
+        seq = self._engine.submit(prompt_ids, params, options, grammar)
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0
@@ -99,7 +123,7 @@ class AsyncEngine:
                 finish_reason = event.finish_reason
                 if stop_string is not None:
                     finish_reason = FinishReason.STOP_STRING
-                    self.engine.cancel(seq.request_id, FinishReason.STOP_STRING)
+                    self._engine.cancel(seq.request_id, FinishReason.STOP_STRING)
                 elif finish_reason is not None and detokenizer is not None:
                     text += detokenizer.flush()
                 finished = finish_reason is not None
@@ -116,7 +140,7 @@ class AsyncEngine:
         finally:
             del self._queues[seq.request_id]
             if not finished:
-                self.engine.cancel(seq.request_id)
+                self._engine.cancel(seq.request_id)
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

@@ -16,12 +16,10 @@ from typing import TypeVar
 import torch
 
 from genserve.scheduler.core.request import Sequence
-from genserve.scheduler.features.logits_processing import (
-    LOGITS_FEATURES,
-    ClassifierFreeGuidance,
-    GrammarConstraint,
-    LogitsFeature,
-)
+from genserve.scheduler.features.generate_processors import ClassifierFreeGuidance
+from genserve.scheduler.features.logits_feature import LogitsFeature
+from genserve.scheduler.features.logits_processing import LOGITS_FEATURES
+from genserve.scheduler.features.request_processors import GrammarConstraint
 from genserve.scheduler.features.speculation import can_speculate
 from genserve.scheduler.features.warpers import SAMPLING_WARPERS, WarperRows
 

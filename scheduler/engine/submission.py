@@ -9,11 +9,11 @@ import time
 import uuid
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.kv_blocks import BlockPool
 from genserve.scheduler.core.load_estimator import LoadEstimator
 from genserve.scheduler.core.params import MAX_SPECULATIVE, GenerationParameters, ValidationError
 from genserve.scheduler.core.request import RequestOptions, Sequence
 from genserve.scheduler.features.plugins import PluginRegistry
-from genserve.scheduler.kv.blocks import BlockPool
 
 MAX_TOP_LOGPROBS = 20
 

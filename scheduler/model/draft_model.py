@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.logits_processing import process_later_positions
 from genserve.scheduler.features.speculation import Drafts
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass, prefill_pass
-from genserve.scheduler.model.batch_state import BatchState
 from genserve.scheduler.model.loader import LoadedModel
 
 

@@ -24,14 +24,15 @@ from genserve.scheduler.core.load_estimator import LoadEstimator
 from genserve.scheduler.core.params import GenerationParameters, model_generation_defaults
 from genserve.scheduler.core.request import FinishReason, RequestOptions, Sequence, TokenEvent
 from genserve.scheduler.core.scheduler import Scheduler
-from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
-from genserve.scheduler.core.step_plan import StepPlan
-from genserve.scheduler.core.submission import QueueState, Submission
+from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, ModelDescription, StepStats, TokenCounters
+from genserve.scheduler.core.step_plan import ModelOutput, StepPlan
+from genserve.scheduler.engine.submission import QueueState, Submission
 from genserve.scheduler.features.constraints import GrammarCompiler
-from genserve.scheduler.features.draft_model import check_assistant
 from genserve.scheduler.features.plugins import PluginRegistry
+from genserve.scheduler.model.draft_model import check_assistant
 from genserve.scheduler.model.loader import LoadedModel
-from genserve.scheduler.model.runner import ModelRunner, is_out_of_memory
+from genserve.scheduler.model.out_of_memory import is_out_of_memory
+from genserve.scheduler.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,23 @@ class Engine:
         self.scheduler.cancel(request_id, reason)
         self._wakeup.set()
 
+    def describe(self) -> ModelDescription:
+        config, blocks = self.config, self.scheduler.blocks
+        return ModelDescription(
+            model_name=self.loaded.name,
+            vocab_size=self.vocab_size,
+            max_running=config.max_running,
+            max_queue=config.max_queue,
+            max_context=config.max_context,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_tokens=blocks.capacity_tokens if blocks is not None else 0,
+            kv_block_size=blocks.block_size if blocks is not None else 0,
+            prefix_caching=self.runner.prefix_cache is not None,
+            assistant_model=self.assistant_name,
+            architecture=self.loaded.architecture,
+            attn_implementation=self.loaded.attn_implementation,
+        )
+
     def load_report(self) -> LoadReport:
         snapshot, num_waiting = self.snapshot, self.num_waiting
         return LoadReport(
@@ -134,38 +152,47 @@ class Engine:
     def step(self) -> bool:
         """One scheduling round and one model step; False when there was nothing to compute."""
         started = time.monotonic()
-        plan, events = self.scheduler.schedule(started)
+        plan, events = self.scheduler.schedule(started)  # schedule
         counters_before = self.runner.counters()
         try:
-            output = self.runner.execute(plan)
+            output = self.runner.execute(plan)  # execute
         except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
-            events += self._recover(plan, error)
-            self._publish(events)
+            self._publish(events + self._recover(plan, error))
             return True
         now = time.monotonic()
-        stepped, ended = self.scheduler.update(plan, output, now, self._deadline_margin())
-        self.runner.release(ended)
-        self._publish(events + stepped)
+        stepped, ended = self.scheduler.update(plan, output, now, self._deadline_margin())  # update
+        self.runner.release(ended)  # release
+        self._publish(events + stepped)  # publish
         if plan.has_work:
-            num_prefill_tokens = plan.num_batched_tokens - len(plan.decodes)
-            self.num_prefilled += len(plan.admitted)
-            self.estimator.record_step(now - started, num_prefill_tokens)
-            self.estimator.record_finished(len(ended), now)
-            waits = tuple((seq.options.priority, started - seq.arrival_time) for seq in plan.admitted)
-            counters = self.runner.counters() - counters_before
-            self.on_step(
-                StepStats(
-                    len(plan.admitted),
-                    len(output.results),
-                    now - started,
-                    waits,
-                    len(plan.preempted) - plan.num_preempted_for_kv,
-                    counters,
-                    num_prefill_tokens,
-                    plan.num_preempted_for_kv,
-                )
-            )
+            self._record(plan, output, ended, started, now, self.runner.counters() - counters_before)
         return plan.has_work
+
+    def _record(
+        self,
+        plan: StepPlan,
+        output: ModelOutput,
+        ended: list[Sequence],
+        started: float,
+        now: float,
+        counters: TokenCounters,
+    ) -> None:
+        """A computed step's figures: the load estimator's rates, and the statistics `on_step` hands on."""
+        num_prefill_tokens = plan.num_batched_tokens - len(plan.decodes)
+        self.num_prefilled += len(plan.admitted)
+        self.estimator.record_step(now - started, num_prefill_tokens)
+        self.estimator.record_finished(len(ended), now)
+        self.on_step(
+            StepStats(
+                num_prefilled=len(plan.admitted),
+                num_rows=len(output.results),
+                seconds=now - started,
+                queue_waits=tuple((seq.options.priority, started - seq.arrival_time) for seq in plan.admitted),
+                num_preempted=len(plan.preempted) - plan.num_preempted_for_kv,
+                tokens=counters,
+                num_prefill_tokens=num_prefill_tokens,
+                num_preempted_for_kv=plan.num_preempted_for_kv,
+            )
+        )
 
     def _recover(self, plan: StepPlan, error: Exception) -> list[TokenEvent]:
         if is_out_of_memory(error):

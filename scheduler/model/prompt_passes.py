@@ -1,0 +1,151 @@
+"""ModelRunner's prompt passes: the plan's prompt chunks computed into their requests' slots. Whole fresh prompts of
+similar lengths run together right-padded; other chunks run one by one after what their slot holds, from a twin
+prefilled this step or the prefix cache where they can. A mixin of ModelRunner: it works on the runner's cache,
+batch state and slots."""
+
+from __future__ import annotations
+
+import torch
+
+from genserve.scheduler.core.request import Sequence
+from genserve.scheduler.core.step_plan import PrefillChunk
+from genserve.scheduler.kv.slot_cache import prefill_pass
+from genserve.scheduler.model.out_of_memory import is_out_of_memory
+
+
+class PromptPasses:
+    def _prefill(self, chunks: tuple[PrefillChunk, ...], errors: dict[str, str]) -> torch.Tensor | None:
+        """Compute the plan's prompt chunks. Requests whose prompt is now complete join the decoding rows, in plan
+        order; returns the logits after each one's last token, in that order.
+
+        Whole fresh prompts of similar lengths run together, right-padded in one forward with the plain causal
+        kernel: a padded position comes after every real one, so causality hides it, and each real token runs
+        the computation `generate()` runs for it alone (tests compare the tokens). Chunks of longer prompts,
+        requests that continue a cached prefix, repeat a prompt of this step (n samples: KV copied) or bring a
+        guidance companion go one by one, each after the positions its slot already holds. A failure is
+        attributable: a failed group is retried one by one, and a request whose own prefill raises fails alone
+        (out of memory excepted, which the engine handles for the whole batch)."""
+        last_logits: dict[int, torch.Tensor] = {}  # id(request or companion) -> logits after its last token
+        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]] = {}
+        whole: dict[tuple[int, ...], PrefillChunk] = {}
+        one_by_one: list[PrefillChunk] = []
+        for chunk in chunks:
+            tokens = tuple(chunk.seq.prompt_ids + chunk.seq.generated_ids)
+            alone = chunk.seq.companion is not None or self.prefix_cache is not None or tokens in whole
+            if chunk.start == 0 and chunk.completes and not alone:
+                whole[tokens] = chunk
+            else:
+                one_by_one.append(chunk)
+        for group in _padding_groups(list(whole.values())):
+            if len(group) == 1:
+                one_by_one.insert(0, group[0])
+                continue
+            try:
+                last_logits.update(self._prefill_together(group, prefilled))
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise
+                self.release((chunk.seq for chunk in group), keep_blocks=True)
+                one_by_one[:0] = group  # retried alone, so that only the request at fault fails
+        for chunk in one_by_one:
+            try:
+                last_logits.update(self._prefill_chunk(chunk, prefilled))
+            except Exception as error:
+                if is_out_of_memory(error):
+                    raise
+                self.release([chunk.seq])
+                errors[chunk.seq.request_id] = f"{type(error).__name__}: {error}"
+        joined = []
+        for chunk in chunks:
+            if chunk.completes and chunk.seq.request_id not in errors:
+                for member in (chunk.seq, chunk.seq.companion):
+                    if member is not None:
+                        self._join(member)
+                        joined.append(last_logits[id(member)])
+        return torch.cat(joined) if joined else None
+
+    def _prefill_together(
+        self, group: list[PrefillChunk], prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Give each request of `group` a slot (consecutive) and prefill their whole prompts in one right-padded
+        forward."""
+        prompts = [chunk.seq.prompt_ids + chunk.seq.generated_ids for chunk in group]
+        lengths = [len(tokens) for tokens in prompts]
+        width = max(lengths)
+        slots = [self._add_prefilling(chunk.seq) for chunk in group]
+        padded = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, tokens in enumerate(prompts):
+            padded[row, : len(tokens)] = torch.tensor(tokens, device=self.device)
+        last = sorted({length - 1 for length in lengths})  # the positions whose logits anyone needs
+        keep = torch.tensor(last, device=self.device)
+        logits = prefill_pass(self.model, self.cache, slots[0], padded, logits_to_keep=keep)
+        result = {}
+        for row, (chunk, tokens) in enumerate(zip(group, prompts)):
+            result[id(chunk.seq)] = logits[row : row + 1, last.index(len(tokens) - 1)]
+            prefilled[tuple(tokens)] = (chunk.seq, result[id(chunk.seq)])
+        return result
+
+    def _prefill_chunk(
+        self, chunk: PrefillChunk, prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Compute one chunk in its request's slot (a first chunk takes a slot, and one for a guidance companion,
+        whose prompt is prefilled whole with its request's last chunk). The logits after the last token of each
+        member that completed."""
+        seq = chunk.seq
+        if chunk.start == 0:
+            for member in (seq, seq.companion):
+                if member is not None:
+                    self._add_prefilling(member)
+        logits = {}
+        computed = self._compute(seq, chunk.start, chunk.end, prefilled)
+        if computed is not None:
+            logits[id(seq)] = computed
+        if chunk.completes and seq.companion is not None:
+            logits[id(seq.companion)] = self._compute(seq.companion, 0, None, prefilled)
+        return logits
+
+    def _compute(
+        self,
+        seq: Sequence,
+        start: int,
+        end: int | None,
+        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]],
+    ) -> torch.Tensor | None:
+        """Fill positions [start, end) of `seq`'s slot (end None: to its last token) from a twin prefilled this
+        step, the prefix cache, or a forward after what the slot holds. The logits after its last token when the
+        slot now holds all of it."""
+        tokens = seq.prompt_ids + seq.generated_ids
+        end = len(tokens) if end is None else end
+        slot = self._slot(seq)
+        self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix or a twin is copied in
+        twin = prefilled.get(tuple(tokens)) if start == 0 and end == len(tokens) else None
+        if twin is not None:
+            self.cache.copy_prefix(self._slot(twin[0]), slot, len(tokens))
+            return twin[1]
+        cached = self.prefix_cache.load(tokens, slot) if self.prefix_cache is not None and start == 0 else 0
+        begin = max(start, cached)
+        if begin >= end:
+            return None  # the prefix cache held this whole chunk
+        input_ids = torch.tensor([tokens[begin:end]], device=self.device)
+        logits = prefill_pass(self.model, self.cache, slot, input_ids, offset=begin)[:, -1]
+        if end < len(tokens):
+            return None
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(tokens, slot)
+        prefilled[tuple(tokens)] = (seq, logits)
+        return logits
+
+
+def _padding_groups(chunks: list[PrefillChunk], max_padding: float = 0.25) -> list[list[PrefillChunk]]:
+    """Whole prompts sorted by length and cut into groups whose padding stays under `max_padding` of their
+    tokens."""
+    groups: list[list[PrefillChunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.num_tokens):
+        group = groups[-1] if groups else None
+        if group and chunk.num_tokens * (len(group) + 1) <= (1 + max_padding) * (
+            sum(c.num_tokens for c in group) + chunk.num_tokens
+        ):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups

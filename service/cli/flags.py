@@ -1,0 +1,216 @@
+"""The flags several `genserve` commands share (model, engine, features), each defaulting to a GENSERVE_* variable,
+and how they become an EngineConfig, a loaded model and an engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from genserve.scheduler import LINEAR_KERNELS, EngineConfig
+
+
+def env_default(name: str, default: str) -> str:
+    """Flags default to GENSERVE_* environment variables, so a container is configured without a command line."""
+    return os.environ.get(f"GENSERVE_{name.upper()}", default)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=env_default("model", "default"),
+        help="'default' (SmolLM2-135M-Instruct, bundled), a local Hugging Face model folder, or a .gguf file",
+    )
+    group.add_argument(
+        "--dtype",
+        default=env_default("dtype", "auto"),
+        help="auto (fp32 on CPU, bf16 on CUDA), float32, float16, bfloat16",
+    )
+    group.add_argument(
+        "--device", default=env_default("device", "auto"), help="auto (CUDA when present), cpu, cuda, cuda:N"
+    )
+    group.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        default=env_default("no_cuda_graphs", "") == "1",
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured per batch-size bucket",
+    )
+    group.add_argument(
+        "--linear-kernel",
+        default=env_default("linear_kernel", "auto"),
+        choices=LINEAR_KERNELS,
+        help="auto: on CPU, fp32 Linear layers multiply with weights prepacked once for oneDNN, q/k/v and gate/up "
+        "as one GEMM each (decode steps 1.3-1.4x faster than with aten's matmul on the README's machine; costs a "
+        "second copy of those weights); aten elsewhere",
+    )
+    group.add_argument(
+        "--attn-implementation",
+        default=env_default("attn_implementation", "auto"),
+        choices=["auto", "sdpa", "eager"],
+        help="auto: sdpa where the model supports it, eager where it needs it (e.g. Gemma 2's attention "
+        "soft-capping); the choice is logged and reported by ModelInfo",
+    )
+    group.add_argument(
+        "--load-format",
+        default=env_default("load_format", "auto"),
+        choices=["auto", "dummy"],
+        help="dummy: random weights from the model's config, for benchmarks where the weights can't go",
+    )
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine limits")
+    group.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=int(env_default("max_batch_size", "64")),
+        help="most rows decoded together",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=int(env_default("max_num_batched_tokens", str(EngineConfig.max_num_batched_tokens))),
+        help="tokens computed per engine step, shared by the decoding rows (one each) and prompt chunks: a longer "
+        "prompt is prefilled over several steps while the other streams keep going (must exceed --max-batch-size)",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env_default("max_queue", "1024")),
+        help="waiting requests before RESOURCE_EXHAUSTED",
+    )
+    group.add_argument(
+        "--max-context",
+        type=int,
+        default=int(env_default("max_context", "2048")),
+        help="prompt + new tokens per request",
+    )
+    group.add_argument(
+        "--kv-cache-memory",
+        type=memory_size,
+        default=memory_size(env_default("kv_cache_memory", "0")),
+        help="a paged KV cache of this size (e.g. 1GiB, 512MiB; or 0.9: that fraction of the device's free "
+        "memory): requests are admitted by the KV blocks they hold and preempted when blocks run out, so long "
+        "contexts and many rows share one budget. 0 (default): each row holds a slot of --max-context "
+        "positions, faster on CPU (README: KV memory)",
+    )
+    group.add_argument(
+        "--kv-admission-reserve",
+        type=float,
+        default=float(env_default("kv_admission_reserve", str(EngineConfig.kv_admission_reserve))),
+        help="paged cache: share of its blocks that admitting a request must leave free, for running rows to "
+        "grow into before any is preempted",
+    )
+    group.add_argument(
+        "--max-requests-per-client",
+        type=int,
+        default=int(env_default("max_requests_per_client", "0")),
+        help="in-flight requests per client (x-client-id metadata, else its address); 0: unlimited",
+    )
+
+
+_SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def memory_size(text: str) -> float:
+    """'1GiB', '512MiB', '2G', '1000000' (bytes), or a fraction <= 1 of the free device memory ('0.9')."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (1GiB, 512MiB) or a fraction (0.9)")
+    return float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine features")
+    group.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        default=env_default("enable_prefix_caching", "") == "1",
+        help="reuse the KV of prompt prefixes seen before (system prompts, few-shot examples); off by default "
+        "because reused keys shift logits by ~1e-5, so outputs may differ from generate() at near-ties",
+    )
+    group.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=int(env_default("prefix_cache_tokens", "16384")),
+        help="tokens of KV the prefix cache keeps (least recently used blocks are evicted)",
+    )
+    group.add_argument(
+        "--assistant-model",
+        default=env_default("assistant_model", "") or None,
+        help="a smaller model with the same tokenizer (HF folder or .gguf) for speculative decoding: it proposes, "
+        "the model verifies a batch of proposals per pass; greedy outputs stay identical",
+    )
+    group.add_argument(
+        "--num-assistant-tokens",
+        type=int,
+        default=int(env_default("num_assistant_tokens", "4")),
+        help="tokens the assistant proposes per step, unless a request sets its own (0 turns it off)",
+    )
+    group.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=int(env_default("speculative_max_batch_size", "16")),
+        help="speculate (prompt lookup, assistant) only in steps decoding at most this many rows: verifying "
+        "proposals costs compute, which a large batch no longer has spare (measured on CPU: 1.42x faster at "
+        "8 rows, 0.86x at 32)",
+    )
+
+
+def build_engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
+    """The engine, built (its start-up probe pass included) off the main thread: see scheduler/model/cpu_threads.py."""
+    from genserve.scheduler import Engine, PluginRegistry, in_passing_thread, load_model
+
+    def build() -> Engine:
+        assistant = None
+        if args.assistant_model:
+            assistant = load_model(args.assistant_model, **load_options(args))
+        return Engine(loaded, engine_config(args), plugins=plugins or PluginRegistry(), assistant=assistant)
+
+    return in_passing_thread(build)
+
+
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """The one EngineConfig of the flags that `args` has (commands take subsets of them), with `overrides`."""
+    flags = dict(
+        max_running=getattr(args, "max_batch_size", None),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+        max_queue=getattr(args, "max_queue", None),
+        max_context=getattr(args, "max_context", None),
+        prefix_cache_tokens=args.prefix_cache_tokens if getattr(args, "enable_prefix_caching", False) else None,
+        num_assistant_tokens=getattr(args, "num_assistant_tokens", None),
+        speculation_max_rows=getattr(args, "speculative_max_batch_size", None),
+        decode_mode="eager" if getattr(args, "no_cuda_graphs", False) else "auto",
+        linear_kernel=getattr(args, "linear_kernel", None),
+        kv_cache_memory=getattr(args, "kv_cache_memory", None),
+        kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
+    )
+    return EngineConfig(**{name: value for name, value in flags.items() if value is not None} | overrides)
+
+
+def load(args: argparse.Namespace):  # noqa: ANN202
+    """The model, loaded off the main thread: see scheduler/model/cpu_threads.py."""
+    from genserve.scheduler import in_passing_thread, load_model
+
+    return in_passing_thread(load_model, args.model, **load_options(args))
+
+
+def load_options(args: argparse.Namespace) -> dict[str, str]:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        load_format=args.load_format,
+        attn_implementation=args.attn_implementation,
+    )
+
+
+def int_range(text: str, flag: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    try:
+        pair = int(low), int(high or low)
+    except ValueError:
+        raise SystemExit(f"{flag} takes MIN,MAX (integers), got {text!r}") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise SystemExit(f"{flag} needs 0 <= MIN <= MAX, got {text!r}")
+    return pair
