@@ -236,28 +236,47 @@ def throughput_check(report: Report, sizes: Sizes, loaded: LoadedModel) -> None:
     run_check(report, "throughput against HF static batches and generate_batch", measure)
 
 
+DECODE_COLUMNS = (
+    ("model", "{model}"),
+    ("dtype", "{dtype}"),
+    ("mode", "{mode}"),
+    ("batch", "{batch_size}"),
+    ("context", "{context}"),
+    ("step", "{step_ms:.2f} ms"),
+    ("floor", "{floor_ms:.2f} ms"),
+    ("step / floor", "{step_over_floor:.2f}x"),
+    ("tokens/s", "{tokens_per_second:.0f}"),
+)
+THROUGHPUT_COLUMNS = (
+    ("system", "{system}"),
+    ("model", "{model}"),
+    ("dtype", "{dtype}"),
+    ("requests", "{requests}"),
+    ("tokens", "{tokens}"),
+    ("seconds", "{seconds:.2f}"),
+    ("tokens/s", "{tokens_per_second:.0f}"),
+    ("genserve speed-up", "{genserve_speedup:.2f}x"),
+)
+
+
+def table(rows: list[dict], columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """A Markdown table of `rows`, one column per (header, format of a row's fields); text left, figures right."""
+    if not rows:
+        return []
+    align = ["---" if spec in ("{model}", "{dtype}", "{mode}", "{system}") else "---:" for _, spec in columns]
+    lines = ["", "| " + " | ".join(header for header, _ in columns) + " |", "|" + "|".join(align) + "|"]
+    return lines + ["| " + " | ".join(spec.format(**row) for _, spec in columns) + " |" for row in rows]
+
+
 def markdown(report: Report) -> str:
     lines = [f"# genserve GPU check on {report.device}", ""]
     lines += [", ".join(f"{name} {version}" for name, version in report.versions.items()), ""]
     lines += ["| check | result | seconds | detail |", "|---|---|---:|---|"]
     lines += [f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {c.seconds:.1f} | {c.detail} |" for c in report.checks]
+    lines += table(report.decode_latency, DECODE_COLUMNS)
     if report.decode_latency:
-        lines += ["", "| model | dtype | mode | batch | context | step | floor | step / floor | tokens/s |"]
-        lines += ["|---|---|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [
-            f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['batch_size']} | {r['context']} | {r['step_ms']:.2f} ms "
-            f"| {r['floor_ms']:.2f} ms | {r['step_over_floor']:.2f}x | {r['tokens_per_second']:.0f} |"
-            for r in report.decode_latency
-        ]
         lines += [f"\ncopy bandwidth measured: {report.decode_latency[0]['bandwidth_gb_s']:.0f} GB/s"]
-    if report.throughput:
-        lines += ["", "| system | model | dtype | requests | tokens | seconds | tokens/s | genserve speed-up |"]
-        lines += ["|---|---|---|---:|---:|---:|---:|---:|"]
-        lines += [
-            f"| {r['system']} | {r['model']} | {r['dtype']} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} "
-            f"| {r['tokens_per_second']:.0f} | {r['genserve_speedup']:.2f}x |"
-            for r in report.throughput
-        ]
+    lines += table(report.throughput, THROUGHPUT_COLUMNS)
     lines += [""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
 

@@ -6,12 +6,14 @@ import asyncio
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.request import FinishReason, TokenEvent
 from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.features.plugins import PluginRegistry
 from genserve.scheduler.model.loader import LoadedModel
@@ -38,10 +40,27 @@ class ServerThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
         self._thread.start()
         self.call(self.server.start())
+        self._record_engine_events()
         self.target = f"127.0.0.1:{self.server.port}"
         # A TLS server's tests build their own secure channels.
         self.channel = grpc.insecure_channel(self.target) if options.tls is None else None
         self.stub = generate_pb2_grpc.TextGenerationStub(self.channel) if self.channel is not None else None
+
+    def _record_engine_events(self) -> None:
+        """What the engine itself emitted per request (tokens, finish reason), read on its way to the server: a
+        test sees how a request really ended, not only what its client was told."""
+        self.engine_tokens: Counter[str] = Counter()
+        self.engine_finishes: dict[str, FinishReason] = {}
+        forward = self.engine.on_events
+
+        def record(events: list[TokenEvent]) -> None:
+            for event in events:
+                self.engine_tokens[event.request_id] += len(event.token_ids)
+                if event.finish_reason is not None:
+                    self.engine_finishes[event.request_id] = event.finish_reason
+            forward(events)
+
+        self.engine.on_events = record
 
     def call(self, coroutine, timeout: float = 120.0):  # noqa: ANN001, ANN201 - any coroutine, its result
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -55,6 +74,12 @@ class ServerThread:
         self.call(self.server.drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+# Servers for lifecycle tests take requests this long: no machine generates them within a test's window (tens of
+# thousands of steps), so a request that ends early was ended by the behaviour under test.
+LONG_CONTEXT = 65536
+LONG_REQUEST_TOKENS = 60000
 
 
 def ids_request(prompt: list[int], request_id: str = "", **parameters: object) -> pb.GenerateRequest:

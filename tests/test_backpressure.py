@@ -17,7 +17,7 @@ from genserve.scheduler.core.request import FinishReason, RequestOptions
 from genserve.service.ops.load_report import APPLICATION_TRAILER_KEY
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import StepDriver
-from tests.serving import ServerThread, ids_request, wait_for
+from tests.serving import LONG_CONTEXT, LONG_REQUEST_TOKENS, ServerThread, ids_request, wait_for
 
 LONG = ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
 
@@ -45,11 +45,11 @@ def test_request_that_cannot_meet_its_deadline_is_refused_at_once_and_never_pref
         # As measured under a slow workload: rows free up at 0.5/s, so 3 rows' wait is ~6 s.
         monkeypatch.setattr(server.engine.estimator, "release_rate", lambda now=None: 0.5)
         prefilled_before = server.engine.num_prefilled
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as error:
             server.stub.Generate(ids_request([10, 11], max_new_tokens=5), timeout=2.0)
+        # The server's refusal (its message names the expected wait), not the client's own deadline expiring.
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "expected" in error.value.details() and time.monotonic() - started < 1.0
+        assert "expected" in error.value.details()
         assert server.engine.num_prefilled == prefilled_before and server.engine.num_waiting == 2
         long_call.cancel()
         for call in queued:
@@ -71,13 +71,13 @@ def test_expired_queued_request_is_dropped_without_prefill(tiny) -> None:
 
 
 def test_partial_results_at_the_deadline(tiny) -> None:
-    server = ServerThread(tiny, max_running=2)
+    server = ServerThread(tiny, max_running=2, max_context=LONG_CONTEXT)
     try:
-        request = ids_request([5, 6, 7], max_new_tokens=1900, ignore_eos=True)
+        request = ids_request([5, 6, 7], max_new_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
         request.partial_on_deadline = True
         response = server.stub.Generate(request, timeout=2.0)
         assert response.finish_reason == pb.TIME_LIMIT
-        assert 0 < response.usage.generated_tokens == len(response.token_ids) < 1900
+        assert 0 < response.usage.generated_tokens == len(response.token_ids) < LONG_REQUEST_TOKENS
         chunks = list(server.stub.GenerateStream(request, timeout=2.0))
         assert chunks[-1].finish_reason == pb.TIME_LIMIT and sum(len(c.token_ids) for c in chunks) > 0
         wait_for(lambda: server.engine.num_running == 0)

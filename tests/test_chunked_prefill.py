@@ -68,12 +68,30 @@ def test_cancel_mid_prefill_frees_its_row_and_preempted_rows_resume_chunked(tiny
     driver.engine.cancel("doomed")
     driver.engine.step()
     assert driver.engine.runner.num_slots == 1 and driver.engine.snapshot.num_prefilling == 0
-    # Two interactive requests need both rows: the batch row (26 tokens by now) yields and later prefills again
-    # in chunks, its generated tokens included.
+    # Two interactive requests need both rows: the batch row (26 tokens by now) yields, and once i0 is done it
+    # prefills again beside i1's decoding, in chunks of the step's budget, its generated tokens included.
+    plans = []
+    schedule = driver.engine.scheduler.schedule
+
+    def recording(now: float):  # noqa: ANN202 - the scheduler's own (plan, events)
+        plan, events = schedule(now)
+        plans.append(plan)
+        return plan, events
+
+    driver.engine.scheduler.schedule = recording
     driver.submit("i0", _prompt(8, 10), max_new_tokens=6)
-    driver.submit("i1", _prompt(7, 11), max_new_tokens=6)
+    driver.submit("i1", _prompt(7, 11), max_new_tokens=30)
     driver.run()
+    preempted = [i for i, plan in enumerate(plans) if any(seq.request_id == "batch" for seq in plan.preempted)]
+    assert len(preempted) == 1
+    chunks = [(c.start, c.end) for plan in plans[preempted[0] :] for c in plan.prefills if c.seq.request_id == "batch"]
+    assert len(chunks) >= 2 and chunks[0][0] == 0  # recomputed from its first token, over several steps
+    assert all(end == start for (_, end), (start, _) in zip(chunks, chunks[1:]))  # each chunk where the last ended
+    assert chunks[-1][1] >= 26  # its generated tokens recomputed too
+    assert driver.tokens["i1"] == hf_generate(
+        tiny.model, _prompt(7, 11), driver.engine.make_parameters(max_new_tokens=30)
+    )
     expected = hf_generate(tiny.model, _prompt(6, 8), driver.engine.make_parameters(max_new_tokens=40, ignore_eos=True))
     assert driver.tokens["batch"] == expected
-    assert driver.tokens["doomed"] == [] and len(driver.tokens["i0"]) == len(driver.tokens["i1"]) == 6
+    assert driver.tokens["doomed"] == [] and len(driver.tokens["i0"]) == 6
     assert driver.engine.runner.num_slots == 0 and driver.engine.runner.kv_usage_ratio() == 0.0

@@ -114,6 +114,7 @@ def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tm
     import json
     import re
 
+    from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
     from tests.serving import ServerThread
 
     server = ServerThread(tiny_with_tokenizer, max_running=4)
@@ -127,8 +128,21 @@ def test_generate_command_sends_constraints_and_guidance(tiny_with_tokenizer, tm
         assert isinstance(json.loads(capsys.readouterr().out)["ok"], bool)
         assert main(["generate", "hello", *target, "--choice", "yes", "--choice", "no", "--stream"]) == 0
         assert capsys.readouterr().out.strip() in {"yes", "no"}
+        # Guidance: the command's text is what the server gives that guided request, and guidance changed it.
         assert main(["generate", "hi", *target, "--guidance-scale", "2", "--negative-prompt", "x"]) == 0
-        assert main(["generate", "hi", *target, "--prompt-lookup", "3"]) == 0
+        guided = capsys.readouterr().out.removesuffix("\n")
+        parameters = pb.GenerationParameters(max_new_tokens=40, guidance_scale=2)
+        assert (
+            guided == server.stub.Generate(pb.GenerateRequest(text="hi", negative_text="x", parameters=parameters)).text
+        )
+        plain = pb.GenerateRequest(text="hi", parameters=pb.GenerationParameters(max_new_tokens=40))
+        assert guided != server.stub.Generate(plain).text
+        # Prompt lookup: proposals were made and verified (the prompt repeats itself), and greedy text is unchanged.
+        speculated = server.engine.runner.counters().speculated
+        assert main(["generate", "hello hello hello", *target, "--prompt-lookup", "3"]) == 0
+        assert server.engine.runner.counters().speculated > speculated
+        plain = pb.GenerateRequest(text="hello hello hello", parameters=pb.GenerationParameters(max_new_tokens=40))
+        assert capsys.readouterr().out.removesuffix("\n") == server.stub.Generate(plain).text
         assert main(["generate", "hi", *target, "--regex", "(("]) == 1
         assert "INVALID_ARGUMENT: regex" in capsys.readouterr().err
     finally:

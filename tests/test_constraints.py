@@ -173,12 +173,20 @@ def test_bad_constraints_are_invalid_argument_naming_the_field(server, constrain
     assert server.stub.Generate(ids_request([5, 6], max_new_tokens=3)).token_ids
 
 
-def test_compiled_grammars_are_cached(server) -> None:
+def test_compiled_grammars_are_cached(server, monkeypatch) -> None:
     compiler = server.engine.grammars
+    compiled = []
+    compile_once = compiler._compile
+    monkeypatch.setattr(
+        compiler, "_compile", lambda constraint: compiled.append(constraint) or compile_once(constraint)
+    )
     first = compiler.matcher(Constraint("regex", r"[0-9]{4}"))
     second = compiler.matcher(Constraint("regex", r"[0-9]{4}"))
+    assert compiled == [Constraint("regex", r"[0-9]{4}")]  # the second request found it compiled
     assert first is not second  # each request advances its own copy
-    assert Constraint("regex", r"[0-9]{4}") in compiler._cache
+    assert first.consume_tokens(compiler._llg_tokenizer().tokenize_str("12")) and not second.is_accepting()
+    compiler.matcher(Constraint("regex", r"[a-z]{2}"))
+    assert len(compiled) == 2
 
 
 def test_a_model_without_tokenizer_takes_only_allowed_token_ids(tiny) -> None:

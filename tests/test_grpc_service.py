@@ -13,14 +13,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from genserve.scheduler.core.request import FinishReason
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_EOS, TINY_VOCAB, hf_generate
-from tests.serving import ServerThread, ids_request, wait_for
+from tests.serving import LONG_CONTEXT, LONG_REQUEST_TOKENS, ServerThread, ids_request, wait_for
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    running = ServerThread(tiny, max_running=8, max_queue=64)
+    running = ServerThread(tiny, max_running=8, max_queue=64, max_context=LONG_CONTEXT)
     yield running
     running.close()
 
@@ -113,7 +114,7 @@ def test_bad_parameters_are_invalid_argument_naming_the_field(server, parameters
         (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[])), "input"),
         (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, TINY_VOCAB])), "input_ids"),
         (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, -1])), "input_ids"),
-        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5] * 3000)), "input"),
+        (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5] * (LONG_CONTEXT + 1))), "input"),  # past max_context
         (pb.GenerateRequest(text="hello"), "text"),  # the tiny model has no tokenizer
         (pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5]), truncate_prompt_tokens=0), "truncate_prompt_tokens"),
     ],
@@ -133,20 +134,26 @@ def test_truncate_prompt_tokens_keeps_the_end(server) -> None:
 
 
 def test_deadline_frees_the_row(server) -> None:
-    request = ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True)
+    request = ids_request([5, 6, 7], "deadline", max_new_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
     with pytest.raises(grpc.RpcError) as error:
         server.stub.Generate(request, timeout=0.5)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0)
+    assert wait_for(lambda: server.engine.num_running == 0 and server.engine.num_waiting == 0, timeout=60)
+    # The engine ended it, early: a request left to run would end LENGTH with all its tokens.
+    assert server.engine_finishes["deadline"] is FinishReason.CANCELLED
+    assert server.engine_tokens["deadline"] < LONG_REQUEST_TOKENS
 
 
 def test_client_cancel_frees_the_row(server) -> None:
-    stream = server.stub.GenerateStream(ids_request([5, 6, 7], max_new_tokens=1500, ignore_eos=True))
+    request = ids_request([5, 6, 7], "cancelled", max_new_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
+    stream = server.stub.GenerateStream(request)
     for _, _chunk in zip(range(5), stream):
         pass
     assert server.engine.num_running == 1
     stream.cancel()
-    assert wait_for(lambda: server.engine.num_running == 0)
+    assert wait_for(lambda: server.engine.num_running == 0, timeout=60)
+    assert server.engine_finishes["cancelled"] is FinishReason.CANCELLED
+    assert 5 <= server.engine_tokens["cancelled"] < LONG_REQUEST_TOKENS
 
 
 def test_full_queue_is_resource_exhausted_and_others_finish(tiny) -> None:
@@ -178,6 +185,10 @@ def test_health_serving_then_not_serving_on_drain(tiny) -> None:
     with pytest.raises(grpc.RpcError) as error:
         draining.stub.Generate(ids_request([5, 6], max_new_tokens=2))
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    # What Kubernetes' gRPC probe and Envoy's health checks read: the server as a whole and each service.
+    for name in ("", "genserve.v1.TextGeneration"):
+        status = health_stub.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING, name
     rest = list(stream)  # the in-flight stream runs to completion
     assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 300
     assert rest[-1].finish_reason == pb.LENGTH

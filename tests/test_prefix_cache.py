@@ -34,14 +34,20 @@ def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None
 
 
 def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
-    cached = StepDriver(tiny, prefix_cache_tokens=32, max_running=3)
-    plain = StepDriver(tiny, max_running=3)
+    """Six different 40-token prompts (two full blocks each) pass through a pool of two blocks, then the first
+    prompt comes again: its blocks were evicted, so it finds nothing; a roomy pool serves it both blocks."""
     schedule = {i: [(f"p{i}", [(7 * i + j) % 300 + 3 for j in range(40)], dict(max_new_tokens=6))] for i in range(6)}
     schedule[8] = [("again", schedule[0][0][1], dict(max_new_tokens=6))]
-    cached.run(dict(schedule))
-    plain.run(dict(schedule))
-    assert cached.tokens == plain.tokens
-    assert cached.engine.runner.prefix_cache.num_blocks == 2
+    tiny_pool = StepDriver(tiny, prefix_cache_tokens=32, max_running=3)
+    roomy = StepDriver(tiny, prefix_cache_tokens=1024, max_running=3)
+    plain = StepDriver(tiny, max_running=3)
+    for driver in (tiny_pool, roomy, plain):
+        driver.run(dict(schedule))
+    assert tiny_pool.tokens == plain.tokens == roomy.tokens
+    assert tiny_pool.engine.runner.prefix_cache.evicted_blocks >= 10  # 12 distinct blocks through 2 places
+    assert tiny_pool.engine.runner.counters().prefix_hits == 0
+    assert roomy.engine.runner.prefix_cache.evicted_blocks == 0
+    assert roomy.engine.runner.counters().prefix_hits == 32  # "again" found its two blocks
 
 
 def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:

@@ -10,8 +10,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -59,11 +59,9 @@ def _closed_loop(target: str, replicas: list[ServerThread], options: list | None
             stub.Generate(ids_request([5 + index, 6, 7, 8], max_new_tokens=16, ignore_eos=True), timeout=60)
             latencies.append(time.monotonic() - started)
 
-    threads = [threading.Thread(target=client, args=(index,)) for index in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for done in [pool.submit(client, index) for index in range(CLIENTS)]:
+            done.result()  # a client's failure fails the test
     channel.close()
     shares = [server.engine.num_prefilled - start for server, start in zip(replicas, before)]
     latencies.sort()

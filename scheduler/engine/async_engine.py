@@ -58,10 +58,6 @@ class AsyncEngine:
     def snapshot(self) -> EngineSnapshot:
         return self._engine.snapshot
 
-    @property
-    def num_waiting(self) -> int:
-        return self._engine.num_waiting
-
     def on_step(self, callback: Callable[[StepStats], None]) -> None:
         """Call `callback` on the engine thread after each step (keep it cheap: it delays the next step)."""
         self._engine.on_step = callback

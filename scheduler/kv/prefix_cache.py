@@ -33,6 +33,7 @@ class PrefixCache:
         self._free = list(range(self.num_blocks))
         self.queried_tokens = 0  # prompt tokens looked up
         self.hit_tokens = 0  # of which served from the cache
+        self.evicted_blocks = 0  # blocks dropped, least recently used first, to make room
 
     def _chain(self, tokens: list[int]) -> list[bytes]:
         """The chained hash of each full block of `tokens`."""
@@ -72,7 +73,11 @@ class PrefixCache:
             if digest in self._blocks:
                 self._blocks.move_to_end(digest)
                 continue
-            index = self._free.pop() if self._free else self._blocks.popitem(last=False)[1]
+            if self._free:
+                index = self._free.pop()
+            else:
+                index = self._blocks.popitem(last=False)[1]
+                self.evicted_blocks += 1
             self._blocks[digest] = index
             numbers.append(number)
             indexes.append(index)

@@ -97,7 +97,9 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Gauge("genserve_batch_size", "Rows in the last engine step", registry=r)
-        Gauge("genserve_queue_size", "Requests waiting for a row", registry=r).set_function(lambda: engine.num_waiting)
+        Gauge("genserve_queue_size", "Requests waiting for a row", registry=r).set_function(
+            lambda: engine.load_report().queue_size
+        )
         Gauge("genserve_running_requests", "Requests holding a row", registry=r).set_function(
             lambda: engine.snapshot.num_running
         )
