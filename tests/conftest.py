@@ -12,27 +12,17 @@ from genserve.scheduler.core.params import GenerationParameters
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent
 from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.loader import LoadedModel, load_model
+from tests.architectures import COMMON, EOS, VOCAB
 
-TINY_VOCAB = 320
-TINY_EOS = 2
+TINY_VOCAB = VOCAB
+TINY_EOS = EOS
 
 
 def tiny_model(seed: int = 0, max_position_embeddings: int = 1024) -> LlamaForCausalLM:
+    """The parity suite's Llama shape, with HF's default initializer range (0.02)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings,
-        eos_token_id=TINY_EOS,
-        pad_token_id=0,
-        bos_token_id=1,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    shape = COMMON | dict(max_position_embeddings=max_position_embeddings, initializer_range=0.02)
+    return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa")).eval()
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -24,23 +24,8 @@ def _metrics(port: int) -> dict[tuple[str, tuple], float]:
 def test_loadtest_report_matches_server_metrics(tiny, tmp_path: Path) -> None:
     server = ServerThread(tiny, max_running=4, metrics=True)
     try:
-        code = main(
-            [
-                "loadtest",
-                "--target",
-                server.target,
-                "--num-requests",
-                "24",
-                "--rates",
-                "20,60",
-                "--prompt-mode",
-                "ids",
-                "--max-new-tokens",
-                "4,12",
-                "--output",
-                str(tmp_path),
-            ]
-        )
+        workload = "--num-requests 24 --rates 20,60 --prompt-mode ids --max-new-tokens 4,12".split()
+        code = main(["loadtest", "--target", server.target, *workload, "--output", str(tmp_path)])
         metrics = _metrics(server.server.metrics_port)
     finally:
         server.close()

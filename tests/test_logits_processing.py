@@ -14,6 +14,7 @@ from genserve.scheduler.features.generate_processors import NoRepeatNgram
 from genserve.scheduler.features.logits_feature import LogitsStep
 from genserve.scheduler.features.logits_processing import process_logits
 from genserve.scheduler.features.warpers import warp_for_sampling
+from tests.architectures import COMMON
 
 VOCAB = 97
 ROW_PARAMETERS = [
@@ -35,16 +36,7 @@ ROW_PARAMETERS = [
 
 
 def _hf_processors(params: GenerationParameters, prompt_length: int):
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=8,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-        )
-    )
+    model = LlamaForCausalLM(LlamaConfig(**COMMON | dict(vocab_size=VOCAB)))  # only its processors are used
     config = GenerationConfig(
         do_sample=params.is_sampling,
         temperature=params.temperature,

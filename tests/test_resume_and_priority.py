@@ -124,23 +124,16 @@ def test_interactive_request_preempts_a_batch_row_which_resumes_without_loss(tin
 def test_loadtest_reports_interactive_ttft_better_with_priorities(tiny, tmp_path: Path) -> None:
     server = ServerThread(tiny, max_running=2, max_queue=256)
     try:
+        # 90% batch requests in one burst; long enough that queueing on the server, not the client's sending,
+        # decides TTFT.
+        workload = "--num-requests 40 --arrival burst --batch-fraction 0.9 --prompt-mode ids --max-new-tokens 80,120"
         code = main(
             [
                 "loadtest",
                 "--target",
                 server.target,
-                "--num-requests",
-                "40",
-                "--arrival",
-                "burst",
-                "--batch-fraction",
-                "0.9",
+                *workload.split(),
                 "--compare-priorities",
-                "--prompt-mode",
-                "ids",
-                # Long enough that queueing on the server, not the client's sending, decides TTFT.
-                "--max-new-tokens",
-                "80,120",
                 "--output",
                 str(tmp_path),
             ]
