@@ -11,7 +11,7 @@ so the client commands (`genserve generate`, `chat`, `loadtest`) start without i
   `ModelDescription`, `EngineSnapshot`, `LoadReport`, `StepStats`.
 - Errors a request can meet: `ValidationError` (names the field), `QueueFullError`, `DeadlineUnreachableError`,
   `RequestFailedError`; at start-up `UnsupportedModelError`.
-- Start-up: `load_model`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `PluginRegistry`,
+- Start-up: `load_model`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `resolve_device`, `PluginRegistry`,
   `parse_registrations`, `in_passing_thread`, `resolve_linear_kernel`, `onednn_applies`.
 """
 
@@ -37,6 +37,7 @@ _ON_FIRST_USE = {
     "LoadedModel": "genserve.scheduler.model.loader",
     "DEFAULT_MODEL": "genserve.scheduler.model.loader",
     "default_gguf_path": "genserve.scheduler.model.loader",
+    "resolve_device": "genserve.scheduler.model.loader",
     "PluginRegistry": "genserve.scheduler.features.plugins",
     "parse_registrations": "genserve.scheduler.features.plugins",
     "in_passing_thread": "genserve.scheduler.model.cpu_threads",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from genserve.service.cli.flags import engine_config, memory_size
+from genserve.service.cli.flags import AUTO_KV_CACHE_MEMORY, engine_config, memory_size
 from genserve.service.cli.main import build_parser, main
 from tests.conftest import byte_tokenizer, tiny_model
 
@@ -90,6 +90,15 @@ def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:
     assert [row[1].strip() for row in rows] == ["chunked, 48 tokens/step", "whole prompt in one step"]
     assert all(row[-2].strip() == "yes" for row in rows)  # the long prompt's tokens equal generate()'s
     assert all(float(row[3]) > 0 for row in rows)  # the gap as a fraction of the idle prefill (timing: no bound)
+
+
+def test_serve_defaults_to_a_paged_cache_sized_for_the_device() -> None:
+    parser = build_parser()
+    auto = engine_config(parser.parse_args(["serve", "--device", "cpu"]))
+    assert auto.paged and auto.kv_cache_memory == AUTO_KV_CACHE_MEMORY["cpu"] == 4 * 2**30
+    assert engine_config(parser.parse_args(["serve", "--device", "cuda"])).kv_cache_memory == 0.9
+    assert not engine_config(parser.parse_args(["serve", "--kv-cache-memory", "0"])).paged  # a slot per row
+    assert engine_config(parser.parse_args(["serve", "--kv-cache-memory", "1GiB"])).kv_cache_memory == 2**30
 
 
 def test_bench_kv_capacity_table_and_memory_sizes(tmp_path: Path, capsys) -> None:

@@ -19,6 +19,7 @@ gather, since a graph cannot choose).
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from genserve.scheduler.kv.attention_masks import AttentionLayout
 from genserve.scheduler.kv.slot_cache import SlotKVCache
 
+log = logging.getLogger(__name__)
 BLOCK_SIZE = 16  # positions per block (vLLM's default)
 
 
@@ -77,6 +79,13 @@ class PagedKVCache(SlotKVCache):
         if num_blocks < 1:
             raise ValueError(f"--kv-cache-memory {memory_bytes} bytes holds no block of {BLOCK_SIZE} positions")
         shapes = [probe.layer_shapes(layer) for layer in range(probe.num_layers)]
+        log.info(
+            "paged KV cache: %d blocks of %d positions (%d tokens) in %.2f GiB",
+            num_blocks,
+            BLOCK_SIZE,
+            num_blocks * BLOCK_SIZE,
+            memory_bytes / 2**30,
+        )
         return cls(probe.layout, max_rows, max_context, probe.dtype, probe.device, shapes, num_blocks, spare_positions)
 
     def ensure_capacity(self, num_positions: int) -> None:

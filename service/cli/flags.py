@@ -88,12 +88,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-cache-memory",
-        type=memory_size,
-        default=memory_size(env_default("kv_cache_memory", "0")),
-        help="a paged KV cache of this size (e.g. 1GiB, 512MiB; or 0.9: that fraction of the device's free "
-        "memory): requests are admitted by the KV blocks they hold and preempted when blocks run out, so long "
-        "contexts and many rows share one budget. 0 (default): each row holds a slot of --max-context "
-        "positions, faster on CPU (README: KV memory)",
+        type=kv_cache_memory,
+        default=kv_cache_memory(env_default("kv_cache_memory", "auto")),
+        help="the paged KV cache's size (e.g. 1GiB, 512MiB; or 0.9: that fraction of the device's free memory): "
+        "requests are admitted by the KV blocks they hold and preempted when blocks run out, so long contexts "
+        "and many rows share one budget. auto (default): 0.9 of the free memory on a GPU, 4GiB on a CPU. "
+        "0: no pool, each row holds a slot of --max-context positions (README: KV memory)",
     )
     group.add_argument(
         "--kv-admission-reserve",
@@ -110,6 +110,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# --kv-cache-memory auto, by device type: most of a GPU's free memory once the weights are loaded (as vLLM's
+# gpu_memory_utilization), and on a CPU a fixed budget that leaves a 24 GiB machine most of its memory (as vLLM's
+# VLLM_CPU_KVCACHE_SPACE, 4 GiB by default).
+AUTO_KV_CACHE_MEMORY = {"cuda": 0.9, "cpu": 4 * 2**30}
 _SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -119,6 +123,11 @@ def memory_size(text: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (1GiB, 512MiB) or a fraction (0.9)")
     return float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""]
+
+
+def kv_cache_memory(text: str) -> float | str:
+    """'auto' (resolved for the device by `engine_config`), or a size or fraction as `memory_size` reads it."""
+    return "auto" if text.strip().lower() == "auto" else memory_size(text)
 
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,10 +192,19 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         speculation_max_rows=getattr(args, "speculative_max_batch_size", None),
         decode_mode="eager" if getattr(args, "no_cuda_graphs", False) else "auto",
         linear_kernel=getattr(args, "linear_kernel", None),
-        kv_cache_memory=getattr(args, "kv_cache_memory", None),
+        kv_cache_memory=_resolve_kv_cache_memory(args),
         kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
     )
     return EngineConfig(**{name: value for name, value in flags.items() if value is not None} | overrides)
+
+
+def _resolve_kv_cache_memory(args: argparse.Namespace) -> float | None:
+    setting = getattr(args, "kv_cache_memory", None)
+    if setting != "auto":
+        return setting
+    from genserve.scheduler import resolve_device
+
+    return AUTO_KV_CACHE_MEMORY[resolve_device(args.device).type]
 
 
 def load(args: argparse.Namespace):  # noqa: ANN202
