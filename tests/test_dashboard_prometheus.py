@@ -56,7 +56,8 @@ def test_every_dashboard_query_returns_data(tiny, tmp_path: Path) -> None:
     queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert len(queries) >= 10 and all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
 
-    server = ServerThread(tiny, max_running=4, metrics=True)
+    # With prefix caching on, so that its hit-rate query has prompt tokens to divide by.
+    server = ServerThread(tiny, max_running=4, metrics=True, prefix_cache_tokens=256)
     prometheus_port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

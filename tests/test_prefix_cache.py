@@ -61,9 +61,9 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
             assert list(future.result(timeout=60).token_ids) == hf_generate(tiny.model, prompt, params)
         values = scrape(server)
         assert server.stub.ModelInfo(pb.ModelInfoRequest()).prefix_caching
-        assert values["genserve_prefix_cache_hit_tokens_total"] == 2 * len(SYSTEM)
+        assert values["genserve_prefix_cache_hits_total"] == 2 * len(SYSTEM)
         # The warm-up request is looked up too.
-        assert values["genserve_prefix_cache_queried_tokens_total"] >= 3 * (len(SYSTEM) + 1) + 3
+        assert values["genserve_prefix_cache_queries_total"] >= 3 * (len(SYSTEM) + 1) + 3
     finally:
         server.close()
 

@@ -68,10 +68,21 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
         "Prefix cache and speculation tokens / s",
         "short",
         [
-            (f"sum(rate(genserve_prefix_cache_queried_tokens_total{RATE}))", "prompt tokens looked up"),
-            (f"sum(rate(genserve_prefix_cache_hit_tokens_total{RATE}))", "prompt tokens from the cache"),
+            (f"sum(rate(genserve_prefix_cache_queries_total{RATE}))", "prompt tokens looked up"),
+            (f"sum(rate(genserve_prefix_cache_hits_total{RATE}))", "prompt tokens from the cache"),
             (f"sum(rate(genserve_speculative_proposed_tokens_total{RATE}))", "speculated"),
             (f"sum(rate(genserve_speculative_accepted_tokens_total{RATE}))", "accepted"),
+        ],
+    ),
+    (
+        "Prefix cache hit rate (prompt tokens)",
+        "percentunit",
+        [
+            (
+                f"sum(rate(genserve_prefix_cache_hits_total{RATE}))"
+                f" / sum(rate(genserve_prefix_cache_queries_total{RATE}))",
+                "hits / queries",
+            )
         ],
     ),
     ("Model", "short", [("max by (model) (genserve_model_info)", "{{model}}")]),

@@ -60,10 +60,10 @@ class Metrics:
         for cause in ("priority", "kv_cache"):  # both series exist from the start, at 0
             self.preemptions.labels(cause=cause)
         self.prefix_cache_queried = Counter(
-            "genserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+            "genserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's name)", registry=r
         )
         self.prefix_cache_hits = Counter(
-            "genserve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", registry=r
+            "genserve_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache (vLLM's name)", registry=r
         )
         self.speculated = Counter(
             "genserve_speculative_proposed_tokens", "Tokens proposed by speculative decoding and verified", registry=r
