@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from genserve.scheduler.core.config import EngineConfig
 from genserve.scheduler.core.request import Priority
 
 
@@ -58,13 +59,9 @@ class ModelDescription:
 
     model_name: str
     vocab_size: int
-    max_running: int
-    max_queue: int
-    max_context: int
-    max_num_batched_tokens: int
+    config: EngineConfig  # the limits: rows, queue, context, tokens per step, prefix caching
     kv_cache_tokens: int  # paged cache: positions the pool holds; 0 with the slot cache
     kv_block_size: int  # paged cache: positions per block; 0 with the slot cache
-    prefix_caching: bool
     assistant_model: str  # the draft model's name, "" without one
     architecture: str  # the transformers class served
     attn_implementation: str

@@ -103,17 +103,13 @@ class Engine:
         self._wakeup.set()
 
     def describe(self) -> ModelDescription:
-        config, blocks = self.config, self.scheduler.blocks
+        blocks = self.scheduler.blocks
         return ModelDescription(
             model_name=self.loaded.name,
             vocab_size=self.vocab_size,
-            max_running=config.max_running,
-            max_queue=config.max_queue,
-            max_context=config.max_context,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            config=self.config,
             kv_cache_tokens=blocks.capacity_tokens if blocks is not None else 0,
             kv_block_size=blocks.block_size if blocks is not None else 0,
-            prefix_caching=self.runner.prefix_cache is not None,
             assistant_model=self.assistant_name,
             architecture=self.loaded.architecture,
             attn_implementation=self.loaded.attn_implementation,

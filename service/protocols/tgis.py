@@ -200,7 +200,7 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         return tpb.BatchedTokenizeResponse(responses=responses)
 
     async def ModelInfo(self, request: tpb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> object:
-        max_context = self.native.engine.description.max_context
+        max_context = self.native.engine.description.config.max_context
         return tpb.ModelInfoResponse(
             model_kind=tpb.ModelInfoResponse.DECODER_ONLY,
             max_sequence_length=max_context,
