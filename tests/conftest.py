@@ -102,8 +102,10 @@ class StepDriver:
                 self.errors[event.request_id] = event.error
 
     def submit(self, request_id: str, prompt: list[int], **overrides: object) -> GenerationParameters:
+        """`overrides`: generation parameters, and `options`, a dict of RequestOptions fields."""
+        options = dict(overrides.pop("options", {}))
         params = self.engine.make_parameters(**overrides)
-        self.engine.submit(prompt, params, RequestOptions(request_id=request_id))
+        self.engine.submit(prompt, params, RequestOptions(request_id=request_id, **options))
         return params
 
     def run(

@@ -42,7 +42,7 @@ def test_long_prompts_are_chunked_between_decode_steps_and_equal_generate(tiny) 
 
 def test_chunked_prefill_with_guidance_prefix_cache_and_twins(tiny) -> None:
     prompt = _prompt(70, 7)
-    cached = StepDriver(tiny, max_running=8, max_num_batched_tokens=20, prefix_cache_tokens=256)
+    cached = StepDriver(tiny, max_running=8, max_num_batched_tokens=20, kv_cache_memory=2**20, prefix_caching=True)
     cached.run(
         {
             0: [("guided", prompt, dict(max_new_tokens=15, guidance_scale=1.5))],

@@ -57,7 +57,7 @@ def test_every_dashboard_query_returns_data(tiny, tmp_path: Path) -> None:
     assert len(queries) >= 10 and all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
 
     # With prefix caching on, so that its hit-rate query has prompt tokens to divide by.
-    server = ServerThread(tiny, max_running=4, metrics=True, prefix_cache_tokens=256)
+    server = ServerThread(tiny, max_running=4, metrics=True, kv_cache_memory=2**20, prefix_caching=True)
     prometheus_port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

@@ -11,7 +11,7 @@ from genserve.scheduler.core.request import FinishReason
 from genserve.scheduler.engine.async_engine import AsyncEngine, GenerationOutput
 from genserve.scheduler.engine.detokenizer import IncrementalDetokenizer
 from genserve.scheduler.engine.loop import Engine
-from tests.conftest import hf_generate
+from tests.conftest import StepDriver, hf_generate
 
 pytestmark = pytest.mark.default_model
 
@@ -160,3 +160,38 @@ def test_a_12000_token_prompt_decodes_beside_short_ones_in_a_1gib_paged_cache(de
         assert driver.tokens[name] == hf_generate(
             default_model.model, ids, driver.engine.make_parameters(max_new_tokens=budget)
         ), name
+
+
+def test_a_shared_system_prompt_is_computed_once_and_every_answer_equals_generate(default_model) -> None:
+    """`genserve serve`'s KV defaults (a paged pool of the CPU default size, prefix caching on): a ~700-token system
+    prompt, then eight different questions at once. The first computes the prompt; the others reference its
+    blocks, so the pool holds it once; each greedy answer equals generate() alone; another salt finds nothing."""
+    from genserve.scheduler.benchmarks.features import _INSTRUCTIONS
+    from genserve.service.cli.flags import AUTO_KV_CACHE_MEMORY
+
+    system = _INSTRUCTIONS * 3
+    prompts = []
+    for question in [*QUESTIONS, "What is the tallest mountain on Earth?"]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        prompts.append(
+            list(default_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+        )
+    shared = next(i for i in range(min(map(len, prompts))) if len({prompt[i] for prompt in prompts}) > 1)
+    assert 650 <= shared <= 800
+    driver = StepDriver(default_model, max_running=8, kv_cache_memory=AUTO_KV_CACHE_MEMORY["cpu"], prefix_caching=True)
+    for i, prompt in enumerate(prompts):
+        driver.submit(f"q{i}", prompt, max_new_tokens=16)
+    pool, scheduler = driver.engine.scheduler.blocks, driver.engine.scheduler
+    shared_blocks = shared // pool.block_size
+    copies_at_peak = None
+    while driver.engine.step():
+        if len(scheduler.running) == 8 and copies_at_peak is None:
+            copies_at_peak = {tuple(pool.table(seq)[:shared_blocks]) for seq in scheduler.running}
+    assert copies_at_peak is not None and len(copies_at_peak) == 1  # the prefix's blocks, once
+    assert driver.engine.runner.counters().prefix_hits >= 0.8 * 8 * shared
+    params = driver.engine.make_parameters(max_new_tokens=16)
+    for i, prompt in enumerate(prompts):
+        assert driver.tokens[f"q{i}"] == hf_generate(default_model.model, prompt, params), f"q{i}"
+    before = driver.engine.runner.counters().prefix_hits
+    driver.run({0: [("other-tenant", prompts[0], dict(max_new_tokens=4, options=dict(cache_salt="tenant-b")))]})
+    assert driver.engine.runner.counters().prefix_hits == before

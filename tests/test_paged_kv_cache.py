@@ -143,8 +143,9 @@ def test_a_long_prompt_is_served_next_to_short_ones_in_a_budget_no_slot_could_ho
 
 @pytest.mark.parametrize("decode_mode", ["eager", "static"])
 def test_paged_tokens_equal_slot_tokens_with_guidance_speculation_and_prefix_cache(tiny, decode_mode: str) -> None:
-    """Every feature that touches the cache (guidance companions, speculative writes, prefix-cache copies,
-    twins, the static decode buckets of CUDA graphs) gives the slot cache's tokens on the paged one."""
+    """Every feature that touches the cache (guidance companions, speculative writes, shared prefix blocks, twins
+    sharing their prompt, the static decode buckets of CUDA graphs) gives the slot cache's tokens on the paged
+    one."""
     prompts = _prompts(8, seed=11)
     shared = prompts[0] * 3
     schedule: dict[int, list] = {}
@@ -160,7 +161,7 @@ def test_paged_tokens_equal_slot_tokens_with_guidance_speculation_and_prefix_cac
     outputs = []
     for memory in (0, 200 * BLOCK_BYTES):  # room for all: preemption (and recomputing) is tested above
         driver = StepDriver(
-            tiny, max_running=6, decode_mode=decode_mode, kv_cache_memory=memory, prefix_cache_tokens=256
+            tiny, max_running=6, decode_mode=decode_mode, kv_cache_memory=memory, prefix_caching=bool(memory)
         )
         driver.run(dict(schedule))
         assert not driver.errors

@@ -1,12 +1,24 @@
-"""Prefix caching: requests sharing a prompt prefix reuse its KV, and their outputs equal uncached ones."""
+"""Prefix caching on the paged cache: requests sharing a prompt prefix reference its KV blocks instead of computing
+them again, and their outputs equal generate() on each request alone."""
 
 from __future__ import annotations
 
+import random
+
+import grpc
+import pytest
+
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
-from tests.conftest import StepDriver, hf_generate
+from tests.conftest import TINY_VOCAB, StepDriver, hf_generate
 from tests.serving import ServerThread, ids_request, scrape
 
 SYSTEM = list(range(100, 148))  # a 48-token shared prefix: three 16-token blocks
+BLOCK_BYTES = 16 * 2 * 2 * 2 * 16 * 4  # positions x layers x (keys, values) x kv heads x head_dim x fp32
+POOL = 201 * BLOCK_BYTES  # 200 blocks (one more is scratch)
+
+
+def _cached_driver(tiny, blocks: int = 200, **config: object) -> StepDriver:  # noqa: ANN001
+    return StepDriver(tiny, kv_cache_memory=(blocks + 1) * BLOCK_BYTES, prefix_caching=True, **config)
 
 
 def _requests(count: int) -> dict[int, list[tuple[str, list[int], dict]]]:
@@ -21,7 +33,7 @@ def _requests(count: int) -> dict[int, list[tuple[str, list[int], dict]]]:
 
 
 def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None:
-    cached = StepDriver(tiny, prefix_cache_tokens=256, max_running=4)
+    cached = _cached_driver(tiny, max_running=4)
     plain = StepDriver(tiny, max_running=4)
     cached.run(_requests(8))
     plain.run(_requests(8))
@@ -33,25 +45,104 @@ def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None
     assert cached.tokens["r0"] == hf_generate(tiny.model, SYSTEM + [10, 20, 7], params)
 
 
-def test_a_tiny_pool_evicts_and_stays_correct(tiny) -> None:
-    """Six different 40-token prompts (two full blocks each) pass through a pool of two blocks, then the first
-    prompt comes again: its blocks were evicted, so it finds nothing; a roomy pool serves it both blocks."""
+def test_requests_arriving_together_share_the_prefix_one_of_them_computes(tiny) -> None:
+    """Eight questions after one system prompt, all submitted at once: the first computes the prefix, the others
+    wait one step and reference its blocks; at the peak the pool holds the prefix once."""
+    driver = _cached_driver(tiny, max_running=8)
+    questions = [[3 + i, 40 + i, 80 + 2 * i] for i in range(8)]
+    for i, question in enumerate(questions):
+        driver.submit(f"q{i}", SYSTEM + question, max_new_tokens=10 + i)
+    pool = driver.engine.scheduler.blocks
+    peak_shared = peak_used = 0
+    while driver.engine.step():
+        running = driver.engine.scheduler.running
+        first_blocks = {pool.table(seq)[0] for seq in running}
+        if len(running) == 8:
+            assert len(first_blocks) == 1  # one physical copy of the prefix's first block
+            peak_shared = max(peak_shared, pool.references(first_blocks.pop()))
+            own = sum(pool.held(seq) - len(SYSTEM) // 16 for seq in running)
+            peak_used = max(peak_used, pool.num_used)
+            assert pool.num_used == len(SYSTEM) // 16 + own  # shared blocks counted once
+    assert peak_shared == 8 and peak_used > 0
+    assert driver.engine.runner.counters().prefix_hits == 7 * len(SYSTEM)
+    for i, question in enumerate(questions):
+        params = driver.engine.make_parameters(max_new_tokens=10 + i)
+        assert driver.tokens[f"q{i}"] == hf_generate(tiny.model, SYSTEM + question, params), f"q{i}"
+
+
+def test_identical_prompts_admitted_together_share_their_blocks(tiny) -> None:
+    """n samples of one prompt: one prefill, the others reference its full blocks and copy its last partial one."""
+    driver = _cached_driver(tiny, max_running=4)
+    prompt = SYSTEM + [9, 8, 7, 6, 5]  # three full blocks and five tokens
+    for i in range(3):
+        driver.submit(f"s{i}", prompt, max_new_tokens=20, do_sample=True, seed=i)
+    driver.engine.step()
+    pool = driver.engine.scheduler.blocks
+    tables = [pool.table(seq) for seq in driver.engine.scheduler.running]
+    assert len(tables) == 3 and tables[0][:3] == tables[1][:3] == tables[2][:3]
+    assert len({table[3] for table in tables}) == 3  # the partial block each writes into is its own
+    assert pool.num_used == 3 + 3
+    driver.run()
+    for i in range(3):
+        params = driver.engine.make_parameters(max_new_tokens=20, do_sample=True, seed=i)
+        alone = StepDriver(tiny, max_running=1)
+        alone.submit("alone", prompt, **{"max_new_tokens": 20, "do_sample": True, "seed": i})
+        alone.run()
+        assert driver.tokens[f"s{i}"] == alone.tokens["alone"], params
+
+
+def test_a_different_cache_salt_never_shares(tiny) -> None:
+    driver = _cached_driver(tiny, max_running=2)
+    driver.run({0: [("tenant-a", SYSTEM + [5], dict(max_new_tokens=4, options=dict(cache_salt="a")))]})
+    before = driver.engine.runner.counters().prefix_hits
+    driver.run({0: [("tenant-b", SYSTEM + [6], dict(max_new_tokens=4, options=dict(cache_salt="b")))]})
+    driver.run({0: [("no-salt", SYSTEM + [6], dict(max_new_tokens=4))]})
+    assert driver.engine.runner.counters().prefix_hits == before == 0
+    driver.run({0: [("tenant-a-again", SYSTEM + [7], dict(max_new_tokens=4, options=dict(cache_salt="a")))]})
+    assert driver.engine.runner.counters().prefix_hits == len(SYSTEM)
+    params = driver.engine.make_parameters(max_new_tokens=4)
+    assert driver.tokens["tenant-b"] == driver.tokens["no-salt"] == hf_generate(tiny.model, SYSTEM + [6], params)
+
+
+def test_a_small_pool_evicts_free_blocks_only_and_stays_correct(tiny) -> None:
+    """Six different 40-token prompts (two full blocks each) pass through a pool of 8 blocks, then the first prompt
+    comes again: its blocks were evicted, so it finds nothing; a roomy pool serves it both blocks."""
     schedule = {i: [(f"p{i}", [(7 * i + j) % 300 + 3 for j in range(40)], dict(max_new_tokens=6))] for i in range(6)}
     schedule[8] = [("again", schedule[0][0][1], dict(max_new_tokens=6))]
-    tiny_pool = StepDriver(tiny, prefix_cache_tokens=32, max_running=3)
-    roomy = StepDriver(tiny, prefix_cache_tokens=1024, max_running=3)
-    plain = StepDriver(tiny, max_running=3)
-    for driver in (tiny_pool, roomy, plain):
+    small, roomy = _cached_driver(tiny, blocks=8, max_running=2), _cached_driver(tiny, max_running=2)
+    plain = StepDriver(tiny, max_running=2)
+    for driver in (small, roomy, plain):
         driver.run(dict(schedule))
-    assert tiny_pool.tokens == plain.tokens == roomy.tokens
-    assert tiny_pool.engine.runner.prefix_cache.evicted_blocks >= 10  # 12 distinct blocks through 2 places
-    assert tiny_pool.engine.runner.counters().prefix_hits == 0
-    assert roomy.engine.runner.prefix_cache.evicted_blocks == 0
+    assert small.tokens == plain.tokens == roomy.tokens
+    assert small.engine.scheduler.blocks.evicted_blocks >= 4
+    assert small.engine.runner.counters().prefix_hits == 0
+    assert roomy.engine.scheduler.blocks.evicted_blocks == 0
     assert roomy.engine.runner.counters().prefix_hits == 32  # "again" found its two blocks
 
 
-def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
-    server = ServerThread(tiny, metrics=True, prefix_cache_tokens=256, max_running=4)
+def test_preemption_with_shared_blocks_and_a_crowded_pool_stays_exact(tiny) -> None:
+    """Twelve requests on one prefix through a pool too small for them all: preempted rows drop their references,
+    come back, find their blocks (or recompute them), and every output equals generate() alone."""
+    rng = random.Random(3)
+    driver = _cached_driver(tiny, blocks=20, max_running=6, kv_admission_reserve=0.0)
+    preempted: list[int] = []
+    driver.engine.on_step = lambda stats: preempted.append(stats.num_preempted_for_kv)
+    prompts = [SYSTEM + [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(12)]
+    schedule: dict[int, list] = {}
+    for i, prompt in enumerate(prompts):
+        schedule.setdefault(i // 3, []).append((f"r{i}", prompt, dict(max_new_tokens=40)))
+    driver.run(schedule)
+    assert sum(preempted) >= 1 and not driver.errors
+    assert driver.engine.runner.counters().prefix_hits >= 3 * len(SYSTEM)
+    pool = driver.engine.scheduler.blocks
+    assert pool.num_used == 0 and pool.num_free == 20 and pool.num_cached_free > 0
+    params = driver.engine.make_parameters(max_new_tokens=40)
+    for i, prompt in enumerate(prompts):
+        assert driver.tokens[f"r{i}"] == hf_generate(tiny.model, prompt, params), f"r{i}"
+
+
+def test_prefix_cache_hits_and_cached_blocks_reach_the_metrics(tiny) -> None:
+    server = ServerThread(tiny, metrics=True, kv_cache_memory=POOL, prefix_caching=True, max_running=4)
     try:
         server.stub.Generate(ids_request(SYSTEM + [3], max_new_tokens=3))  # fills the cache
         prompts = [SYSTEM + [i + 4] for i in range(2)] + [[7, 8, 9]]  # two hits, one plain request beside them
@@ -64,13 +155,15 @@ def test_prefix_cache_hits_reach_the_metrics(tiny) -> None:
         assert values["genserve_prefix_cache_hits_total"] == 2 * len(SYSTEM)
         # The warm-up request is looked up too.
         assert values["genserve_prefix_cache_queries_total"] >= 3 * (len(SYSTEM) + 1) + 3
+        assert values["genserve_kv_blocks_cached"] >= len(SYSTEM) // 16  # the system prompt outlives its requests
+        assert values["genserve_kv_blocks_free"] == 200
     finally:
         server.close()
 
 
 def test_the_next_chat_turn_reuses_the_previous_answer(tiny) -> None:
     first_prompt = list(range(60, 100))
-    cached = StepDriver(tiny, prefix_cache_tokens=512, max_running=2)
+    cached = _cached_driver(tiny, max_running=2)
     cached.run({0: [("turn1", first_prompt, dict(max_new_tokens=30, ignore_eos=True))]})
     second_prompt = first_prompt + cached.tokens["turn1"] + [5, 6, 7]
     before = cached.engine.runner.counters()
@@ -80,3 +173,49 @@ def test_the_next_chat_turn_reuses_the_previous_answer(tiny) -> None:
     plain = StepDriver(tiny, max_running=2)
     plain.run({0: [("turn2", second_prompt, dict(max_new_tokens=10))]})
     assert cached.tokens["turn2"] == plain.tokens["turn2"]
+
+
+def test_cache_salt_through_every_protocol(tiny_with_tokenizer) -> None:
+    """genserve.v1's `cache_salt`, KServe's `cache_salt` request parameter and TGIS's `x-cache-salt` metadata
+    each keep a tenant's prefix apart; a salt too long is refused, naming the field."""
+    from genserve.service.proto_gen.fmaas import generation_pb2 as tgis
+    from genserve.service.proto_gen.fmaas import generation_pb2_grpc
+    from genserve.service.proto_gen.inference import grpc_service_pb2 as kpb
+    from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
+
+    server = ServerThread(tiny_with_tokenizer, kv_cache_memory=2**22, prefix_caching=True, max_running=4)
+    text = "the same long system prompt, word after word, " * 6
+
+    def hits() -> int:
+        return server.engine.runner.counters().prefix_hits
+
+    def native(salt: str) -> None:
+        server.stub.Generate(pb.GenerateRequest(text=text, cache_salt=salt, parameters=dict(max_new_tokens=2)))
+
+    try:
+        native("a")
+        native("b")
+        assert hits() == 0
+        request = tgis.BatchedGenerationRequest(requests=[tgis.GenerationRequest(text=text)])
+        generation_pb2_grpc.GenerationServiceStub(server.channel).Generate(request, metadata=[("x-cache-salt", "a")])
+        after_tgis = hits()
+        assert after_tgis > 0
+        infer = kpb.ModelInferRequest(
+            model_name=server.engine.loaded.name,
+            inputs=[
+                kpb.ModelInferRequest.InferInputTensor(
+                    name="text_input",
+                    datatype="BYTES",
+                    shape=[1],
+                    contents=kpb.InferTensorContents(bytes_contents=[text.encode()]),
+                )
+            ],
+        )
+        infer.parameters["cache_salt"].string_param = "b"
+        grpc_service_pb2_grpc.GRPCInferenceServiceStub(server.channel).ModelInfer(infer)
+        assert hits() == 2 * after_tgis
+        with pytest.raises(grpc.RpcError) as refused:
+            native("x" * 257)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in refused.value.details()
+    finally:
+        server.close()

@@ -111,10 +111,12 @@ def compare(
     max_batch_size: int,
     engine_options: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    plain_options: dict[str, Any] | None = None,
 ) -> FeatureComparison:
-    """The workload through plain genserve, then with the feature on (engine options or request overrides)."""
+    """The workload through plain genserve (`plain_options`), then with the feature on (engine options or request
+    overrides)."""
     _warm_up(loaded, workload, max_batch_size)
-    plain = run_genserve(loaded, workload, max_batch_size, name="genserve")
+    plain = run_genserve(loaded, workload, max_batch_size, name="genserve", engine_options=plain_options)
     enabled = run_genserve(
         loaded, workload, max_batch_size, f"genserve + {feature}", engine_options=engine_options, overrides=overrides
     )

@@ -17,7 +17,9 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests before a submit is refused
     max_context: int = 2048  # prompt + new tokens per request
     seed: int = 0  # the shared generator of unseeded sampling rows
-    prefix_cache_tokens: int = 0  # > 0: prefix caching with a pool of this many tokens (prefix_cache.py)
+    # Automatic prefix caching over the paged cache's blocks (kv_blocks.py): requests sharing a prompt prefix
+    # share its KV blocks, and freed blocks stay cached until the pool needs them. Needs kv_cache_memory > 0.
+    prefix_caching: bool = False
     num_assistant_tokens: int = 4  # assistant-model proposals per step, for requests that do not set theirs
     # Speculate only in steps decoding at most this many rows: past that, verifying proposals costs more compute
     # than the passes it saves.
@@ -28,8 +30,8 @@ class EngineConfig:
     # "auto": fp32 Linear layers on CPU multiply with weights prepacked for oneDNN (cpu_linear.py), else aten's
     # plain matmul ("aten" forces that everywhere).
     linear_kernel: str = "auto"
-    # 0: a slot of max_context positions per row (kv_cache.py). Otherwise a paged cache of this many bytes, or
-    # of this fraction of the device's free memory when <= 1 (paged_kv_cache.py): requests are admitted and
+    # 0: a slot of max_context positions per row (slot_cache.py). Otherwise a paged cache of this many bytes, or
+    # of this fraction of the device's free memory when <= 1 (paged_cache.py): requests are admitted and
     # preempted by the KV blocks they hold (kv_blocks.py).
     kv_cache_memory: float = 0.0
     kv_admission_reserve: float = 0.05  # share of the blocks admission leaves free for running rows to grow into
@@ -49,6 +51,8 @@ class EngineConfig:
             )
         if self.kv_cache_memory < 0:
             raise ValueError(f"kv_cache_memory must be >= 0, got {self.kv_cache_memory}")
+        if self.prefix_caching and not self.paged:
+            raise ValueError("prefix_caching shares the paged KV cache's blocks: it needs kv_cache_memory > 0")
         if not 0 <= self.kv_admission_reserve < 1:
             raise ValueError(f"kv_admission_reserve must be in [0, 1), got {self.kv_admission_reserve}")
         if self.decode_mode not in DECODE_MODES:

@@ -62,6 +62,8 @@ class RequestOptions:
     constraint: Constraint | None = None  # the output must match it (compiled by the engine's GrammarCompiler)
     # Classifier-free guidance's unconditional prompt; None: the prompt's last token, as generate() does.
     negative_prompt_ids: tuple[int, ...] | None = None
+    # Prefix caching: only requests with the same salt share cached KV blocks (tenants apart, against timing attacks).
+    cache_salt: str = ""
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Sequence:
     # Tokens whose KV the runner holds, advanced chunk by chunk while the prompt prefills (vLLM's
     # num_computed_tokens); back to 0 when the request is preempted and its row freed.
     num_computed_tokens: int = 0
+    # The chained hashes of its full blocks, computed once by the KV block pool (kv_blocks.py) as they are needed.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -128,10 +128,33 @@ class Scheduler:
             self._grown[id(member)] = member
         return True
 
-    def _kv_blocks_needed(self, seq: Sequence) -> int:
-        """Blocks that admitting `seq` takes: its prompt's (and its guidance companion's)."""
+    def _cached_prefixes(self, seq: Sequence) -> list[tuple[Sequence, list[int]]]:
+        """Each member (request, guidance companion) with the cached blocks its tokens begin with."""
         members = (seq,) if seq.companion is None else (seq, seq.companion)
-        return sum(self.blocks.missing(member, member.num_tokens) for member in members)
+        return [(member, self.blocks.cached_prefix(member) if self.blocks else []) for member in members]
+
+    def _admit_blocks(self, hits: list[tuple[Sequence, list[int]]]) -> None:
+        """The admitted members reference their cached prefixes, skip computing them, and take the rest."""
+        for member, blocks in hits:
+            self.blocks.attach(member, blocks)
+            member.num_computed_tokens = len(blocks) * self.blocks.block_size
+        self._grow(hits[0][0], 0)
+
+    def _waits_for_a_prefix(self, seq: Sequence, hits: list[int], pending: dict[bytes, Sequence]) -> bool:
+        """Whether the block after `seq`'s cached prefix is being computed this step by another request with other
+        tokens: `seq` then waits a step and finds it cached (SGLang's in-batch prefix caching), instead of
+        computing it again. Identical prompts (n samples) are admitted together and share in the runner."""
+        hashes = self.blocks.block_hashes(seq, seq.num_tokens - 1)
+        owner = pending.get(hashes[len(hits)]) if len(hashes) > len(hits) else None
+        return owner is not None and owner.prompt_ids + owner.generated_ids != seq.prompt_ids + seq.generated_ids
+
+    def _pending_blocks(self, planned: dict[int, int]) -> dict[bytes, Sequence]:
+        """The full blocks the prompts being prefilled compute up to their planned ends: hash -> request."""
+        pending: dict[bytes, Sequence] = {}
+        for seq in self.prefilling:
+            for digest in self.blocks.block_hashes(seq, planned[id(seq)]):
+                pending.setdefault(digest, seq)
+        return pending
 
     def _plan_prefills(self, num_decoding: int, now: float) -> list[PrefillChunk]:
         """Share the step's prompt tokens. Prompts longer than a chunk take at most half of them while requests
@@ -161,6 +184,9 @@ class Scheduler:
         long_room -= extend_long_prompts(long_room)
         num_slots = self.num_slots
         out_of_tokens = False
+        caching = self.blocks is not None and self.blocks.caching
+        pending = self._pending_blocks(planned) if caching and len(self.waiting) else {}
+        starts: dict[int, int] = {}  # id(request admitted now) -> where its first chunk starts (its cached prefix)
 
         def admit(seq: Sequence) -> bool:
             nonlocal budget, num_slots, out_of_tokens, long_room
@@ -168,19 +194,32 @@ class Scheduler:
             fits = num_slots + seq.num_slots <= self.row_limit or (
                 num_slots == 0 and seq.num_slots <= self.config.max_running
             )
+            hits = self._cached_prefixes(seq)
+            cached = len(hits[0][1]) * self.blocks.block_size if self.blocks else 0
+            remaining = seq.num_tokens - cached
             # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now,
             # within the long prompts' share.
-            size = seq.num_tokens if seq.num_tokens <= chunk_size else min(budget, long_room)
-            # Out of tokens (or KV blocks), nobody behind it (lower priority included) goes first: it is next in
-            # line. An idle engine takes it even if it eats into the reserve.
-            out_of_tokens = out_of_tokens or size <= 0 or size > budget or not self._kv_fits(seq, num_slots == 0)
+            size = remaining if remaining <= chunk_size else min(budget, long_room)
+            # Out of tokens (or KV blocks), or waiting for a prefix computed this step, nobody behind it (lower
+            # priority included) goes first: it is next in line. An idle engine takes it even if it eats into the
+            # reserve.
+            out_of_tokens = (
+                out_of_tokens
+                or size <= 0
+                or size > budget
+                or not self._kv_fits(hits, num_slots == 0)
+                or (caching and self._waits_for_a_prefix(seq, hits[0][1], pending))
+            )
             if not fits or out_of_tokens:
                 return False
             if self.blocks is not None:
-                self._grow(seq, 0)
-            planned[id(seq)] = size
+                self._admit_blocks(hits)
+                for digest in self.blocks.block_hashes(seq, cached + size) if caching else ():
+                    pending.setdefault(digest, seq)
+            starts[id(seq)] = cached
+            planned[id(seq)] = cached + size
             budget -= size
-            if seq.num_tokens > chunk_size:
+            if remaining > chunk_size:
                 long_room -= size
             num_slots += seq.num_slots
             return True
@@ -190,15 +229,15 @@ class Scheduler:
             self.prefilling.append(seq)
         extend_long_prompts(budget)  # what the waiting requests left
         return [
-            PrefillChunk(seq, seq.num_computed_tokens, planned[id(seq)])
+            PrefillChunk(seq, seq.num_computed_tokens, planned[id(seq)], first=id(seq) in starts)
             for seq in self.prefilling
             if planned[id(seq)] > seq.num_computed_tokens
         ]
 
-    def _kv_fits(self, seq: Sequence, engine_idle: bool) -> bool:
+    def _kv_fits(self, hits: list[tuple[Sequence, list[int]]], engine_idle: bool) -> bool:
         if self.blocks is None:
             return True
-        needed = self._kv_blocks_needed(seq)
+        needed = sum(self.blocks.admission_cost(member, blocks) for member, blocks in hits)
         return self.blocks.can_admit(needed) or (engine_idle and needed <= self.blocks.num_free)
 
     def update(
@@ -210,6 +249,10 @@ class Scheduler:
         self._regrow_row_limit()
         for chunk in plan.prefills:
             chunk.seq.num_computed_tokens = chunk.end
+            if self.blocks is not None and chunk.seq.request_id not in output.errors:
+                self.blocks.register(chunk.seq, chunk.end)
+                if chunk.completes and chunk.seq.companion is not None:
+                    self.blocks.register(chunk.seq.companion, chunk.seq.companion.num_tokens)
         completed = {id(chunk.seq) for chunk in plan.prefills if chunk.completes}
         self.running += [seq for seq in self.prefilling if id(seq) in completed]
         self.prefilling = [seq for seq in self.prefilling if id(seq) not in completed]
@@ -243,7 +286,8 @@ class Scheduler:
                     seq.request_id, result.token_ids, seq.finish_reason, seq.num_prompt_tokens, logprobs=logprobs
                 )
             )
-        self._forget(ended)
+        self._forget([seq for seq in ended if seq.request_id not in output.errors])
+        self._forget([seq for seq in ended if seq.request_id in output.errors], keep_cached=False)
         return events, ended
 
     def recover_from_out_of_memory(self, plan: StepPlan) -> tuple[list[Sequence], list[TokenEvent]]:
@@ -254,7 +298,7 @@ class Scheduler:
         to_release = []
         if not victims and self.running:
             victims = to_release = [max(self.running, key=lambda seq: seq.start_time or 0.0)]
-        self._forget(victims)
+        self._forget(victims, keep_cached=False)
         self.row_limit = max(1, self.num_slots)
         self._clean_steps = 0
         if not self.running and not self.prefilling and len(victims) == 1:
@@ -269,7 +313,7 @@ class Scheduler:
     def fail_all(self, plan: StepPlan, message: str) -> tuple[list[Sequence], list[TokenEvent]]:
         """A step failed for a reason no single request explains: every request in the batch ends with it."""
         failed = list({id(seq): seq for seq in (*self.running, *self.prefilling, *plan.admitted)}.values())
-        self._forget(failed)
+        self._forget(failed, keep_cached=False)
         for seq in failed:
             seq.finish(FinishReason.CANCELLED)
         return failed, [failure_event(seq, message) for seq in failed]
@@ -308,15 +352,21 @@ class Scheduler:
             seq.num_computed_tokens = 0  # its KV is freed: it prefills again, generated tokens included
         self.waiting.requeue(seqs)
 
-    def _forget(self, seqs: list[Sequence]) -> None:
-        """Drop these requests from the batch; their KV blocks go back to the pool."""
+    def _forget(self, seqs: list[Sequence], keep_cached: bool = True) -> None:
+        """Drop these requests from the batch; their KV blocks go back to the pool, the full blocks of what they
+        computed registered for prefix caching (`keep_cached`; not after a failure, whose KV is unsure)."""
         leaving = {id(seq) for seq in seqs}
+        running = {id(seq) for seq in self.running}
         if self.blocks is not None:
             for seq in seqs:
                 for member in (seq, seq.companion):
-                    if member is not None:
-                        self.blocks.free(member)
-                        self._grown.pop(id(member), None)
+                    if member is None:
+                        continue
+                    if keep_cached:  # a decoding row holds the KV of all its tokens but the newest
+                        written = member.num_tokens - 1 if id(seq) in running else member.num_computed_tokens
+                        self.blocks.register(member, written)
+                    self.blocks.free(member)
+                    self._grown.pop(id(member), None)
         self.prefilling = [seq for seq in self.prefilling if id(seq) not in leaving]
         self.running = [seq for seq in self.running if id(seq) not in leaving]
 

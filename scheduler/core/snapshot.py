@@ -47,6 +47,7 @@ class EngineSnapshot:
     kv_cache_usage_ratio: float = 0.0  # paged: blocks in use over blocks in the pool
     kv_blocks_free: int = 0  # paged cache only (0 with the slot cache)
     kv_blocks_total: int = 0
+    kv_blocks_cached: int = 0  # of the free blocks, those holding a cached prefix (prefix caching)
 
     @property
     def free_rows(self) -> int:

@@ -27,11 +27,13 @@ class StopCode(enum.IntEnum):
 @dataclass(frozen=True)
 class PrefillChunk:
     """Compute the KV of tokens [start, end) of `seq` (prompt, and generated tokens when a preempted request
-    resumes); a chunk with start 0 gives the request its row."""
+    resumes). The first chunk since admission gives the request its row; it starts after the cached prefix the
+    request found (0 without one)."""
 
     seq: Sequence
     start: int
     end: int
+    first: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +63,7 @@ class StepPlan:
     @property
     def admitted(self) -> tuple[Sequence, ...]:
         """Requests that get a row this step (their first chunk)."""
-        return tuple(chunk.seq for chunk in self.prefills if chunk.start == 0)
+        return tuple(chunk.seq for chunk in self.prefills if chunk.first)
 
     @property
     def has_work(self) -> bool:

@@ -53,7 +53,7 @@ class Engine:
         self.config = config
         self.runner = ModelRunner(loaded.model, config, assistant.model if assistant is not None else None)
         self.assistant_name = assistant.name if assistant is not None else ""
-        self.scheduler = Scheduler(config, self.runner.block_pool())
+        self.scheduler = Scheduler(config, self.runner.blocks)
         defaults = model_generation_defaults(loaded.model.generation_config)
         self.submission = Submission(
             config, defaults, self.vocab_size, assistant is not None, plugins, self.scheduler.blocks
@@ -148,8 +148,8 @@ class Engine:
     def step(self) -> bool:
         """One scheduling round and one model step; False when there was nothing to compute."""
         started = time.monotonic()
+        counters_before = self.runner.counters()  # prefix lookups are counted as the scheduler admits
         plan, events = self.scheduler.schedule(started)  # schedule
-        counters_before = self.runner.counters()
         try:
             output = self.runner.execute(plan)  # execute
         except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
@@ -216,6 +216,7 @@ class Engine:
             kv_cache_usage_ratio=blocks.num_used / blocks.num_blocks if blocks else self.runner.kv_usage_ratio(),
             kv_blocks_free=blocks.num_free if blocks else 0,
             kv_blocks_total=blocks.num_blocks if blocks else 0,
+            kv_blocks_cached=blocks.num_cached_free if blocks else 0,
         )
         if events:
             self.on_events(events)

@@ -154,5 +154,6 @@ class Submission:
             list(negative) if negative is not None else seq.prompt_ids[-1:],
             GenerationParameters(max_new_tokens=seq.params.max_new_tokens),
             generated_ids=seq.generated_ids,  # the same list: it always follows its request's tokens
+            options=RequestOptions(cache_salt=seq.options.cache_salt),
             is_companion=True,
         )

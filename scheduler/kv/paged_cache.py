@@ -2,13 +2,11 @@
 row reads its positions through a block table, so memory is held by the tokens requests have, not by rows times
 the longest context (vLLM's PagedAttention, transformers' PagedAttentionCache).
 
-The scheduler decides how many blocks each request holds (kv_blocks.py); this cache decides which physical
-blocks those are. Rows occupy slots 0..B-1 as in the slot cache, and every slot has a home: an equal share of the
-pool's blocks, laid out like a slot. A row takes its home blocks first and borrows free blocks elsewhere (blocks
-past the homes, then the homes of the highest free slots) only when its home is full or taken. While every
-decoding row lies in its own home, attention reads the homes as one strided view, with no copy, as fast as the
-slot cache; otherwise the rows' blocks are gathered into that layout (a copy of what the step reads). A row
-that moves to another slot has its blocks copied to its new home, as the slot cache copies a moving row.
+Which physical blocks a row holds, shares with other rows (a cached prefix) or moves, is the block pool's decision
+(core/kv_blocks.py); this cache keeps the tables the runner copies from it, and the tensors. Every slot has a
+home, an equal share of the pool laid out like a slot: while every row of a pass lies in its own home, attention
+reads the homes as one strided view, with no copy, as fast as the slot cache; otherwise (a shared prefix, a
+borrowed block) the rows' blocks are gathered into that layout (a copy of what the step reads).
 
 Block 0 is scratch: the table entries a row does not hold point there, so the padding positions of a
 right-padded prefill land harmlessly, and reads past a row's length (masked) find finite values. The pool and
@@ -18,17 +16,16 @@ gather, since a graph cannot choose).
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 
 import torch
 
+from genserve.scheduler.core.kv_blocks import BLOCK_SIZE
 from genserve.scheduler.kv.attention_masks import AttentionLayout
 from genserve.scheduler.kv.slot_cache import SlotKVCache
 
 log = logging.getLogger(__name__)
-BLOCK_SIZE = 16  # positions per block (vLLM's default)
 
 
 class PagedKVCache(SlotKVCache):
@@ -58,11 +55,6 @@ class PagedKVCache(SlotKVCache):
             for pools, (heads, head_dim) in zip((self.keys, self.values), shapes):
                 pools[layer] = torch.zeros(heads, num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
         self.always_gather = False  # set for captured (CUDA graph) passes, which cannot choose their reads
-        self._rows: list[list[int]] = [[] for _ in range(max_rows)]  # each slot's physical blocks, in order
-        self._used = [False] * (num_blocks + 1)
-        self._used[0] = True  # scratch
-        self._lendable = [-block for block in range(1, num_blocks + 1)]  # max-heap: leftovers, then high homes
-        heapq.heapify(self._lendable)
         self._away: set[int] = set()  # slots holding a block outside their home
         self._writes: torch.Tensor | None = None  # this pass's write positions in the flattened pool
         self._reads: torch.Tensor | None = None  # the blocks this pass reads, [rows, blocks] (None: nothing)
@@ -91,70 +83,42 @@ class PagedKVCache(SlotKVCache):
     def ensure_capacity(self, num_positions: int) -> None:
         """Nothing to grow: the pool is allocated whole at start-up."""
 
-    # Placement: which physical blocks a slot's blocks are.
-    def _home(self, row: int, index: int) -> int | None:
-        return 1 + row * self.home_blocks + index if index < self.home_blocks else None
-
-    def _take(self, row: int, index: int) -> int:
-        """A free block for `row`'s block `index`: its home block if free, else the highest free block."""
-        home = self._home(row, index)
-        if home is not None and not self._used[home]:
-            block = home
+    # Tables, as the block pool placed the rows.
+    def set_row(self, row: int, blocks: list[int], at_home: bool) -> None:
+        """`row` reads and writes these physical blocks, in position order (the rest of its table: scratch)."""
+        table = torch.zeros(self.max_blocks_per_row, dtype=torch.long)
+        table[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        self.block_table[row] = table.to(self.device)
+        if at_home:
+            self._away.discard(row)
         else:
-            while self._used[block := -heapq.heappop(self._lendable)]:
-                pass  # taken as a home since it was pushed
             self._away.add(row)
-        self._used[block] = True
-        return block
-
-    def _give_back(self, blocks: list[int]) -> None:
-        for block in blocks:
-            self._used[block] = False
-            heapq.heappush(self._lendable, -block)
-        if len(self._lendable) > 2 * self.num_blocks:  # blocks taken as homes leave stale entries: drop them
-            self._lendable = [-block for block in range(1, self.num_blocks + 1) if not self._used[block]]
-            heapq.heapify(self._lendable)
-
-    def hold_blocks(self, row: int, count: int) -> None:
-        """`row` holds `count` blocks from now on (the scheduler has counted them free)."""
-        blocks = self._rows[row]
-        if count <= len(blocks):
-            return
-        start = len(blocks)
-        blocks.extend(self._take(row, index) for index in range(start, count))
-        self.block_table[row, start:count] = torch.tensor(blocks[start:], dtype=torch.long).to(self.device)
 
     def free_rows(self, rows: set[int]) -> None:
-        """These rows hold nothing now: their blocks are free and their tables point at scratch."""
+        """These rows hold nothing now: their tables point at scratch."""
         for row in rows:
-            self._give_back(self._rows[row])
-            self._rows[row] = []
             self._away.discard(row)
             self.block_table[row] = 0
 
-    def move_rows(self, sources: list[int], destinations: list[int]) -> None:
-        """Each moving row takes blocks at its destination (its new home first) and its KV is copied there, all
-        moves at once (so that rows may swap); the sources hold nothing after, unless another row moved in."""
-        if not sources:
+    def copy_blocks_in_order(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's KV as if one after the other (a block copied on may be a later
+        source): runs of independent copies go together."""
+        run: list[tuple[int, int]] = []
+        for source, destination in pairs:
+            if any(source == written or destination == written for _, written in run):
+                self.copy_blocks(run)
+                run = []
+            run.append((source, destination))
+        self.copy_blocks(run)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's KV, in every layer, all at once (so that blocks may swap)."""
+        if not pairs:
             return
-        moving = [self._rows[source] for source in sources]
-        self.free_rows(set(sources))
-        copies_from, copies_to = [], []
-        for destination, blocks in zip(destinations, moving):
-            self._away.discard(destination)
-            self._rows[destination] = [self._take(destination, index) for index in range(len(blocks))]
-            copies_from += blocks
-            copies_to += self._rows[destination]
-        for row in destinations:
-            table = torch.zeros(self.max_blocks_per_row, dtype=torch.long)
-            table[: len(self._rows[row])] = torch.tensor(self._rows[row], dtype=torch.long)
-            self.block_table[row] = table.to(self.device)
-        pairs = [(a, b) for a, b in zip(copies_from, copies_to) if a != b]
-        if pairs:
-            source_blocks = torch.tensor([a for a, _ in pairs], device=self.device)
-            destination_blocks = torch.tensor([b for _, b in pairs], device=self.device)
-            for pool in (*self.keys, *self.values):
-                pool[:, destination_blocks] = pool[:, source_blocks]  # the right side is read whole first
+        sources = torch.tensor([source for source, _ in pairs], device=self.device)
+        destinations = torch.tensor([destination for _, destination in pairs], device=self.device)
+        for pool in (*self.keys, *self.values):
+            pool[:, destinations] = pool[:, sources]  # the right side is read whole first
 
     # Passes.
     def _pool_positions(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """ModelRunner's prompt passes: the plan's prompt chunks computed into their requests' slots. Whole fresh prompts of
-similar lengths run together right-padded; other chunks run one by one after what their slot holds, from a twin
-prefilled this step or the prefix cache where they can. A mixin of ModelRunner: it works on the runner's cache,
-batch state and slots."""
+similar lengths run together right-padded; other chunks run one by one after what their slot holds (a cached
+prefix, earlier chunks), or take a twin's KV, prefilled this step. A mixin of ModelRunner: it works on the
+runner's cache, batch state and slots."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class PromptPasses:
         Whole fresh prompts of similar lengths run together, right-padded in one forward with the plain causal
         kernel: a padded position comes after every real one, so causality hides it, and each real token runs
         the computation `generate()` runs for it alone (tests compare the tokens). Chunks of longer prompts,
-        requests that continue a cached prefix, repeat a prompt of this step (n samples: KV copied) or bring a
+        requests that continue a cached prefix, repeat a prompt of this step (n samples: its KV shared) or bring a
         guidance companion go one by one, each after the positions its slot already holds. A failure is
         attributable: a failed group is retried one by one, and a request whose own prefill raises fails alone
         (out of memory excepted, which the engine handles for the whole batch)."""
@@ -31,8 +31,8 @@ class PromptPasses:
         one_by_one: list[PrefillChunk] = []
         for chunk in chunks:
             tokens = tuple(chunk.seq.prompt_ids + chunk.seq.generated_ids)
-            alone = chunk.seq.companion is not None or self.prefix_cache is not None or tokens in whole
-            if chunk.start == 0 and chunk.completes and not alone:
+            alone = chunk.seq.companion is not None or tokens in whole
+            if chunk.first and chunk.start == 0 and chunk.completes and not alone:
                 whole[tokens] = chunk
             else:
                 one_by_one.append(chunk)
@@ -45,7 +45,7 @@ class PromptPasses:
             except Exception as error:
                 if is_out_of_memory(error):
                     raise
-                self.release((chunk.seq for chunk in group), keep_blocks=True)
+                self.release(chunk.seq for chunk in group)
                 one_by_one[:0] = group  # retried alone, so that only the request at fault fails
         for chunk in one_by_one:
             try:
@@ -92,16 +92,17 @@ class PromptPasses:
         whose prompt is prefilled whole with its request's last chunk). The logits after the last token of each
         member that completed."""
         seq = chunk.seq
-        if chunk.start == 0:
+        if chunk.first:
             for member in (seq, seq.companion):
                 if member is not None:
                     self._add_prefilling(member)
         logits = {}
-        computed = self._compute(seq, chunk.start, chunk.end, prefilled)
+        computed = self._compute(seq, chunk.start, chunk.end, prefilled, chunk.first)
         if computed is not None:
             logits[id(seq)] = computed
-        if chunk.completes and seq.companion is not None:
-            logits[id(seq.companion)] = self._compute(seq.companion, 0, None, prefilled)
+        companion = seq.companion
+        if chunk.completes and companion is not None:
+            logits[id(companion)] = self._compute(companion, companion.num_computed_tokens, None, prefilled, True)
         return logits
 
     def _compute(
@@ -110,28 +111,22 @@ class PromptPasses:
         start: int,
         end: int | None,
         prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]],
+        first: bool,
     ) -> torch.Tensor | None:
         """Fill positions [start, end) of `seq`'s slot (end None: to its last token) from a twin prefilled this
-        step, the prefix cache, or a forward after what the slot holds. The logits after its last token when the
-        slot now holds all of it."""
+        step (a `first` chunk of a whole prompt), or a forward after what the slot holds. The logits after its last
+        token when the slot now holds all of it."""
         tokens = seq.prompt_ids + seq.generated_ids
         end = len(tokens) if end is None else end
-        slot = self._slot(seq)
-        self.cache.ensure_capacity(len(tokens) + 1)  # before a cached prefix or a twin is copied in
-        twin = prefilled.get(tuple(tokens)) if start == 0 and end == len(tokens) else None
+        self.cache.ensure_capacity(len(tokens) + 1)  # before a twin's KV is copied in
+        twin = prefilled.get(tuple(tokens)) if first and end == len(tokens) else None
         if twin is not None:
-            self.cache.copy_prefix(self._slot(twin[0]), slot, len(tokens))
+            self._share(seq, twin[0], len(tokens))
             return twin[1]
-        cached = self.prefix_cache.load(tokens, slot) if self.prefix_cache is not None and start == 0 else 0
-        begin = max(start, cached)
-        if begin >= end:
-            return None  # the prefix cache held this whole chunk
-        input_ids = torch.tensor([tokens[begin:end]], device=self.device)
-        logits = prefill_pass(self.model, self.cache, slot, input_ids, offset=begin)[:, -1]
+        input_ids = torch.tensor([tokens[start:end]], device=self.device)
+        logits = prefill_pass(self.model, self.cache, self._slot(seq), input_ids, offset=start)[:, -1]
         if end < len(tokens):
             return None
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(tokens, slot)
         prefilled[tuple(tokens)] = (seq, logits)
         return logits
 

@@ -29,7 +29,6 @@ from genserve.scheduler.features.plugins import custom_stop_hits
 from genserve.scheduler.features.sampling import select_tokens
 from genserve.scheduler.features.speculation import Drafts
 from genserve.scheduler.kv.paged_cache import PagedKVCache, pool_bytes
-from genserve.scheduler.kv.prefix_cache import PrefixCache
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.decode_graphs import StaticDecoder
@@ -48,20 +47,26 @@ class ModelRunner(PromptPasses):
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         max_rows, max_context = config.max_running, config.max_context
+        # Paged: the pool whose blocks the scheduler hands out and this runner places (None: the slot cache).
+        self.blocks: BlockPool | None = None
         if config.paged:
             memory = pool_bytes(config.kv_cache_memory, self.device)
             self.cache = PagedKVCache.for_model(model, max_rows, max_context, MAX_SPECULATIVE, memory)
+            self.blocks = BlockPool(
+                self.cache.num_blocks,
+                self.cache.block_size,
+                config.kv_admission_reserve,
+                home_blocks=self.cache.home_blocks,
+                caching=config.prefix_caching,
+            )
         else:
             self.cache = SlotKVCache.for_model(model, max_rows, max_context, spare_positions=MAX_SPECULATIVE)
-        self._blocks_held: dict[int, int] = {}  # paged: id(request or companion) -> blocks the scheduler gave it
         # A model that takes only a 2D padding mask cannot place several queries of one row: no speculation.
         self.can_speculate = not self.cache.layout.padding_mask_only
         self.speculated_tokens = 0  # proposals verified since start
         self.accepted_tokens = 0  # of which the model agreed with
         self.state = BatchState(max_rows, self.vocab_size, min(self.cache.capacity, 256), self.device)
         self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
-        tokens = config.prefix_cache_tokens
-        self.prefix_cache = PrefixCache(self.cache, tokens) if tokens else None
         self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
         mode = config.decode_mode
         static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
@@ -87,23 +92,16 @@ class ModelRunner(PromptPasses):
         return decoding + sum(seq.num_computed_tokens for seq in list(self.prefilling))
 
     def counters(self) -> TokenCounters:
-        cache = self.prefix_cache
+        blocks = self.blocks
         return TokenCounters(
-            prefix_queried=cache.queried_tokens if cache is not None else 0,
-            prefix_hits=cache.hit_tokens if cache is not None else 0,
+            prefix_queried=blocks.queried_tokens if blocks is not None else 0,
+            prefix_hits=blocks.hit_tokens if blocks is not None else 0,
             speculated=self.speculated_tokens,
             accepted=self.accepted_tokens,
         )
 
     def kv_usage_ratio(self) -> float:
         return self.num_tokens_held() / (self.config.max_running * self.config.max_context)
-
-    def block_pool(self) -> BlockPool | None:
-        """A pool for the scheduler to hand out this paged cache's blocks; None with the slot cache."""
-        cache = self.cache
-        if not isinstance(cache, PagedKVCache):
-            return None
-        return BlockPool(cache.num_blocks, cache.block_size, self.config.kv_admission_reserve)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelOutput:
@@ -113,6 +111,8 @@ class ModelRunner(PromptPasses):
         A request whose own prefill raises fails alone (in the output's errors). Any other error frees the rows
         this step's chunks touched (the scheduler requeues or fails them), records no token, and propagates."""
         self.release(plan.released)
+        if self.blocks is not None:
+            self.cache.copy_blocks_in_order(self.blocks.take_copies())  # cached KV moved out of homes
         self._hold_blocks(plan.kv_blocks)
         if not plan.has_work:
             return ModelOutput()
@@ -122,13 +122,48 @@ class ModelRunner(PromptPasses):
             self.release(chunk.seq for chunk in plan.prefills)
             raise
 
-    def _hold_blocks(self, counts: tuple[tuple[Sequence, int], ...]) -> None:
-        """The plan's block counts: rows that hold a slot take their blocks now, new ones when they get one."""
-        for member, count in counts:
-            self._blocks_held[id(member)] = count
+    def _hold_blocks(self, grown: tuple[tuple[Sequence, int], ...]) -> None:
+        """Rows whose blocks grew read their new tables (new requests when they get a slot)."""
+        for member, _ in grown:
             slot = self._slot(member)
             if slot is not None:
-                self.cache.hold_blocks(slot, count)
+                self._sync_row(slot, member)
+
+    def _sync_row(self, slot: int, member: Sequence) -> None:
+        self.cache.set_row(slot, self.blocks.table(member), self.blocks.is_home(member))
+
+    def _place(self, moves: list[tuple[Sequence, int, int]]) -> None:
+        """Paged: these holders take these slots, (holder, slot, positions written): the pool moves the blocks
+        each holds alone into its new home where it can, and the cache copies their KV."""
+        copies = self.blocks.place(moves)
+        self.cache.copy_blocks_in_order(self.blocks.take_copies())  # cached KV out of the homes taken, first
+        self.cache.copy_blocks(copies)
+        for member, slot, _ in moves:
+            self._sync_row(slot, member)
+
+    def _move_rows(self, sources: list[int], destinations: list[int]) -> None:
+        """Rows moved from `sources` to `destinations` (the slots already list them at their destinations)."""
+        if self.blocks is None:
+            self.cache.move_rows(sources, destinations)
+            return
+        self.cache.free_rows(set(sources) - set(destinations))
+        holders = [self._holder(slot) for slot in destinations]
+        self._place(
+            [(seq, slot, self.blocks.held(seq) * self.blocks.block_size) for seq, slot in zip(holders, destinations)]
+        )
+
+    def _share(self, seq: Sequence, twin: Sequence, num_tokens: int) -> None:
+        """`seq` has `twin`'s tokens, computed this step: it takes `twin`'s KV, sharing its full blocks (paged) and
+        copying the rest."""
+        slot = self._slot(seq)
+        if self.blocks is None:
+            self.cache.copy_prefix(self._slot(twin), slot, num_tokens)
+            return
+        full = num_tokens // self.blocks.block_size
+        self.blocks.share(seq, twin, full)
+        if num_tokens % self.blocks.block_size:
+            self.cache.copy_blocks([(self.blocks.table(twin)[full], self.blocks.table(seq)[full])])
+        self._sync_row(slot, seq)
 
     def _execute(self, plan: StepPlan) -> ModelOutput:
         num_decoding = self.state.num_rows
@@ -186,21 +221,15 @@ class ModelRunner(PromptPasses):
         by_request = {seq.request_id: result for seq, result in zip(slots, results) if not seq.is_companion}
         return ModelOutput(by_request, errors)
 
-    def release(self, seqs: Iterable[Sequence], keep_blocks: bool = False) -> None:
+    def release(self, seqs: Iterable[Sequence]) -> None:
         """Free these requests' rows (and their guidance companions'), wherever they are; unknown ones are skipped.
-        `keep_blocks`: they keep their KV blocks (paged cache), to take a row again in this step."""
+        Their KV blocks are the scheduler's to free (a request whose padded group failed keeps them, and takes a
+        row again this step)."""
         leaving = {id(member) for seq in seqs for member in (seq, seq.companion) if member is not None}
         if not leaving:
             return
-        if not keep_blocks:
-            for key in leaving:
-                self._blocks_held.pop(key, None)
         rows = {slot for slot, seq in enumerate(self.state.rows) if id(seq) in leaving}
         prefilling = {index for index, seq in enumerate(self.prefilling) if id(seq) in leaving}
-        if self.prefix_cache is not None:  # what a row generated can prefix a later prompt (the next chat turn)
-            for slot in rows:
-                seq = self.state.rows[slot]
-                self.prefix_cache.store((seq.prompt_ids + seq.generated_ids)[:-1], slot)  # the newest is not cached
         self._free(rows, prefilling)
 
     @torch.inference_mode()
@@ -218,10 +247,10 @@ class ModelRunner(PromptPasses):
             if old_num_rows + old != self.state.num_rows + new:
                 sources.append(old_num_rows + old)
                 destinations.append(self.state.num_rows + new)
-        if isinstance(self.cache, PagedKVCache):  # before the moves: the holes' blocks are free for them
+        if self.blocks is not None:
             self.cache.free_rows(rows | {old_num_rows + index for index in prefilling})
         self.prefilling = [self.prefilling[index] for index in kept]
-        self.cache.move_rows(sources, destinations)
+        self._move_rows(sources, destinations)
         if rows:
             self.state.refresh_composition()
 
@@ -244,8 +273,8 @@ class ModelRunner(PromptPasses):
         """A slot for `seq`, after the decoding rows and the requests already prefilling."""
         self.prefilling.append(seq)
         slot = self.state.num_rows + len(self.prefilling) - 1
-        if isinstance(self.cache, PagedKVCache):
-            self.cache.hold_blocks(slot, self._blocks_held[id(seq)])
+        if self.blocks is not None:  # what it holds so far is its cached prefix
+            self._place([(seq, slot, seq.num_computed_tokens)])
         return slot
 
     def _slot(self, seq: Sequence) -> int | None:
@@ -258,6 +287,10 @@ class ModelRunner(PromptPasses):
                 return self.state.num_rows + index
         return None
 
+    def _holder(self, slot: int) -> Sequence:
+        rows = self.state.rows
+        return rows[slot] if slot < len(rows) else self.prefilling[slot - len(rows)]
+
     def _prefilling_index(self, seq: Sequence) -> int:
         return next(index for index, entry in enumerate(self.prefilling) if entry is seq)
 
@@ -267,8 +300,8 @@ class ModelRunner(PromptPasses):
         index = self._prefilling_index(seq)
         first = self.state.num_rows
         if index:
-            self.cache.move_rows([first, first + index], [first + index, first])
             self.prefilling[0], self.prefilling[index] = self.prefilling[index], self.prefilling[0]
+            self._move_rows([first, first + index], [first + index, first])
         self.prefilling.pop(0)
         self.state.add_row(seq)
         if self.draft is not None:

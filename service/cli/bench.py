@@ -9,6 +9,7 @@ import sys
 
 from genserve.scheduler import EngineConfig
 from genserve.service.cli.flags import (
+    AUTO_KV_CACHE_MEMORY,
     add_model_arguments,
     engine_config,
     int_range,
@@ -112,6 +113,7 @@ def _bench_engine_options(args: argparse.Namespace) -> dict[str, object]:
         max_num_batched_tokens=config.max_num_batched_tokens,
         linear_kernel=config.linear_kernel,
         kv_cache_memory=config.kv_cache_memory,
+        prefix_caching=config.prefix_caching,
     )
 
 
@@ -178,8 +180,15 @@ def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # n
         comparison = bench.compare("prompt lookup", loaded, workload, batch, overrides=lookup)
     else:
         workload = bench.shared_prefix_workload(loaded, prompts, new_tokens)
-        caching = dict(prefix_cache_tokens=16384)
-        comparison = bench.compare("prefix caching", loaded, workload, batch, engine_options=caching)
+        pool = dict(kv_cache_memory=args.kv_cache_memory or AUTO_KV_CACHE_MEMORY[loaded.device.type])
+        comparison = bench.compare(
+            "prefix caching",
+            loaded,
+            workload,
+            batch,
+            engine_options=pool | dict(prefix_caching=True),
+            plain_options=pool | dict(prefix_caching=False),
+        )
     return bench.format_feature_report(comparison, workload)
 
 
@@ -205,6 +214,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="genserve's paged KV cache of this size (as serve's flag; 0: a slot per row); the baseline "
         "'slots' then runs genserve with slots in the same run",
+    )
+    bench.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --kv-cache-memory, share prompt prefixes' blocks between requests, as serve does by default",
     )
     bench.add_argument("--num-prompts", type=int, default=64)
     bench.add_argument("--min-new-tokens", type=int, default=16, help="max_new_tokens is drawn from [min, max]")

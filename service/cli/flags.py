@@ -134,16 +134,12 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine features")
     group.add_argument(
         "--enable-prefix-caching",
-        action="store_true",
-        default=env_default("enable_prefix_caching", "") == "1",
-        help="reuse the KV of prompt prefixes seen before (system prompts, few-shot examples); off by default "
-        "because reused keys shift logits by ~1e-5, so outputs may differ from generate() at near-ties",
-    )
-    group.add_argument(
-        "--prefix-cache-tokens",
-        type=int,
-        default=int(env_default("prefix_cache_tokens", "16384")),
-        help="tokens of KV the prefix cache keeps (least recently used blocks are evicted)",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("enable_prefix_caching", "1") == "1",
+        help="requests whose prompts begin alike (system prompts, few-shot examples, the previous chat turn) share "
+        "the KV blocks of that prefix, and freed blocks stay cached until the pool needs them (paged KV cache "
+        "only; on by default). A prefill that continues cached keys runs other kernel shapes, so logits may move "
+        "by ~1e-6 (fp32) and a near-tie can flip: --no-enable-prefix-caching processes every prompt bit-exact",
     )
     group.add_argument(
         "--assistant-model",
@@ -187,15 +183,18 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
         max_queue=getattr(args, "max_queue", None),
         max_context=getattr(args, "max_context", None),
-        prefix_cache_tokens=args.prefix_cache_tokens if getattr(args, "enable_prefix_caching", False) else None,
         num_assistant_tokens=getattr(args, "num_assistant_tokens", None),
         speculation_max_rows=getattr(args, "speculative_max_batch_size", None),
         decode_mode="eager" if getattr(args, "no_cuda_graphs", False) else "auto",
         linear_kernel=getattr(args, "linear_kernel", None),
         kv_cache_memory=_resolve_kv_cache_memory(args),
+        prefix_caching=getattr(args, "enable_prefix_caching", None),
         kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
     )
-    return EngineConfig(**{name: value for name, value in flags.items() if value is not None} | overrides)
+    values = {name: value for name, value in flags.items() if value is not None} | overrides
+    if not values.get("kv_cache_memory"):
+        values["prefix_caching"] = False  # it shares paged blocks: the slot cache (--kv-cache-memory 0) has none
+    return EngineConfig(**values)
 
 
 def _resolve_kv_cache_memory(args: argparse.Namespace) -> float | None:

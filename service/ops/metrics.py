@@ -105,12 +105,19 @@ class Metrics:
         )
         Gauge(
             "genserve_kv_cache_usage_ratio",
-            "KV blocks in use / blocks in the pool (paged cache); tokens held / rows x max context (slot cache)",
+            "KV blocks in use / blocks in the pool, a block shared by several requests counted once (paged cache); "
+            "tokens held / rows x max context (slot cache)",
             registry=r,
         ).set_function(lambda: engine.snapshot.kv_cache_usage_ratio)
         Gauge(
             "genserve_kv_blocks_free", "Free blocks of the paged KV cache (0 with the slot cache)", registry=r
         ).set_function(lambda: engine.snapshot.kv_blocks_free)
+        Gauge(
+            "genserve_kv_blocks_cached",
+            "Free blocks of the paged KV cache that still hold a cached prefix (reused on a hit, evicted least "
+            "recently used first when the pool needs them)",
+            registry=r,
+        ).set_function(lambda: engine.snapshot.kv_blocks_cached)
         Gauge("genserve_kv_blocks", "Blocks in the paged KV cache's pool (0 with the slot cache)", registry=r).set(
             engine.snapshot.kv_blocks_total
         )

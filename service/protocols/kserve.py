@@ -58,6 +58,7 @@ VLLM_FINISH = {
 }
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
+CACHE_SALT = "cache_salt"  # a request parameter (string): prefix caching shares blocks only between equal salts
 
 
 def decode_tensor(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[object]:
@@ -202,6 +203,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             request_id=request.id,
             return_token_ids=True,
             return_logprobs="cumulative_logprob" in wanted,
+            cache_salt=request.parameters[CACHE_SALT].string_param if CACHE_SALT in request.parameters else "",
         )
         empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
         return InferRequest(

@@ -112,6 +112,18 @@ def _client_id(context: grpc.aio.ServicerContext) -> str:
     return named or context.peer().rsplit(":", 1)[0]
 
 
+MAX_CACHE_SALT_LENGTH = 256
+
+
+def _cache_salt(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
+    """The request's `cache_salt`, else the `x-cache-salt` metadata (how TGIS clients, whose messages have no such
+    field, set it)."""
+    salt = request.cache_salt or dict(context.invocation_metadata() or ()).get("x-cache-salt", "")
+    if len(salt) > MAX_CACHE_SALT_LENGTH:
+        raise ValidationError("cache_salt", f"at most {MAX_CACHE_SALT_LENGTH} characters, got {len(salt)}")
+    return salt
+
+
 @dataclass
 class PreparedRequest:
     prompt_ids: list[int]
@@ -189,6 +201,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             stopping_criteria=tuple((c.name, c.json_args) for c in request.stopping_criteria),
             constraint=constraint,
             negative_prompt_ids=self._negative_prompt_ids(request),
+            cache_salt=_cache_salt(request, context),
         )
         return PreparedRequest(prompt_ids, params, prompt_text, options)
 
@@ -350,7 +363,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 kv_block_size=model.kv_block_size,
             ),
             has_chat_template=bool(self.engine.tokenizer is not None and self.engine.tokenizer.chat_template),
-            prefix_caching=bool(model.config.prefix_cache_tokens),  # as the runner decides
+            prefix_caching=model.config.prefix_caching,
             assistant_model=model.assistant_model,
             architecture=model.architecture,
             attn_implementation=model.attn_implementation,

@@ -124,7 +124,7 @@ class GenerationParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., bad_words_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., eos_token_id: _Optional[_Iterable[int]] = ..., stop_strings: _Optional[_Iterable[str]] = ..., max_time: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., guidance_scale: _Optional[float] = ..., prompt_lookup_num_tokens: _Optional[int] = ..., num_assistant_tokens: _Optional[int] = ..., epsilon_cutoff: _Optional[float] = ..., eta_cutoff: _Optional[float] = ..., top_h: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "input_ids", "messages", "parameters", "request_id", "return_token_ids", "echo_prompt", "truncate_prompt_tokens", "return_logprobs", "top_logprobs", "partial_on_deadline", "resumable", "resume_from_token", "priority", "logits_processors", "stopping_criteria", "num_return_sequences", "constraint", "negative_text", "negative_input_ids", "logprobs_mode")
+    __slots__ = ("text", "input_ids", "messages", "parameters", "request_id", "return_token_ids", "echo_prompt", "truncate_prompt_tokens", "return_logprobs", "top_logprobs", "partial_on_deadline", "resumable", "resume_from_token", "priority", "logits_processors", "stopping_criteria", "num_return_sequences", "constraint", "negative_text", "negative_input_ids", "logprobs_mode", "cache_salt")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class GenerateRequest(_message.Message):
     NEGATIVE_TEXT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_MODE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     text: str
     input_ids: TokenIds
     messages: ChatMessages
@@ -167,7 +168,8 @@ class GenerateRequest(_message.Message):
     negative_text: str
     negative_input_ids: TokenIds
     logprobs_mode: LogprobsMode
-    def __init__(self, text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ..., echo_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., partial_on_deadline: _Optional[bool] = ..., resumable: _Optional[bool] = ..., resume_from_token: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., logits_processors: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ..., stopping_criteria: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ..., num_return_sequences: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., negative_text: _Optional[str] = ..., negative_input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, text: _Optional[str] = ..., input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ..., return_token_ids: _Optional[bool] = ..., echo_prompt: _Optional[bool] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., partial_on_deadline: _Optional[bool] = ..., resumable: _Optional[bool] = ..., resume_from_token: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., logits_processors: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ..., stopping_criteria: _Optional[_Iterable[_Union[CustomComponent, _Mapping]]] = ..., num_return_sequences: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., negative_text: _Optional[str] = ..., negative_input_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Constraint(_message.Message):
     __slots__ = ("regex", "json_schema", "choice", "grammar", "allowed_token_ids")
