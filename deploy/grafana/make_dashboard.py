@@ -36,6 +36,15 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Batch occupancy (rows per step)", "short", [("avg(genserve_batch_size)", "rows")]),
     ("KV cache usage", "percentunit", [("max(genserve_kv_cache_usage_ratio)", "used")]),
     (
+        "KV blocks (paged cache)",
+        "short",
+        [
+            ("sum(genserve_kv_blocks) - sum(genserve_kv_blocks_free)", "held (shared blocks once)"),
+            ("sum(genserve_kv_blocks_cached)", "free, holding a cached prefix"),
+            ("sum(genserve_kv_blocks_free) - sum(genserve_kv_blocks_cached)", "free"),
+        ],
+    ),
+    (
         "Engine step time p99 by phase",
         "s",
         [

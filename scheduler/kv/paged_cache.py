@@ -17,6 +17,7 @@ gather, since a graph cannot choose).
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -56,6 +57,7 @@ class PagedKVCache(SlotKVCache):
                 pools[layer] = torch.zeros(heads, num_blocks + 1, block_size, head_dim, dtype=dtype, device=device)
         self.always_gather = False  # set for captured (CUDA graph) passes, which cannot choose their reads
         self._away: set[int] = set()  # slots holding a block outside their home
+        self._gathered: list[torch.Tensor | None] = [None, None]  # see _gather_buffer
         self._writes: torch.Tensor | None = None  # this pass's write positions in the flattened pool
         self._reads: torch.Tensor | None = None  # the blocks this pass reads, [rows, blocks] (None: nothing)
         self._view_rows: slice | None = None  # the rows whose homes this pass reads in place
@@ -160,7 +162,9 @@ class PagedKVCache(SlotKVCache):
         new rows, else every position each row reads, [rows, heads, length, head_dim]."""
         current = self._current()
         read = []
-        for pool, states in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+        for side, (pool, states) in enumerate(
+            ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states))
+        ):
             rows, heads, queries, head_dim = states.shape
             flat = pool.view(heads, -1, head_dim)
             flat.index_copy_(1, self._writes, states.transpose(0, 1).reshape(heads, -1, head_dim))
@@ -169,9 +173,22 @@ class PagedKVCache(SlotKVCache):
                 homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
                 read.append(homes[:, self._view_rows, :length].transpose(0, 1))
             elif self._reads is not None:
-                gathered = pool.index_select(1, self._reads.flatten()).view(heads, rows, -1, head_dim)
+                blocks = self._reads.flatten()
+                gathered = self._gather_buffer(side, (heads, blocks.numel(), *pool.shape[2:]), pool.dtype)
+                torch.index_select(pool, 1, blocks, out=gathered)
+                gathered = gathered.view(heads, rows, -1, head_dim)
                 read.append(gathered[:, :, :length].transpose(0, 1))
         return (read[0], read[1]) if read else (key_states, value_states)
+
+    def _gather_buffer(self, side: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Where a layer's keys (side 0) or values (1) are gathered: one buffer per side, reused by every layer
+        (each layer's attention is done with it before the next gathers), so that a step does not allocate and
+        fault in fresh memory per layer."""
+        numel = math.prod(shape)
+        buffer = self._gathered[side]
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._gathered[side] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel].view(shape)
 
     def _row_positions(self, row: int, start: int, end: int) -> torch.Tensor:
         rows = torch.tensor([[row]], device=self.device)
