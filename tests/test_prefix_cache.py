@@ -219,3 +219,23 @@ def test_cache_salt_through_every_protocol(tiny_with_tokenizer) -> None:
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in refused.value.details()
     finally:
         server.close()
+
+
+def test_guidance_companions_share_a_cached_negative_prompt(tiny) -> None:
+    """Classifier-free guidance's unconditional rows look their prompt up like any request: a second guided
+    request with the same long negative prompt finds its blocks cached, and both equal the uncached run."""
+    negative = list(range(200, 240))  # 40 tokens: two full blocks
+    schedule = {
+        step: [(f"g{step}", SYSTEM[:20] + [step + 3], dict(max_new_tokens=8, guidance_scale=2.0))] for step in (0, 12)
+    }
+    runs = []
+    for driver in (_cached_driver(tiny, max_running=4), StepDriver(tiny, max_running=4)):
+        for step_requests in schedule.values():
+            for request_id, prompt, overrides in step_requests:
+                driver.submit(request_id, prompt, **overrides, options=dict(negative_prompt_ids=tuple(negative)))
+            driver.run()
+        runs.append(driver)
+    cached, plain = runs
+    assert cached.tokens == plain.tokens and len(cached.tokens) == 2
+    # The second request finds its prompt's first block (SYSTEM[:16]), its companion the negative prompt's two.
+    assert cached.engine.runner.counters().prefix_hits == 16 + 32
