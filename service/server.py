@@ -26,6 +26,8 @@ from genserve.service.proto_gen.genserve.v1 import generate_pb2_grpc
 from genserve.service.proto_gen.inference import grpc_service_pb2_grpc
 from genserve.service.protocols import kserve, tgis
 from genserve.service.protocols.errors import ErrorInterceptor
+from genserve.service.protocols.http_app import OpenAIFrontEnd
+from genserve.service.protocols.http_server import HttpServer
 from genserve.service.protocols.native import SERVICE_NAME, TextGenerationService
 
 # Every service that generates: health, reflection, errors and ORCA reports cover them alike.
@@ -62,6 +64,7 @@ class ServerOptions:
     max_message_bytes: int = 4 * 1024 * 1024
     max_requests_per_client: int | None = None  # None: no per-client limit
     stream_retention_seconds: float = 60.0  # how long a resumable stream is kept for a client to come back
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (None: off; 0 asks for a free port)
 
 
 class GenerationServer:
@@ -81,9 +84,15 @@ class GenerationServer:
         self.rates = RequestRates()
         self.grace_seconds = options.grace_seconds
         self.port = 0  # the bound port, known after start()
+        self.http_port = 0  # the HTTP API's bound port, known after start()
+        self._http: HttpServer | None = None
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
+        self._ready = False  # warmed up and not draining: what HTTP /health reports
+
+    def _serving(self) -> bool:
+        return self._ready and not self.service.draining
 
     def _build(self) -> None:
         """grpc.aio objects belong to the loop they are made in, so they are made inside start()."""
@@ -138,7 +147,15 @@ class GenerationServer:
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.options.host)
             log.info("metrics on port %d at /metrics", self.metrics_port)
+        if self.options.http_port is not None:
+            front_end = OpenAIFrontEnd(
+                self.service, self.async_engine, self.metrics, self.options.auth_tokens, self._serving
+            )
+            self._http = HttpServer(front_end.app(), self.options.host, self.options.http_port, self.options.tls)
+            self.http_port = await self._http.start()
+            log.info("OpenAI-compatible HTTP API on port %d", self.http_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
         log.info("serving %s on port %d", self.async_engine.description.model_name, self.port)
 
     async def _warm_up(self) -> None:
@@ -161,6 +178,8 @@ class GenerationServer:
         while self.service.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(max(0.0, deadline - loop.time()))
+        if self._http is not None:
+            await self._http.stop()
         self.async_engine.stop()
         self._stopped.set()
 

@@ -31,10 +31,14 @@ class ServerThread:
         options: ServerOptions | None = None,
         plugins: PluginRegistry | None = None,
         assistant: LoadedModel | None = None,
+        http: bool = False,
         **config: object,
     ) -> None:
+        """`http`: serve the OpenAI-compatible API too, at `http_url`."""
         self.engine = Engine(loaded, EngineConfig(**config), plugins=plugins or PluginRegistry(), assistant=assistant)
-        options = options or ServerOptions(port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None)
+        options = options or ServerOptions(
+            port=0, grace_seconds=grace_seconds, metrics_port=0 if metrics else None, http_port=0 if http else None
+        )
         self.server = GenerationServer(self.engine, options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
@@ -42,6 +46,7 @@ class ServerThread:
         self.call(self.server.start())
         self._record_engine_events()
         self.target = f"127.0.0.1:{self.server.port}"
+        self.http_url = f"http://127.0.0.1:{self.server.http_port}"
         # A TLS server's tests build their own secure channels.
         self.channel = grpc.insecure_channel(self.target) if options.tls is None else None
         self.stub = generate_pb2_grpc.TextGenerationStub(self.channel) if self.channel is not None else None

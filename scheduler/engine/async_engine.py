@@ -76,8 +76,8 @@ class AsyncEngine:
     def stop(self) -> None:
         self._engine.stop()
 
-    def encode_text(self, text: str) -> list[int]:
-        return self._require_tokenizer().encode(text)
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._require_tokenizer().encode(text, add_special_tokens=add_special_tokens)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self._require_tokenizer()

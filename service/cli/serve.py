@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_requests_per_client=args.max_requests_per_client or None,
         stream_retention_seconds=args.stream_retention_seconds,
+        http_port=args.http_port or None,
     )
     loaded = load(args)
     plugins = PluginRegistry(
@@ -55,9 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve",
-        help="serve a model over gRPC",
-        description="Loads the model, warms it up, then serves genserve.v1.TextGeneration, grpc.health.v1 and "
-        "server reflection. SIGTERM drains: health turns NOT_SERVING, new requests are refused and running ones "
+        help="serve a model over gRPC and the OpenAI-compatible HTTP API",
+        description="Loads the model, warms it up, then serves genserve.v1.TextGeneration, KServe v2, TGIS, "
+        "grpc.health.v1 and server reflection over gRPC, and the OpenAI-compatible API over HTTP. SIGTERM drains: "
+        "health turns NOT_SERVING, new requests are refused and running ones "
         "finish within --drain-seconds. Every flag also reads GENSERVE_<FLAG> from the environment.",
     )
     add_model_arguments(serve)
@@ -67,6 +69,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--host", default=env_default("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)"
     )
     serve.add_argument("--port", type=int, default=int(env_default("port", "50051")))
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=int(env_default("http_port", "8000")),
+        help="the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+        "/detokenize, /health, /metrics), same engine, tokens and TLS as gRPC; 0 turns it off",
+    )
     serve.add_argument(
         "--metrics-port", type=int, default=int(env_default("metrics_port", "9464")), help="Prometheus /metrics port"
     )

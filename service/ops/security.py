@@ -40,6 +40,14 @@ def read_tokens(path: Path) -> frozenset[str]:
     return tokens
 
 
+def bearer_token_accepted(header: str, tokens: frozenset[str]) -> bool:
+    """Whether an `authorization` value is `Bearer <one of tokens>` (gRPC metadata and HTTP headers alike)."""
+    scheme, _, token = header.partition(" ")
+    # compare_digest for every token: timing must not reveal how much of a guess was right.
+    matches = [hmac.compare_digest(token.encode(), known.encode()) for known in tokens]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token with UNAUTHENTICATED, before any handler runs."""
 
@@ -47,11 +55,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens = tokens
 
     def _authorized(self, metadata: tuple[tuple[str, str], ...]) -> bool:
-        header = dict(metadata or ()).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # compare_digest for every token: timing must not reveal how much of a guess was right.
-        matches = [hmac.compare_digest(token.encode(), known.encode()) for known in self._tokens]
-        return scheme.lower() == "bearer" and any(matches)
+        return bearer_token_accepted(dict(metadata or ()).get("authorization", ""), self._tokens)
 
     async def intercept_service(
         self,

@@ -264,7 +264,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        samples = self._samples(self.prepare(request, context), request)
+        samples = self.samples(self.prepare(request, context), request)
         outputs: list[list[GenerationOutput]] = [[] for _ in samples]
         sources = [self.outputs("Generate", sample, request, context) for sample in samples]
         async for index, output in merged(sources):
@@ -285,7 +285,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             choices=choices,
         )
 
-    def _samples(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> list[PreparedRequest]:
+    def samples(self, prepared: PreparedRequest, request: pb.GenerateRequest) -> list[PreparedRequest]:
         """One prepared request per sample: ids `<id>/<i>`, seeds `seed + i` (the engine prefills them once)."""
         count = request.num_return_sequences or 1
         if not 1 <= count <= MAX_RETURN_SEQUENCES:
@@ -313,7 +313,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
                 yield _stream_message(chunk, request, prompt_text="")
             return
         prepared = self.prepare(request, context)
-        samples = self._samples(prepared, request)
+        samples = self.samples(prepared, request)
         if request.resumable:
             if not request.request_id:
                 raise ValidationError("request_id", "a resumable stream needs a request_id to be resumed by")
