@@ -27,7 +27,9 @@ def test_manifests_pass_yamllint() -> None:
     line_length = "{max: 120, allow-non-breakable-inline-mappings: true}"
     config = f"{{extends: default, rules: {{line-length: {line_length}, document-start: disable}}}}"
     result = subprocess.run(
-        [BIN / "yamllint", "--strict", "-d", config, DEPLOY / "k8s", DEPLOY / "envoy"], capture_output=True, text=True
+        [BIN / "yamllint", "--strict", "-d", config, DEPLOY / "k8s", DEPLOY / "envoy", DEPLOY / "gateway"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -86,3 +88,33 @@ def test_scale_out_manifests_agree() -> None:
     proxy = list(yaml.safe_load_all((DEPLOY / "envoy" / "proxy.yaml").read_text()))[0]
     assert generator["files"] == ["envoy.yaml"]
     assert proxy["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == generator["name"]
+
+
+def test_inference_pool_routes_to_the_http_api_by_genserve_metrics(tmp_path: Path) -> None:
+    """The Gateway API Inference Extension example: the pool selects the genserve pods on the HTTP API's port, the
+    endpoint picker reads metric names the server exports, and its core objects validate."""
+    documents = list(yaml.safe_load_all((DEPLOY / "gateway" / "inference-pool.yaml").read_text()))
+    by_kind = {document["kind"]: document for document in documents}
+    pool, picker = by_kind["InferencePool"], by_kind["Deployment"]
+    deployment = _load("deployment.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    http_port = int({e["name"]: e["value"] for e in container["env"]}["GENSERVE_HTTP_PORT"])
+    assert [port["number"] for port in pool["spec"]["targetPorts"]] == [http_port]
+    assert (
+        pool["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    arguments = picker["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(zip(arguments[::2], arguments[1::2]))
+    exported = (Path(__file__).parent.parent / "service" / "ops" / "metrics.py").read_text()
+    for flag in (
+        "--total-queued-requests-metric",
+        "--total-running-requests-metric",
+        "--kv-cache-usage-percentage-metric",
+    ):
+        assert f'"{flags[flag]}"' in exported, flag
+    assert flags["--pool-name"] == pool["metadata"]["name"]
+    assert pool["spec"]["endpointPickerRef"]["name"] == by_kind["Service"]["metadata"]["name"]
+    core = tmp_path / "core.yaml"
+    core.write_text(yaml.safe_dump_all([d for d in documents if d["apiVersion"] in ("v1", "apps/v1")]))
+    result = subprocess.run([BIN / "kubernetes-validate", "--strict", core], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

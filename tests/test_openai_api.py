@@ -10,6 +10,8 @@ import grpc
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
@@ -217,6 +219,16 @@ def test_unknown_model_auth_and_overload_statuses(chat_model) -> None:
                 second = http.post(f"{url}/completions", json=body | {"stream": False}, headers=headers)
                 assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
                 assert second.json()["error"]["type"] == "rate_limit_error"
+            late = http.post(
+                f"{url}/completions",
+                json=body | {"stream": False, "max_tokens": 300},
+                headers=headers | {"x-request-timeout-ms": "1"},
+            )
+            assert late.status_code == 504 and late.json()["error"]["type"] == "timeout_error"
+            server.server.service.draining = True  # as on SIGTERM
+            refused = http.post(f"{url}/completions", json=body | {"stream": False}, headers=headers)
+            assert refused.status_code == 503 and http.get(f"{server.http_url}/health").status_code == 503
+            server.server.service.draining = False
     finally:
         server.close()
 
@@ -248,3 +260,50 @@ def test_tokenize_detokenize_models_and_metrics(server, chat_model) -> None:
         assert server.stub.ModelInfo(pb.ModelInfoRequest()).model_name == "tiny-chat"  # gRPC unharmed
     with pytest.raises(grpc.RpcError):
         server.stub.Generate(pb.GenerateRequest(text=""))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "logprobs",
+    "stream",
+    "logit_bias",
+    "response_format",
+    "top_k",
+    "guided_json",
+    "echo",
+    "best_of",
+    "tools",
+    "unknown_field",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    garbage=st.binary(max_size=40),
+)
+def test_fuzzed_bodies_get_4xx_and_harm_nothing(server, body: dict, path: str, garbage: bytes) -> None:
+    """Wrong types, huge values, unknown fields and broken bytes: a 4xx (or, for a body that happens to be a valid
+    request, a 200), never a 5xx; and the server keeps answering."""
+    body.setdefault("max_tokens", 2)
+    with httpx.Client(base_url=server.http_url, timeout=60) as http:
+        answer = http.post(path, json=body)
+        assert answer.status_code in (200, 400, 404), (body, answer.text)
+        if answer.status_code != 200:
+            assert answer.json()["error"]["message"]
+        raw = http.post(path, content=garbage, headers={"content-type": "application/json"})
+        assert 400 <= raw.status_code < 500
+    assert server.engine.snapshot.num_running <= server.engine.config.max_running

@@ -52,6 +52,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             genserve=_genserve_over_grpc(loaded, args) if args.through_grpc else None,
         )
         print(format_report(results, ceiling, args.max_batch_size))
+        if args.through_http:
+            print()
+            print(_http_against_grpc(loaded, args, workload))
     for feature in features:
         print()
         print(_feature_report(feature, loaded, args))
@@ -139,6 +142,45 @@ def _genserve_over_grpc(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN2
         return BenchResult("genserve over gRPC", answer.seconds, sum(map(len, outputs)), outputs, counters, first)
 
     return run
+
+
+def _http_against_grpc(loaded, args: argparse.Namespace, workload) -> str:  # noqa: ANN001 - a Workload
+    """The workload over gRPC, then over the OpenAI HTTP API, each on a fresh engine behind a local server."""
+    from genserve.scheduler import Engine, in_passing_thread
+    from genserve.service.benchmarks.local_server import local_server, stream_all, stream_all_http
+    from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+    def run(http: bool):  # noqa: ANN202
+        config = engine_config(args, max_running=args.max_batch_size, max_queue=len(workload.prompts) + 1)
+        engine = in_passing_thread(Engine, loaded, config)
+        with local_server(engine, http=http) as target:
+            if http:
+                return stream_all_http(target, workload.prompts, workload.max_new_tokens)
+            requests = [
+                pb.GenerateRequest(
+                    input_ids=pb.TokenIds(ids=prompt),
+                    parameters=pb.GenerationParameters(max_new_tokens=n, do_sample=False),
+                )
+                for prompt, n in zip(workload.prompts, workload.max_new_tokens)
+            ]
+            return stream_all(target, requests)
+
+    lines = [
+        f"{len(workload.prompts)} requests at once, greedy, through a local server (one asyncio client)",
+        "| front end | generated tokens | seconds | tokens/s | mean time to first token | x gRPC |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    runs = {"gRPC (genserve.v1 GenerateStream)": run(False), "HTTP (OpenAI /v1/completions, SSE)": run(True)}
+    grpc_speed = None
+    for name, answer in runs.items():
+        tokens = sum(map(len, answer.outputs))
+        speed = tokens / answer.seconds
+        grpc_speed = grpc_speed or speed
+        ttft = sum(answer.first_token_seconds) / len(answer.first_token_seconds)
+        lines.append(
+            f"| {name} | {tokens} | {answer.seconds:.1f} | {speed:.1f} | {ttft:.2f} s | {speed / grpc_speed:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
@@ -236,6 +278,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="measure genserve through a local gRPC server (every request a stream, all sent at once) instead of "
         "the engine alone",
+    )
+    bench.add_argument(
+        "--through-http",
+        action="store_true",
+        help="also run the workload through a local server over gRPC and over the OpenAI-compatible HTTP API, "
+        "side by side, and report what the HTTP layer costs",
     )
     bench.add_argument(
         "--baselines",
