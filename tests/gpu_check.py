@@ -49,8 +49,12 @@ PARITY_REQUESTS: list[tuple[list[int], dict, int]] = [
     ([(i * 11 + 5) % VOCAB for i in range(20)], {"max_new_tokens": 28}, 5),
     ([100, 200, 300], {"max_new_tokens": 12, "do_sample": True, "top_p": 0.9, "seed": 12}, 7),
     ([5], {"max_new_tokens": 18}, 9),
+    # The second request's prompt again with a new ending: with prefix caching it continues the cached blocks.
+    ([(i * 37) % VOCAB for i in range(3, 45)] + [11, 12, 13], {"max_new_tokens": 14}, 10),
 ]
 PAGED_BYTES = 64 * 2**20
+# (label, --kv-cache-memory, prefix caching): serve's default is the last.
+CACHES = (("slot cache", 0, False), ("paged cache", PAGED_BYTES, False), ("paged, prefix caching", PAGED_BYTES, True))
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,17 @@ def references(loaded: LoadedModel) -> list[list[int]]:
     ]
 
 
-def parity(loaded: LoadedModel, expected: list[list[int]], decode_mode: str, kv_cache_memory: int) -> str:
+def parity(
+    loaded: LoadedModel, expected: list[list[int]], decode_mode: str, kv_cache_memory: int, prefix_caching: bool
+) -> str:
     """Staggered greedy and seeded requests through the engine, each equal to generate() alone (`expected`)."""
     driver = StepDriver(
-        loaded, max_running=4, max_context=128, decode_mode=decode_mode, kv_cache_memory=kv_cache_memory
+        loaded,
+        max_running=4,
+        max_context=128,
+        decode_mode=decode_mode,
+        kv_cache_memory=kv_cache_memory,
+        prefix_caching=prefix_caching,
     )
     schedule: dict[int, list] = {}
     for index, (prompt, parameters, step) in enumerate(PARITY_REQUESTS):
@@ -153,12 +164,14 @@ def parity(loaded: LoadedModel, expected: list[list[int]], decode_mode: str, kv_
                 (i for i, (a, b) in enumerate(zip(served, expected)) if a != b), min(len(served), len(expected))
             )
             raise AssertionError(f"request r{index} {parameters}: differs from generate() at token {first}")
+    hits = driver.engine.runner.counters().prefix_hits
+    equal = f"{len(PARITY_REQUESTS)} requests equal" + (f" ({hits} prompt tokens from the cache)" if hits else "")
     decoder = driver.engine.runner.static_decoder
     if decoder is None or decoder.device.type != "cuda":  # eager steps, or the static pass on a CPU
-        return f"{len(PARITY_REQUESTS)} requests equal"
+        return equal
     if decoder.captured_graphs == 0:  # the fallback the README promises; the warning says which op refused
-        return f"{len(PARITY_REQUESTS)} requests equal; capture failed, so decode steps ran eagerly"
-    return f"{len(PARITY_REQUESTS)} requests equal, {decoder.captured_graphs} CUDA graphs replayed"
+        return f"{equal}; capture failed, so decode steps ran eagerly"
+    return f"{equal}, {decoder.captured_graphs} CUDA graphs replayed"
 
 
 def parity_checks(report: Report, device: torch.device, sizes: Sizes, folder: Path) -> dict[str, Path]:
@@ -170,9 +183,9 @@ def parity_checks(report: Report, device: torch.device, sizes: Sizes, folder: Pa
             loaded = load_model(str(path), dtype=dtype, device=str(device))
             expected = references(loaded)
             for mode_label, mode in decode_modes(device).items():
-                for cache_label, kv_bytes in (("slot", 0), ("paged", PAGED_BYTES)):
-                    name = f"parity {label} {dtype} {mode_label} {cache_label} cache"
-                    run_check(report, name, lambda: parity(loaded, expected, mode, kv_bytes))  # noqa: B023
+                for cache_label, kv_bytes, caching in CACHES:
+                    name = f"parity {label} {dtype} {mode_label} {cache_label}"
+                    run_check(report, name, lambda: parity(loaded, expected, mode, kv_bytes, caching))  # noqa: B023
     return saved
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gpu_check import PARITY_MODELS, SMOKE_SIZES, Report, run_check
+from tests.gpu_check import CACHES, PARITY_MODELS, SMOKE_SIZES, Report, run_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,8 +25,10 @@ def test_cpu_dry_run_writes_every_section(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failed"] == [] and all(check["passed"] for check in report["checks"])
     parity = [check["name"] for check in report["checks"] if check["name"].startswith("parity ")]
-    # every model, in both decode modes, with both caches
-    assert len(parity) == len(PARITY_MODELS) * len(SMOKE_SIZES.dtypes) * 2 * 2
+    # every model, in both decode modes, with every cache (slots, paged, paged with prefix caching)
+    assert len(parity) == len(PARITY_MODELS) * len(SMOKE_SIZES.dtypes) * 2 * len(CACHES)
+    cached = [check for check in report["checks"] if check["name"].endswith("prefix caching")]
+    assert cached and all("prompt tokens from the cache" in check["detail"] for check in cached)
     assert {name.split(" float32")[0] for name in parity} == {f"parity {label}" for label in PARITY_MODELS}
     decode = report["decode_latency"]
     assert [row["batch_size"] for row in decode] == list(SMOKE_SIZES.batch_sizes) * 2
