@@ -198,7 +198,7 @@ class OpenAIFrontEnd:
         if (body.prompt is None) == (body.messages is None):
             raise ValidationError("prompt", "set one of prompt or messages")
         if body.messages is not None:
-            messages = [{"role": m.role, "content": api._text(m, i)} for i, m in enumerate(body.messages)]
+            messages = [{"role": m.role, "content": api.message_text(m, i)} for i, m in enumerate(body.messages)]
             tokens = self.engine.encode_chat(messages)
         else:
             tokens = self.engine.encode_text(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -234,7 +234,7 @@ class OpenAIFrontEnd:
 
     # Generation.
     async def _generate(
-        self, method: str, body: api._Sampling, natives: list[pb.GenerateRequest], request: Request, chat: bool
+        self, method: str, body: api.SamplingRequest, natives: list[pb.GenerateRequest], request: Request, chat: bool
     ) -> Response:
         context = CallContext.of(request, body.user)
         samples, echoes, sample_natives = [], [], []
@@ -292,7 +292,7 @@ class OpenAIFrontEnd:
         self,
         stream: AsyncIterator[tuple[int, GenerationOutput]],
         first: tuple[int, GenerationOutput],
-        body: api._Sampling,
+        body: api.SamplingRequest,
         kind: str,
         identifier: str,
         echoes: list[str],

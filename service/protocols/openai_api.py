@@ -61,7 +61,7 @@ class StructuredOutputs(BaseModel):
     grammar: StrictStr | None = None
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     """What Completions and Chat Completions share: OpenAI's parameters, then vLLM's extra ones."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -97,7 +97,7 @@ class _Sampling(BaseModel):
     tool_choice: Any = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr | list[StrictStr] | TokenIdList | list[TokenIdList]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16  # OpenAI's and vLLM's default for completions
     echo: StrictBool = False
@@ -111,7 +111,7 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
@@ -161,7 +161,7 @@ def prompts(request: CompletionRequest, eos_token_ids: tuple[int, ...]) -> list[
 def chat(request: ChatCompletionRequest, eos_token_ids: tuple[int, ...]) -> pb.GenerateRequest:
     native = _native(request, eos_token_ids)
     for index, message in enumerate(request.messages):
-        native.messages.messages.append(pb.ChatMessage(role=message.role, content=_text(message, index)))
+        native.messages.messages.append(pb.ChatMessage(role=message.role, content=message_text(message, index)))
     if request.max_completion_tokens is not None:
         native.parameters.max_new_tokens = request.max_completion_tokens
     if request.top_logprobs and not request.logprobs:
@@ -172,7 +172,7 @@ def chat(request: ChatCompletionRequest, eos_token_ids: tuple[int, ...]) -> pb.G
     return native
 
 
-def _text(message: ChatMessage, index: int) -> str:
+def message_text(message: ChatMessage, index: int) -> str:
     """A message's text: a string, or content parts of type text (images and audio are refused)."""
     if message.content is None:
         return ""
@@ -186,7 +186,7 @@ def _text(message: ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
-def _native(request: _Sampling, eos_token_ids: tuple[int, ...]) -> pb.GenerateRequest:
+def _native(request: SamplingRequest, eos_token_ids: tuple[int, ...]) -> pb.GenerateRequest:
     for name, reason in REFUSED.items():
         if name in (request.model_extra or {}):
             raise ValidationError(name, reason)
@@ -245,7 +245,7 @@ def _set_native(parameters: pb.GenerationParameters, name: str, value: object) -
         raise ValidationError(name, f"wrong type: {error}") from None
 
 
-def _constrain(native: pb.GenerateRequest, request: _Sampling) -> None:
+def _constrain(native: pb.GenerateRequest, request: SamplingRequest) -> None:
     """response_format, vLLM's guided_* parameters and structured_outputs: at most one, as a constraint."""
     found: list[tuple[str, str, object]] = []
     if request.response_format is not None and request.response_format.type != "text":
