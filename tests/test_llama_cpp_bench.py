@@ -1,6 +1,6 @@
 """The llama.cpp comparison's own parts that run without llama.cpp (which is built from source, never in CI):
 the fixed workload and genserve's side of it over gRPC. The llama-server side runs in `genserve bench
---baselines llama.cpp` on a machine that has it (README, "CPU against llama.cpp")."""
+--baselines llama.cpp` on a machine that has it (README, "CPU against vLLM and llama.cpp")."""
 
 from __future__ import annotations
 

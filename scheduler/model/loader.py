@@ -32,6 +32,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     name: str
+    folder: Path | None = None  # the HF folder the weights came from (None: dummy weights)
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +132,7 @@ def load_model(
         model=_build(config, weights, torch_dtype, torch_device, seed, attn_implementation),
         tokenizer=tokenizer,
         name=name,
+        folder=folder if weights is not None else None,
     )
 
 

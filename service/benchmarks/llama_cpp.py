@@ -132,7 +132,7 @@ def run_genserve(name: str, engine, prompts: list[list[int]], new_tokens: int) -
     requests = [pb.GenerateRequest(input_ids=pb.TokenIds(ids=prompt), parameters=parameters) for prompt in prompts]
     with local_server(engine) as target:
         run = stream_all(target, requests)
-    return Run(name, run.seconds, sum(map(len, run.outputs)))
+    return Run(name, run.seconds, run.generated_tokens)
 
 
 def compare(

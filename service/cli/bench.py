@@ -20,7 +20,7 @@ from genserve.service.cli.flags import (
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from genserve.scheduler.benchmarks.throughput import default_workload, format_report, run_benchmark
+    from genserve.scheduler.benchmarks.throughput import format_report, run_benchmark
 
     loaded = load(args)
     features = [feature for feature in args.features.split(",") if feature]
@@ -28,20 +28,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown --features {sorted(unknown)}; choose from prompt-lookup, prefix-cache")
     baselines = tuple(b for b in args.baselines.split(",") if b)
-    if "llama.cpp" in baselines:
-        print(_llama_cpp_report(loaded, args))
-        baselines = tuple(b for b in baselines if b != "llama.cpp")
-        if not baselines:
-            return 0
+    for peer, report in (("llama.cpp", _llama_cpp_report), ("vllm", _vllm_report)):
+        if peer in baselines:
+            print(report(loaded, args))
+            baselines = tuple(b for b in baselines if b != peer)
+            if not baselines:
+                return 0
     if not args.skip_main:
-        workload = default_workload(
-            loaded,
-            num_prompts=args.num_prompts,
-            min_new_tokens=args.min_new_tokens,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            context_paragraphs=int_range(args.context_paragraphs, "--context-paragraphs"),
-        )
+        workload = _mixed_workload(loaded, args)
         results, ceiling = run_benchmark(
             loaded,
             workload,
@@ -139,7 +133,7 @@ def _genserve_over_grpc(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN2
         outputs = answer.outputs
         first = tuple(answer.first_token_seconds)
         counters = engine.runner.counters()
-        return BenchResult("genserve over gRPC", answer.seconds, sum(map(len, outputs)), outputs, counters, first)
+        return BenchResult("genserve over gRPC", answer.seconds, answer.generated_tokens, outputs, counters, first)
 
     return run
 
@@ -173,10 +167,9 @@ def _http_against_grpc(loaded, args: argparse.Namespace, workload) -> str:  # no
     runs = {"gRPC (genserve.v1 GenerateStream)": run(False), "HTTP (OpenAI /v1/completions, SSE)": run(True)}
     grpc_speed = None
     for name, answer in runs.items():
-        tokens = sum(map(len, answer.outputs))
-        speed = tokens / answer.seconds
+        tokens, speed = answer.generated_tokens, answer.tokens_per_second
         grpc_speed = grpc_speed or speed
-        ttft = sum(answer.first_token_seconds) / len(answer.first_token_seconds)
+        ttft = answer.mean_first_token_seconds
         lines.append(
             f"| {name} | {tokens} | {answer.seconds:.1f} | {speed:.1f} | {ttft:.2f} s | {speed / grpc_speed:.2f}x |"
         )
@@ -210,6 +203,84 @@ def _llama_cpp_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
         f"genserve ({loaded.model.dtype}, {loaded.attn_implementation})".replace("torch.", ""),
     )
     return format_comparison(runs, args.parallel, args.prompt_tokens, args.new_tokens)
+
+
+def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
+    """genserve over gRPC against vLLM's CPU build, on the peers' fixed workload and the mixed chat workload."""
+    from pathlib import Path
+
+    from genserve.scheduler.benchmarks.throughput import Workload
+    from genserve.service.benchmarks.llama_cpp import fixed_prompts
+    from genserve.service.benchmarks.local_server import serve_process, stream_all
+    from genserve.service.benchmarks.vllm_cpu import compare, format_comparison
+    from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+    if not args.vllm_python:
+        raise SystemExit("the vllm baseline needs --vllm-python PATH: the python of a vllm-cpu environment")
+    if loaded.folder is None:
+        raise SystemExit("the vllm baseline serves the model's weights folder: not --load-format dummy")
+    rows = args.max_batch_size
+    workloads = {
+        f"{args.parallel} x {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens": Workload(
+            fixed_prompts(loaded.tokenizer, args.parallel, args.prompt_tokens), [args.new_tokens] * args.parallel
+        ),
+        f"{args.num_prompts} mixed chat prompts, {args.min_new_tokens}..{args.max_new_tokens} new tokens": (
+            _mixed_workload(loaded, args)
+        ),
+    }
+
+    def run_genserve(workload: Workload):  # noqa: ANN202 - a StreamedRun
+        requests = [
+            pb.GenerateRequest(
+                input_ids=pb.TokenIds(ids=prompt),
+                parameters=pb.GenerationParameters(max_new_tokens=n, do_sample=False, ignore_eos=True),
+            )
+            for prompt, n in zip(workload.prompts, workload.max_new_tokens)
+        ]
+        with serve_process(_serve_flags(args, rows, len(requests)), Path(args.vllm_log)) as target:
+            stream_all(target, requests[:1])  # warm-up, as vLLM gets one
+            return stream_all(target, requests)
+
+    results = compare(
+        run_genserve,
+        workloads,
+        Path(args.vllm_python),
+        loaded.folder,
+        rows,
+        args.enable_prefix_caching and args.kv_cache_memory > 0,
+        Path(args.vllm_log),
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    return format_comparison(results)
+
+
+def _mixed_workload(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - a throughput.Workload
+    """The mixed chat workload that the bench's flags describe."""
+    from genserve.scheduler.benchmarks.throughput import default_workload
+
+    return default_workload(
+        loaded,
+        num_prompts=args.num_prompts,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        context_paragraphs=int_range(args.context_paragraphs, "--context-paragraphs"),
+    )
+
+
+def _serve_flags(args: argparse.Namespace, rows: int, queue: int) -> list[str]:
+    """`genserve serve`'s flags for the engine this bench's flags describe."""
+    config = engine_config(args, max_running=rows, max_queue=queue + 1)
+    flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--load-format", args.load_format]
+    flags += ["--linear-kernel", config.linear_kernel, "--attn-implementation", args.attn_implementation]
+    flags += ["--max-batch-size", str(rows), "--max-queue", str(queue + 1), "--max-context", str(config.max_context)]
+    flags += ["--max-num-batched-tokens", str(config.max_num_batched_tokens)]
+    flags += [
+        "--kv-cache-memory",
+        str(int(config.kv_cache_memory) if config.kv_cache_memory > 1 else config.kv_cache_memory),
+    ]
+    flags.append("--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching")
+    return flags + (["--no-cuda-graphs"] if args.no_cuda_graphs else [])
 
 
 def _feature_report(feature: str, loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
@@ -290,14 +361,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="sequential,static,continuous",
         help="comma-separated subset of: sequential, static, continuous, slots (genserve with a KV slot per row, "
         "against --kv-cache-memory's paged cache), llama.cpp (llama-server on the model's GGUF, as shipped and "
-        "requantized to F32, against genserve over gRPC; see the llama.cpp options)",
+        "requantized to F32, against genserve over gRPC; see the llama.cpp options), vllm (vLLM's CPU build over "
+        "its OpenAI API, with its defaults and with every core bound to compute, against genserve over gRPC, on "
+        "the llama.cpp options' fixed workload and on the mixed chat workload; needs --vllm-python)",
     )
-    llama = bench.add_argument_group("llama.cpp", "the llama.cpp baseline's workload: all requests sent at once")
+    llama = bench.add_argument_group(
+        "llama.cpp and vLLM", "the peers' fixed workload: all requests sent at once, eos ignored"
+    )
     llama.add_argument("--llama-server", help="path to llama-server (default: on PATH); llama-quantize beside it")
     llama.add_argument("--parallel", type=int, default=16, help="requests, llama-server slots and genserve rows")
     llama.add_argument("--prompt-tokens", type=int, default=80, help="tokens per prompt")
     llama.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request (eos ignored)")
     llama.add_argument("--threads", type=int, default=0, help="llama-server threads (0: every core)")
+    llama.add_argument(
+        "--vllm-python", help="the python of a vllm-cpu environment (../shared/tools/vllm-cpu-venv.sh builds one)"
+    )
+    llama.add_argument("--vllm-log", default="vllm-baseline.log", help="where vLLM's server log is appended")
     features = bench.add_argument_group(
         "features", "genserve with and without a feature, on a workload made for it, in the same run"
     )

@@ -33,3 +33,5 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request it sends at INFO: a benchmark's client would drown the report.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

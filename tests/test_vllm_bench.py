@@ -1,0 +1,51 @@
+"""The vLLM comparison's own parts that run without vLLM (slow to install, never in CI): genserve's side as a
+`genserve serve` process started from the bench's flags, the report, and a vLLM that fails to start. The vLLM side
+runs in `genserve bench --baselines vllm --vllm-python PATH` (README, "CPU against vLLM and llama.cpp")."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from genserve.service.benchmarks.local_server import StreamedRun, serve_process, stream_all
+from genserve.service.benchmarks.vllm_cpu import Result, format_comparison, vllm_server
+from genserve.service.cli.bench import _serve_flags
+from genserve.service.cli.main import build_parser
+from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from tests.conftest import byte_tokenizer, tiny_model
+
+
+def test_genserve_side_serves_with_the_bench_flags_and_streams_every_token(tmp_path: Path) -> None:
+    tiny_model().save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    args = build_parser().parse_args(
+        ["bench", "--model", str(tmp_path / "model"), "--kv-cache-memory", "64MiB", "--max-batch-size", "3"]
+    )
+    flags = _serve_flags(args, rows=3, queue=4)
+    assert flags[flags.index("--max-batch-size") + 1] == "3" and flags[flags.index("--max-queue") + 1] == "5"
+    parameters = pb.GenerationParameters(max_new_tokens=7, do_sample=False, ignore_eos=True)
+    requests = [
+        pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5 + i] * (3 + i)), parameters=parameters) for i in range(4)
+    ]
+    with serve_process(flags, tmp_path / "serve.log") as target:
+        run = stream_all(target, requests)
+    assert run.token_counts == [7] * 4 and run.generated_tokens == 28
+    assert all(0 < first <= run.seconds for first in run.first_token_seconds)
+
+
+def test_report_gives_each_system_its_ratio_to_genserve() -> None:
+    ours = StreamedRun(2.0, [50, 50], [0.5, 0.7])
+    theirs = StreamedRun(4.0, [50, 50], [1.0, 1.4])
+    report = format_comparison([Result("w", "genserve (gRPC)", ours), Result("w", "vLLM, default (HTTP)", theirs)])
+    assert "| w | genserve (gRPC) | 100 | 2.0 | 50.0 | 0.60 s | 1.00x |" in report
+    assert "| w | vLLM, default (HTTP) | 100 | 4.0 | 25.0 | 1.20 s | 2.00x |" in report
+
+
+def test_a_vllm_that_cannot_start_is_a_clear_error_pointing_at_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "vllm.log"
+    with pytest.raises(RuntimeError, match="vllm.log"):
+        with vllm_server(Path(sys.executable), tmp_path, 4, False, False, log):
+            pass  # pragma: no cover - this python has no vllm, so the server exits at once
+    assert "vllm" in log.read_text()
