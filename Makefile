@@ -12,7 +12,7 @@ CLIENTS_LOCK := tests/clients/requirements.lock
 LATEST := .venv-latest
 LATEST_CLIENTS := .venv-latest-clients
 
-.PHONY: serve test test-tools test-latest lock gpu-wheels gpu-check bench proto architectures clean
+.PHONY: serve test test-tools test-latest lock gpu-wheels gpu-check bench loadtest-guidellm proto architectures clean
 
 # $(1): the environment's folder; $(2): pip's constraint options (the lock file, or none for the newest releases).
 define install_genserve
@@ -94,6 +94,18 @@ gpu-check:
 
 bench: $(STAMP)
 	$(VENV)/bin/genserve bench
+
+# Not in CI: guidellm, a third-party OpenAI load tester, sweeps `genserve serve`'s HTTP API, and its figures are
+# checked against the server's /metrics. It pins its own torch and transformers: an environment of its own.
+GUIDELLM := .venv-guidellm
+$(GUIDELLM)/.installed:
+	python3 -m venv --clear $(GUIDELLM)
+	$(GUIDELLM)/bin/python -m pip install -q torch==2.13.0
+	$(GUIDELLM)/bin/python -m pip install -q guidellm==0.8.1
+	touch $@
+
+loadtest-guidellm: $(STAMP) $(GUIDELLM)/.installed
+	$(PY) -m genserve.service.benchmarks.guidellm_sweep --guidellm $(GUIDELLM)/bin/guidellm
 
 proto: $(STAMP)
 	$(PY) proto/build.py

@@ -11,8 +11,8 @@ so the client commands (`genserve generate`, `chat`, `loadtest`) start without i
   `ModelDescription`, `EngineSnapshot`, `LoadReport`, `StepStats`.
 - Errors a request can meet: `ValidationError` (names the field), `QueueFullError`, `DeadlineUnreachableError`,
   `RequestFailedError`; at start-up `UnsupportedModelError`.
-- Start-up: `load_model`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `resolve_device`, `PluginRegistry`,
-  `parse_registrations`, `in_passing_thread`, `resolve_linear_kernel`, `onednn_applies`.
+- Start-up: `load_model`, `model_folder`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `resolve_device`,
+  `PluginRegistry`, `parse_registrations`, `in_passing_thread`, `resolve_linear_kernel`, `onednn_applies`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _ON_FIRST_USE = {
     "GenerationOutput": "genserve.scheduler.engine.async_engine",
     "RequestFailedError": "genserve.scheduler.engine.async_engine",
     "load_model": "genserve.scheduler.model.loader",
+    "model_folder": "genserve.scheduler.model.loader",
     "LoadedModel": "genserve.scheduler.model.loader",
     "DEFAULT_MODEL": "genserve.scheduler.model.loader",
     "default_gguf_path": "genserve.scheduler.model.loader",

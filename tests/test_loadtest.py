@@ -103,3 +103,39 @@ def test_loadtest_sends_long_prompts_and_compares_two_servers_on_the_same_reques
     for row in rows.values():
         assert row["target"] > 0 and row["compare_target"] > 0
         assert abs(row["ratio"] - row["compare_target"] / row["target"]) < 1e-9
+
+
+def _guidellm_benchmark(requests: int, output_tokens: int, ttft_ms: float) -> dict:
+    """The parts of a guidellm JSON report's benchmark that the agreement check reads."""
+    return {
+        "metrics": {
+            "request_totals": {"successful": requests, "errored": 0},
+            "prompt_token_count": {"successful": {"total_sum": 64.0 * requests}},
+            "output_token_count": {"successful": {"total_sum": float(output_tokens)}},
+            "time_to_first_token_ms": {"successful": {"total_sum": ttft_ms * requests}},
+        }
+    }
+
+
+def test_guidellm_figures_are_checked_against_the_server_counters() -> None:
+    from collections import Counter
+
+    from genserve.service.benchmarks.guidellm_sweep import agreements
+
+    ok = ("genserve_requests_total", (("code", "OK"), ("finish_reason", "length"), ("method", "Completions")))
+    before = Counter({ok: 2.0, ("genserve_generated_tokens_total", ()): 10.0})
+    after = Counter(
+        {
+            ok: 8.0,
+            ("genserve_generated_tokens_total", ()): 202.0,
+            ("genserve_prompt_tokens_total", ()): 384.0,
+            ("genserve_time_to_first_token_seconds_sum", (("priority", "interactive"),)): 2.4,
+            ("genserve_time_to_first_token_seconds_count", (("priority", "interactive"),)): 6.0,
+        }
+    )
+    agreeing = agreements([_guidellm_benchmark(6, 192, 450.0)], before, after)
+    assert all(check.agrees for check in agreeing), agreeing
+    off = {check.figure: check for check in agreements([_guidellm_benchmark(6, 191, 900.0)], before, after)}
+    assert not off["generated tokens"].agrees and off["generated tokens"].server == 192
+    assert not off["mean time to first token (s)"].agrees
+    assert off["successful requests"].agrees and off["prompt tokens"].agrees

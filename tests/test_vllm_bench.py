@@ -29,8 +29,8 @@ def test_genserve_side_serves_with_the_bench_flags_and_streams_every_token(tmp_p
     requests = [
         pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5 + i] * (3 + i)), parameters=parameters) for i in range(4)
     ]
-    with serve_process(flags, tmp_path / "serve.log") as target:
-        run = stream_all(target, requests)
+    with serve_process(flags, tmp_path / "serve.log") as served:
+        run = stream_all(served.grpc_target, requests)
     assert run.token_counts == [7] * 4 and run.generated_tokens == 28
     assert all(0 < first <= run.seconds for first in run.first_token_seconds)
 

@@ -97,6 +97,20 @@ def converted_gguf_folder(gguf_path: Path) -> Path:
     return target
 
 
+def model_folder(spec: str) -> tuple[Path, str]:
+    """The HF folder that `spec` ("default", a local HF folder or a .gguf file) loads from, and the model's name;
+    a GGUF is converted into one on first use."""
+    if spec == DEFAULT_MODEL:
+        folder, name = converted_gguf_folder(default_gguf_path()), DEFAULT_MODEL_NAME
+    elif spec.endswith(".gguf"):
+        folder, name = converted_gguf_folder(Path(spec)), Path(spec).stem
+    else:
+        folder, name = Path(spec), Path(spec).name
+    if not folder.exists():
+        raise FileNotFoundError(f"--model {spec}: no such folder or file")
+    return folder, name
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     dtype: str = "auto",
@@ -115,14 +129,7 @@ def load_model(
         config = AutoConfig.from_pretrained(BUNDLED_CONFIGS / name)
         model = _build(config, None, torch_dtype, torch_device, seed, attn_implementation)
         return LoadedModel(model=model, tokenizer=None, name=f"{name} (dummy weights)")
-    if spec == DEFAULT_MODEL:
-        folder, name = converted_gguf_folder(default_gguf_path()), DEFAULT_MODEL_NAME
-    elif spec.endswith(".gguf"):
-        folder, name = converted_gguf_folder(Path(spec)), Path(spec).stem
-    else:
-        folder, name = Path(spec), Path(spec).name
-    if not folder.exists():
-        raise FileNotFoundError(f"--model {spec}: no such folder or file")
+    folder, name = model_folder(spec)
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"--load-format must be auto or dummy, not {load_format!r}")
     tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None

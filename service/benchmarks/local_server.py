@@ -86,10 +86,18 @@ def wait_healthy(process: subprocess.Popen, url: str, log_path: Path, seconds: f
             time.sleep(1)
 
 
+@dataclass(frozen=True)
+class ServedProcess:
+    grpc_target: str  # host:port
+    http_url: str  # the OpenAI API's base URL (/metrics is there too)
+
+
 @contextmanager
-def serve_process(serve_flags: list[str], log_path: Path, environment: dict[str, str] | None = None) -> Iterator[str]:
+def serve_process(
+    serve_flags: list[str], log_path: Path, environment: dict[str, str] | None = None
+) -> Iterator[ServedProcess]:
     """`genserve serve` with these flags in a process of its own (as users run it, apart from the load
-    generator), on free local ports, until the block ends; yields its gRPC target once health says SERVING."""
+    generator), on free local ports, until the block ends; yields its endpoints once health says SERVING."""
     port, http_port = free_port(), free_port()
     command = [sys.executable, "-m", "genserve", "serve", *serve_flags, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--http-port", str(http_port), "--metrics-port", "0"]
@@ -99,7 +107,7 @@ def serve_process(serve_flags: list[str], log_path: Path, environment: dict[str,
         )
     try:
         wait_healthy(process, f"http://127.0.0.1:{http_port}/health", log_path)
-        yield f"127.0.0.1:{port}"
+        yield ServedProcess(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
     finally:
         stop_process_group(process)
 

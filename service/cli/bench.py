@@ -237,9 +237,9 @@ def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
             )
             for prompt, n in zip(workload.prompts, workload.max_new_tokens)
         ]
-        with serve_process(_serve_flags(args, rows, len(requests)), Path(args.vllm_log)) as target:
-            stream_all(target, requests[:1])  # warm-up, as vLLM gets one
-            return stream_all(target, requests)
+        with serve_process(_serve_flags(args, rows, len(requests)), Path(args.vllm_log)) as served:
+            stream_all(served.grpc_target, requests[:1])  # warm-up, as vLLM gets one
+            return stream_all(served.grpc_target, requests)
 
     results = compare(
         run_genserve,
