@@ -13,6 +13,7 @@ from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenE
 from genserve.scheduler.engine.loop import Engine
 from genserve.scheduler.model.loader import LoadedModel, load_model
 from tests.architectures import COMMON, EOS, VOCAB
+from tests.references import plain_reference, with_plain_reference
 
 TINY_VOCAB = VOCAB
 TINY_EOS = EOS
@@ -38,7 +39,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def tiny() -> LoadedModel:
-    return LoadedModel(model=tiny_model(), tokenizer=None, name="tiny-llama")
+    return LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny-llama")
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +50,15 @@ def tiny_with_tokenizer(tiny: LoadedModel) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def default_model() -> LoadedModel:
-    return load_model("default")
+    loaded = load_model("default")
+    with_plain_reference(loaded.model)
+    return loaded
 
 
 def hf_generate(model: torch.nn.Module, prompt: list[int], params: GenerationParameters) -> list[int]:
-    """The reference: `model.generate()` on this request alone, with the same parameters."""
+    """The reference: `model.generate()` on this request alone, with the same parameters, on the plain copy of
+    `model` kept by `with_plain_reference` (or on `model` itself, while no engine has packed it)."""
+    model = plain_reference(model)
     kwargs = dict(
         max_new_tokens=params.max_new_tokens,
         do_sample=params.is_sampling,

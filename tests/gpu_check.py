@@ -38,6 +38,7 @@ from genserve.scheduler.benchmarks.throughput import default_workload, run_bench
 from genserve.scheduler.model.loader import LoadedModel, load_model
 from tests.architectures import SERVED, VOCAB, Case, save_tiny_model
 from tests.conftest import StepDriver, hf_generate
+from tests.references import with_plain_reference
 
 PARITY_MODELS = ("Llama", "Qwen3", "Gemma 3", "Mixtral")
 # (prompt, parameters, step it joins at): lengths differ, the long prompt runs past the sliding windows, the seeded
@@ -181,6 +182,7 @@ def parity_checks(report: Report, device: torch.device, sizes: Sizes, folder: Pa
     for label, path in saved.items():
         for dtype in sizes.dtypes:
             loaded = load_model(str(path), dtype=dtype, device=str(device))
+            with_plain_reference(loaded.model)  # the engine packs the model in place on a CPU
             expected = references(loaded)
             for mode_label, mode in decode_modes(device).items():
                 for cache_label, kv_bytes, caching in CACHES:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from genserve.scheduler.model.loader import load_model
+from genserve.scheduler.model.loader import LoadedModel, load_model
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.architectures import REFUSED, SERVED, VOCAB, Case, readme_table, save_tiny_model, tiny_config
 from tests.conftest import hf_generate
+from tests.references import with_plain_reference
 from tests.serving import ServerThread, ids_request
 
 GREEDY = [
@@ -49,11 +50,18 @@ def _stream_staggered(stub, requests: list[pb.GenerateRequest]) -> list[list[int
     return tokens
 
 
+def _load_with_reference(case: Case, tmp_path: Path) -> LoadedModel:
+    """The case's tiny model from a folder, as served, with a plain copy kept for `hf_generate`."""
+    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    with_plain_reference(loaded.model)
+    return loaded
+
+
 @pytest.mark.parametrize(
     "case", SERVED, ids=[case.model_type + ("-" + case.label if " " in case.label else "") for case in SERVED]
 )
 def test_served_equals_generate_alone(case: Case, tmp_path: Path) -> None:
-    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    loaded = _load_with_reference(case, tmp_path)
     server = ServerThread(loaded, max_running=4)
     try:
         info = server.stub.ModelInfo(pb.ModelInfoRequest())
@@ -146,7 +154,7 @@ def test_prompts_prefilled_together_equal_generate_alone(case: Case, tmp_path: P
     """Prompts admitted in the same step share one right-padded prefill (past the sliding window)."""
     from tests.conftest import StepDriver
 
-    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    loaded = _load_with_reference(case, tmp_path)
     driver = StepDriver(loaded, max_running=8)
     # Ids from 3 up: generate() would mask a pad id (0) inside the reference prompt.
     lengths = (12, 14, 13, 15, 11)
@@ -165,7 +173,7 @@ def test_prompts_prefilled_in_chunks_equal_generate_alone(case: Case, tmp_path: 
     it through the model's masks (sliding windows included), while two rows decode."""
     from tests.conftest import StepDriver
 
-    loaded = load_model(str(save_tiny_model(case, tmp_path)), device="cpu")
+    loaded = _load_with_reference(case, tmp_path)
     driver = StepDriver(loaded, max_running=4, max_num_batched_tokens=9)
     prompts = {
         "short0": [3 + (j * 17) % (VOCAB - 3) for j in range(5)],

@@ -18,6 +18,7 @@ from genserve.scheduler.core.step_plan import ModelOutput, RowResult, StepPlan, 
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.conftest import TINY_VOCAB, StepDriver, hf_generate, tiny_model
+from tests.references import with_plain_reference
 from tests.serving import ServerThread, ids_request, wait_for
 from tests.test_engine_parity import MIXED_PARAMETERS
 from tests.test_scheduler import _seq
@@ -121,7 +122,8 @@ def test_seeded_sampling_survives_preemption_and_batch_mates(tiny) -> None:
 def test_a_long_prompt_is_served_next_to_short_ones_in_a_budget_no_slot_could_hold() -> None:
     """A 12,000-token prompt decodes beside short requests in 8 MB of KV, where slots of the same 16,384-token
     context would hold 8 MB / (16,384 x 512 B) = 1 row; all outputs equal generate()."""
-    loaded = LoadedModel(model=tiny_model(seed=3, max_position_embeddings=16384), tokenizer=None, name="tiny-long")
+    model = with_plain_reference(tiny_model(seed=3, max_position_embeddings=16384))
+    loaded = LoadedModel(model=model, tokenizer=None, name="tiny-long")
     driver = StepDriver(loaded, max_running=4, max_context=16384, kv_cache_memory=8 * 2**20)
     rng = random.Random(5)
     long_prompt = [rng.randrange(3, TINY_VOCAB) for _ in range(12_000)]

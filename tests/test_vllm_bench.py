@@ -1,6 +1,7 @@
 """The vLLM comparison's own parts that run without vLLM (slow to install, never in CI): genserve's side as a
 `genserve serve` process started from the bench's flags, the report, and a vLLM that fails to start. The vLLM side
-runs in `genserve bench --baselines vllm --vllm-python PATH` (README, "CPU against vLLM and llama.cpp")."""
+runs in `genserve bench --baselines vllm --vllm-python PATH` (README, "CPU against vLLM and llama.cpp"). Also
+`genserve bench --serving-memory`, which measures `genserve serve` processes from outside as well."""
 
 from __future__ import annotations
 
@@ -49,3 +50,15 @@ def test_a_vllm_that_cannot_start_is_a_clear_error_pointing_at_its_log(tmp_path:
         with vllm_server(Path(sys.executable), tmp_path, 4, False, False, log):
             pass  # pragma: no cover - this python has no vllm, so the server exits at once
     assert "vllm" in log.read_text()
+
+
+def test_serving_memory_reads_the_server_and_a_libraries_only_process(tmp_path: Path) -> None:
+    from genserve.service.benchmarks.serving_memory import format_memory, measure
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    pool = 64 * 2**20
+    memory = measure(str(tmp_path / "model"), tmp_path / "model", "onednn", pool, tmp_path / "serve.log")
+    assert memory.weights == (tmp_path / "model" / "model.safetensors").stat().st_size
+    # The server holds the pool (every byte written) and the libraries on top of what an idle process holds.
+    assert memory.rss > memory.libraries_only + pool > 100 * 2**20
+    assert "| onednn |" in format_memory([memory])

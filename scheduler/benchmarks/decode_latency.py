@@ -56,7 +56,10 @@ def copy_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    """The bytes of the weights a step reads: parameters, and the buffers that hold packed Linear weights once an
+    engine has packed the model (their plain stand-ins are on the meta device and hold nothing)."""
+    tensors = [*model.parameters(), *(buffer for buffer in model.buffers() if not buffer.is_meta)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def measure_decode_step(

@@ -10,10 +10,11 @@ scheduler around this model could do. The HF baselines run the model as loaded, 
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from genserve.scheduler.core.config import EngineConfig
 from genserve.scheduler.core.request import RequestOptions, TokenEvent
 from genserve.scheduler.core.snapshot import TokenCounters
 from genserve.scheduler.engine.loop import Engine
-from genserve.scheduler.model.cpu_linear import with_linear_kernel
+from genserve.scheduler.model.cpu_linear import is_prepacked, with_linear_kernel
 from genserve.scheduler.model.cpu_threads import in_passing_thread
 from genserve.scheduler.model.loader import LoadedModel
 
@@ -246,16 +247,19 @@ def run_benchmark(
     Every run has a passing thread of its own, so that none leaves torch's worker threads behind to slow the
     next (scheduler/model/cpu_threads.py)."""
     genserve = genserve or (lambda w: run_genserve(loaded, w, max_batch_size, engine_options=engine_options))
+    # genserve's engine packs the model's Linear layers in place: transformers' own runs get the model as loaded
+    # (or packed as well, where an engine packed it before this benchmark).
+    plain = loaded if is_prepacked(loaded.model) else replace(loaded, model=copy.deepcopy(loaded.model))
     # Warm-up: first calls pay one-off costs (allocator, kernels) that belong to nobody's throughput.
     warm = Workload(workload.prompts[:2], [4, 4])
     in_passing_thread(genserve, warm)
-    in_passing_thread(run_hf_sequential, loaded, warm)
+    in_passing_thread(run_hf_sequential, plain, warm)
     results = [in_passing_thread(genserve, workload)]
     log(f"{results[0].name}: {results[0].tokens_per_second:.1f} tokens/s")
     runners = {
-        "sequential": lambda: run_hf_sequential(loaded, workload),
-        "static": lambda: run_hf_static(loaded, workload, max_batch_size),
-        "continuous": lambda: run_hf_continuous(loaded, workload, max_batch_size),
+        "sequential": lambda: run_hf_sequential(plain, workload),
+        "static": lambda: run_hf_static(plain, workload, max_batch_size),
+        "continuous": lambda: run_hf_continuous(plain, workload, max_batch_size),
         "slots": lambda: run_genserve(
             loaded,
             workload,

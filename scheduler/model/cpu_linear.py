@@ -3,18 +3,19 @@
 `torch.nn.functional.linear` on CPU calls MKL's sgemm on the plain [out, in] weight, which handles the skinny
 matrices of decode steps (a few rows against a wide weight) poorly: a 16-row step against SmolLM2's 49,152-token
 head takes 2.4x longer than oneDNN on a weight reordered once into its blocked layout (what inductor's
-`freezing` does). The engine runs the model through `prepacked_copy`: a copy of the module tree whose Linear
-layers multiply with prepacked weights, sharing every other parameter with the caller's model, which stays as it
-was (so `generate()` on it is the plain reference the parity tests compare against).
+`freezing` does). The engine packs the model it is given in place (`prepack_in_place`): each nn.Linear becomes a
+layer that multiplies with its prepacked weight, and the plain weight is let go, so that the serving process holds
+one copy of the Linear weights (an output head tied to the input embeddings keeps the embeddings, which the model
+needs anyway). `generate()` still works on the packed model; a plain reference for comparing against is a second
+load of the model (the tests keep one).
 
 Sibling projections that read the same input (q/k/v, gate/up: `SIBLING_PROJECTIONS`) multiply as one wider
-prepacked GEMM (`FusedProjections`). The packed weights are a second copy of the Linear weights (the plain ones
-stay in the caller's model).
+prepacked GEMM (`FusedProjections`).
 """
 
 from __future__ import annotations
 
-import copy
+import threading
 
 import torch
 
@@ -35,21 +36,26 @@ def resolve_linear_kernel(kernel: str, model: torch.nn.Module) -> str:
 
 
 class _LinearStandIn(torch.nn.Module):
-    """Stands where an nn.Linear stood: its plain weight (shared with the original layer) stays visible for code
-    that reads shapes, such as `get_output_embeddings().weight`."""
+    """Stands where an nn.Linear stood. Code that reads the weight's shape or dtype (such as
+    `get_output_embeddings().weight`) still can: `weight` is the plain weight where another module owns it too (an
+    output head tied to the embeddings), else a tensor on the meta device, of the same shape and dtype, that holds
+    no memory."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, shared_weights: set[int]) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
+        if id(linear.weight) in shared_weights:
+            self.weight = linear.weight
+        else:
+            self.register_buffer("weight", torch.empty_like(linear.weight, device="meta"), persistent=False)
         self.bias = linear.bias
 
 
 class PrepackedLinear(_LinearStandIn):
     """`linear`'s computation with its weight reordered for oneDNN once."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
-        super().__init__(linear)
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int, shared_weights: set[int]) -> None:
+        super().__init__(linear, shared_weights)
         # The hint tunes the blocking for that many rows; any row count computes correctly.
         self.register_buffer(
             "packed_weight",
@@ -62,8 +68,18 @@ class PrepackedLinear(_LinearStandIn):
 
 
 def with_linear_kernel(model: torch.nn.Module, kernel: str, batch_hint: int) -> torch.nn.Module:
-    """`model` itself, or its prepacked copy where `kernel` resolves to oneDNN."""
-    return prepacked_copy(model, batch_hint) if resolve_linear_kernel(kernel, model) == "onednn" else model
+    """`model`, packed in place where `kernel` resolves to oneDNN (a model packed already stays as it is)."""
+    if is_prepacked(model):
+        if kernel == "aten":
+            raise ValueError("linear_kernel 'aten': this model's Linear layers are packed for oneDNN; load it again")
+        return model
+    if resolve_linear_kernel(kernel, model) == "onednn":
+        prepack_in_place(model, batch_hint)
+    return model
+
+
+def is_prepacked(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, _LinearStandIn) for module in model.modules())
 
 
 # Sibling projections that HF decoders call on the same input, one after the other: multiplied as one wider
@@ -71,6 +87,16 @@ def with_linear_kernel(model: torch.nn.Module, kernel: str, batch_hint: int) -> 
 # SmolLM2): 4.2 ms less per 16-row step of its 30 layers, measured. vLLM fuses the same ones
 # (QKVParallelLinear, MergedColumnParallelLinear).
 SIBLING_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _PendingShares(threading.local):
+    """A fused GEMM's outputs that siblings have yet to take, per thread: engines that share one model run their
+    passes in threads of their own."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor] = []
+        self.unserved: set[int] = set()
 
 
 class FusedProjections:
@@ -91,57 +117,61 @@ class FusedProjections:
                 ]
             )
         self.sizes = [linear.out_features for linear in linears]
-        self.input: torch.Tensor | None = None
-        self.outputs: list[torch.Tensor] = []
-        self.unserved: set[int] = set()
+        self.pending = _PendingShares()
 
     def output(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
-        if inputs is not self.input or index not in self.unserved:
+        pending = self.pending
+        if inputs is not pending.input or index not in pending.unserved:
             fused = torch.ops.mkldnn._linear_pointwise(inputs, self.packed_weight, self.bias, "none", [], "")
-            self.input, self.outputs = inputs, list(fused.split(self.sizes, dim=-1))
-            self.unserved = set(range(len(self.sizes)))
-        self.unserved.discard(index)
-        output = self.outputs[index]
-        if not self.unserved:  # every sibling has its share: hold no activations between calls
-            self.input, self.outputs = None, []
+            pending.input, pending.outputs = inputs, list(fused.split(self.sizes, dim=-1))
+            pending.unserved = set(range(len(self.sizes)))
+        pending.unserved.discard(index)
+        output = pending.outputs[index]
+        if not pending.unserved:  # every sibling has its share: hold no activations between calls
+            pending.input, pending.outputs = None, []
         return output
 
 
 class FusedProjection(_LinearStandIn):
     """One sibling of a FusedProjections group."""
 
-    def __init__(self, linear: torch.nn.Linear, group: FusedProjections, index: int) -> None:
-        super().__init__(linear)
+    def __init__(self, linear: torch.nn.Linear, group: FusedProjections, index: int, shared_weights: set[int]) -> None:
+        super().__init__(linear, shared_weights)
         self.group, self.index = group, index
+        if index == 0:  # the group's GEMM weight, registered once, so that the model's buffers count it
+            self.register_buffer("packed_weight", group.packed_weight, persistent=False)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.index, inputs)
 
 
-def prepacked_copy(model: torch.nn.Module, batch_hint: int) -> torch.nn.Module:
-    """A copy of `model`'s module tree (parameters and buffers shared, not copied) whose nn.Linear layers are
-    PrepackedLinear, or FusedProjection where siblings of SIBLING_PROJECTIONS share an input."""
-    children = model._modules
-    fused: dict[str, torch.nn.Module] = {}
-    for names in SIBLING_PROJECTIONS:
-        linears = [children.get(name) for name in names]
-        siblings = all(type(linear) is torch.nn.Linear for linear in linears)
-        if siblings and len({linear.in_features for linear in linears}) == 1:
-            group = FusedProjections(linears, batch_hint)
-            fused.update(
-                (name, FusedProjection(linear, group, index))
-                for index, (name, linear) in enumerate(zip(names, linears))
-            )
-    clone = copy.copy(model)
-    clone._modules = {
-        name: fused[name] if name in fused else _replacement(child, batch_hint) for name, child in children.items()
+def prepack_in_place(model: torch.nn.Module, batch_hint: int) -> None:
+    """Replace `model`'s nn.Linear layers with PrepackedLinear, or FusedProjection where siblings of
+    SIBLING_PROJECTIONS share an input; their plain weights are let go unless another module holds them too."""
+    shared_weights = {
+        id(parameter)
+        for module in model.modules()
+        if type(module) is not torch.nn.Linear
+        for parameter in module.parameters(recurse=False)
     }
-    return clone
-
-
-def _replacement(module: torch.nn.Module | None, batch_hint: int) -> torch.nn.Module | None:
-    if module is None:  # a child slot the model registered empty
-        return None
-    if type(module) is torch.nn.Linear:
-        return PrepackedLinear(module, batch_hint)
-    return prepacked_copy(module, batch_hint)
+    for module in list(model.modules()):
+        children = module._modules
+        replacements: dict[str, torch.nn.Module] = {}
+        for names in SIBLING_PROJECTIONS:
+            linears = [children.get(name) for name in names]
+            siblings = all(type(linear) is torch.nn.Linear for linear in linears)
+            if siblings and len({linear.in_features for linear in linears}) == 1:
+                group = FusedProjections(linears, batch_hint)
+                replacements.update(
+                    (name, FusedProjection(linear, group, index, shared_weights))
+                    for index, (name, linear) in enumerate(zip(names, linears))
+                )
+        for name, child in children.items():
+            if name not in replacements and type(child) is torch.nn.Linear:
+                replacements[name] = PrepackedLinear(child, batch_hint, shared_weights)
+        children.update(replacements)
+    # Weights loaded from safetensors are views of one memory-mapped file: a parameter that stays (embeddings,
+    # norms) would keep the whole mapping, and every page that packing read, resident. Copies of their own let
+    # the file go.
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()

@@ -90,6 +90,7 @@ def wait_healthy(process: subprocess.Popen, url: str, log_path: Path, seconds: f
 class ServedProcess:
     grpc_target: str  # host:port
     http_url: str  # the OpenAI API's base URL (/metrics is there too)
+    pid: int
 
 
 @contextmanager
@@ -107,7 +108,7 @@ def serve_process(
         )
     try:
         wait_healthy(process, f"http://127.0.0.1:{http_port}/health", log_path)
-        yield ServedProcess(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}")
+        yield ServedProcess(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", process.pid)
     finally:
         stop_process_group(process)
 

@@ -61,6 +61,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = run_kv_capacity(loaded, memory, args.capacity_max_context, args.capacity_max_rows, workload)
         print()
         print(format_capacity_report(results, memory, args.capacity_max_context, tokens))
+    if args.serving_memory:
+        from pathlib import Path
+
+        from genserve.scheduler import model_folder
+        from genserve.service.benchmarks.serving_memory import format_memory, measure
+
+        folder, _ = model_folder(args.model)
+        pool = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else 512 * 2**20
+        kernels = [k for k in args.decode_linear_kernels.split(",") if k] or ["aten", "onednn"]
+        print()
+        print(format_memory([measure(args.model, folder, kernel, pool, Path(args.vllm_log)) for kernel in kernels]))
     if args.long_prompt:
         from genserve.scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
 
@@ -86,7 +97,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model = loaded if dtype is None else load_model(args.model, **(load_options(args) | {"dtype": dtype}))
             # oneDNN packing serves fp32 on CPU only: other dtypes get one column, with aten's matmul.
             applies = onednn_applies(model.model)
-            for kernel in dict.fromkeys(resolve_linear_kernel(k, model.model) if applies else "aten" for k in kernels):
+            resolved = dict.fromkeys(resolve_linear_kernel(k, model.model) if applies else "aten" for k in kernels)
+            # aten first: the engine packs the model for oneDNN in place, for good.
+            for kernel in sorted(resolved, key=lambda kernel: kernel != "aten"):
                 measured = decode_latencies(
                     model, batch_sizes, args.decode_context, decode_mode=config.decode_mode, linear_kernel=kernel
                 )
@@ -392,6 +405,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     features.add_argument("--feature-batch-size", type=int, default=8, help="engine rows for the feature runs")
     features.add_argument("--feature-max-new-tokens", type=int, default=128)
     features.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens for its run")
+    features.add_argument(
+        "--serving-memory",
+        action="store_true",
+        help="`genserve serve`'s resident memory after warm-up against its parts (weights, KV pool, libraries), "
+        "per --decode-linear-kernels (default aten,onednn), with --kv-cache-memory's pool (default 512MiB here)",
+    )
     decode = bench.add_argument_group(
         "decode latency", "one engine decode step per batch size against the memory-bandwidth floor"
     )
