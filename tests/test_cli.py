@@ -79,6 +79,19 @@ def test_bench_decode_latency_one_column_per_mode(tmp_path: Path, capsys) -> Non
     assert len(rows) == 2 and all(line.count(" ms (") == 3 for line in rows)
 
 
+def test_bench_decode_profile_splits_each_step(tmp_path: Path, capsys) -> None:
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--decode-profile"]
+    code = main([*arguments, "--batch-sizes", "1,3", "--decode-context", "12"])
+    report = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith(("| 1 ", "| 3 "))]
+    assert code == 0 and len(rows) == 2
+    for rows_held, row in zip((1, 3), rows):
+        assert row[1].strip().endswith(f"({rows_held * 12})")  # every row prefilled in one step
+        step, gemms, attention, other = (float(cell) for cell in row[2:6])
+        assert step > 0 and gemms > 0 and attention > 0 and other > 0  # the tiny model's ops were all seen
+
+
 def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:
     tiny_model().save_pretrained(tmp_path / "tiny")
     byte_tokenizer().save_pretrained(tmp_path / "tiny")

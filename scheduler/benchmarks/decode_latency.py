@@ -62,11 +62,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def measure_decode_step(
-    loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, **engine_options: str
-) -> float:
-    """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each
-    (`engine_options`: EngineConfig's decode_mode, linear_kernel)."""
+def decoding_engine(
+    loaded: LoadedModel, batch_size: int, context: int, steps: int, **engine_options: str
+) -> tuple[Engine, float]:
+    """An engine with `batch_size` rows of `context` random tokens each, prefilled in one step, with `steps` decode
+    steps left to take; and the seconds that prefill took (`engine_options`: EngineConfig fields)."""
     config = EngineConfig(
         max_running=batch_size,
         max_context=context + steps + 2,
@@ -80,13 +80,27 @@ def measure_decode_step(
         prompt = [rng.randrange(vocab) for _ in range(context)]
         params = engine.make_parameters(max_new_tokens=steps + 2, ignore_eos=True)
         engine.submit(prompt, params, RequestOptions(request_id=str(index)))
+    started = time.perf_counter()
     engine.step()  # prefills every row
+    return engine, time.perf_counter() - started
+
+
+def median_step(engine: Engine, steps: int) -> float:
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         engine.step()  # ends with the step's host copy, so the device work is done
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def measure_decode_step(
+    loaded: LoadedModel, batch_size: int, context: int, steps: int = 8, **engine_options: str
+) -> float:
+    """Median seconds of an engine step that decodes `batch_size` rows holding `context` tokens each
+    (`engine_options`: EngineConfig's decode_mode, linear_kernel)."""
+    engine, _ = decoding_engine(loaded, batch_size, context, steps, **engine_options)
+    return median_step(engine, steps)
 
 
 def decode_latencies(

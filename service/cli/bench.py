@@ -78,6 +78,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = engine_config(args, max_running=args.long_prompt_batch_size)
         print()
         print(format_long_prompt_report(*run_long_prompt(loaded, config, args.long_prompt_tokens)))
+    if args.decode_profile:
+        from genserve.scheduler.benchmarks.step_profile import format_profile, profile_steps
+
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+        config = engine_config(args)
+        results = profile_steps(
+            loaded, batch_sizes, args.decode_context, decode_mode=config.decode_mode, linear_kernel=config.linear_kernel
+        )
+        print()
+        print(format_profile(results, args.decode_context))
     if args.decode_latency:
         from pathlib import Path
 
@@ -415,6 +425,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "decode latency", "one engine decode step per batch size against the memory-bandwidth floor"
     )
     decode.add_argument("--decode-latency", action="store_true", help="measure and print the table")
+    decode.add_argument(
+        "--decode-profile",
+        action="store_true",
+        help="per batch size, the prefill of every row and a decode step split into Linear GEMMs, attention, "
+        "other ops and Python (torch.profiler)",
+    )
     decode.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
     decode.add_argument("--decode-context", type=int, default=256, help="tokens each row holds")
     decode.add_argument("--decode-plot", help="also draw the table as a bar chart into this PNG file")
