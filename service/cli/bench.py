@@ -62,6 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_capacity_report(results, memory, args.capacity_max_context, tokens))
     if args.serving_memory:
+        import tempfile
         from pathlib import Path
 
         from genserve.scheduler import model_folder
@@ -71,7 +72,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         pool = int(args.kv_cache_memory) if args.kv_cache_memory > 1 else 512 * 2**20
         kernels = [k for k in args.decode_linear_kernels.split(",") if k] or ["aten", "onednn"]
         print()
-        print(format_memory([measure(args.model, folder, kernel, pool, Path(args.vllm_log)) for kernel in kernels]))
+        log = Path(tempfile.gettempdir()) / "genserve-serving-memory.log"  # the servers' logs, for a failed start
+        print(format_memory([measure(args.model, folder, kernel, pool, log) for kernel in kernels]))
     if args.long_prompt:
         from genserve.scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
 
