@@ -10,7 +10,8 @@ so the client commands (`genserve generate`, `chat`, `loadtest`) start without i
 - The engine: `EngineConfig`, `Engine` (the loop), `AsyncEngine` (the one object a server holds),
   `ModelDescription`, `EngineSnapshot`, `LoadReport`, `StepStats`.
 - Errors a request can meet: `ValidationError` (names the field), `QueueFullError`, `DeadlineUnreachableError`,
-  `RequestFailedError`; at start-up `UnsupportedModelError`.
+  `RequestFailedError`, `UnknownAdapterError` (a LoRA adapter not loaded), `AdapterError` (one that cannot be
+  served); at start-up `UnsupportedModelError`.
 - Start-up: `load_model`, `model_folder`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `resolve_device`,
   `PluginRegistry`, `parse_registrations`, `in_passing_thread`, `resolve_linear_kernel`, `onednn_applies`.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import importlib
 
 from genserve.scheduler.core.config import DECODE_MODES, LINEAR_KERNELS, EngineConfig
-from genserve.scheduler.core.errors import UnsupportedModelError
+from genserve.scheduler.core.errors import AdapterError, UnknownAdapterError, UnsupportedModelError
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import Constraint, FinishReason, Priority, RequestOptions, TokenLogprob
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, ModelDescription, StepStats
@@ -62,6 +63,8 @@ __all__ = [
     "StepStats",
     "TokenLogprob",
     "UnsupportedModelError",
+    "UnknownAdapterError",
+    "AdapterError",
     "ValidationError",
     *_ON_FIRST_USE,
 ]

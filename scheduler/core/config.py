@@ -35,13 +35,23 @@ class EngineConfig:
     # preempted by the KV blocks they hold (kv_blocks.py).
     kv_cache_memory: float = 0.0
     kv_admission_reserve: float = 0.05  # share of the blocks admission leaves free for running rows to grow into
+    # LoRA adapters (scheduler/model/lora_*.py): PEFT adapter folders loaded at start-up, (name, path); requests
+    # name one in RequestOptions.adapter. A step holds rows of at most max_loras distinct adapters (the device's
+    # adapter slots); ranks above max_lora_rank are refused.
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     @property
     def paged(self) -> bool:
         return self.kv_cache_memory > 0
 
+    @property
+    def serves_adapters(self) -> bool:
+        return bool(self.lora_modules)
+
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context"):
+        for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens <= self.max_running:
@@ -57,5 +67,8 @@ class EngineConfig:
             raise ValueError(f"kv_admission_reserve must be in [0, 1), got {self.kv_admission_reserve}")
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"lora_modules need distinct, non-empty names, got {names}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")

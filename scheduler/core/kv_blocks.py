@@ -6,7 +6,8 @@ Blocks are numbered 1..num_blocks (the cache's block 0 is scratch). Each holder 
 companion) has a table of blocks, in position order; a block has a reference count, its number of holders.
 
 Automatic prefix caching (as vLLM V1 and SGLang): a full block of `block_size` tokens is identified by a hash chained
-over its parent block's hash and its tokens, rooted in the request's `cache_salt` (so different salts never share).
+over its parent block's hash and its tokens, rooted in the request's `cache_salt` and LoRA adapter (so different
+salts or adapters never share).
 A block whose KV is computed is registered under its hash; a later request whose prompt begins with registered
 blocks references them (its count goes up) and computes only the rest. A holder writes only into blocks it alone
 holds: shared blocks are full, and positions are written past them. A registered block with no holder stays cached,
@@ -110,7 +111,7 @@ class BlockPool:
         wanted = num_tokens // self.block_size
         if len(hashes) < wanted:
             tokens = holder.prompt_ids + holder.generated_ids
-            parent = hashes[-1] if hashes else _root(holder.options.cache_salt)
+            parent = hashes[-1] if hashes else _root(holder.options.cache_salt, holder.options.adapter)
             for index in range(len(hashes), wanted):
                 block = array("q", tokens[index * self.block_size : (index + 1) * self.block_size]).tobytes()
                 parent = hashlib.blake2b(parent + block, digest_size=16).digest()
@@ -327,6 +328,9 @@ class BlockPool:
                 heapq.heapify(self._plain_free)
 
 
-def _root(cache_salt: str) -> bytes:
-    """The parent of a request's first block: its salt, so that requests with different salts never share."""
-    return hashlib.blake2b(cache_salt.encode(), digest_size=16).digest() if cache_salt else b""
+def _root(cache_salt: str, adapter: str) -> bytes:
+    """The parent of a request's first block: its salt and its LoRA adapter, so that requests with different salts
+    or adapters (whose keys and values differ for the same tokens) never share."""
+    if not cache_salt and not adapter:
+        return b""
+    return hashlib.blake2b(f"{len(cache_salt)}:{cache_salt}{adapter}".encode(), digest_size=16).digest()

@@ -64,6 +64,9 @@ class RequestOptions:
     negative_prompt_ids: tuple[int, ...] | None = None
     # Prefix caching: only requests with the same salt share cached KV blocks (tenants apart, against timing attacks).
     cache_salt: str = ""
+    # The LoRA adapter this request runs with, by name ("": the base model). Its KV is never shared with another
+    # adapter's, and a step holds at most EngineConfig.max_loras distinct adapters.
+    adapter: str = ""
 
 
 @dataclass

@@ -8,6 +8,8 @@ prefilled whole (bit-exact with `generate()`); a longer one is split into chunks
 keep streaming, and while requests wait it takes at most half of the prompt tokens, so that short prompts are
 not held back for its whole prefill. The plan it returns is data (step_plan.py); `update()` applies the
 runner's output and makes every finish decision.
+Rows of at most `max_loras` distinct LoRA adapters share a step: a request whose adapter would exceed that
+waits at the head of the queue until the rows of one adapter are done.
 With a paged KV cache (`--kv-cache-memory`) a request is also admitted only when the blocks of its prompt fit
 and leave the admission reserve free; when the running rows need blocks that are not free, the least important
 (priority, then newest) requests are preempted: back to the queue, tokens kept, recomputed when readmitted.
@@ -187,6 +189,7 @@ class Scheduler:
         caching = self.blocks is not None and self.blocks.caching
         pending = self._pending_blocks(planned) if caching and len(self.waiting) else {}
         starts: dict[int, int] = {}  # id(request admitted now) -> where its first chunk starts (its cached prefix)
+        adapters = {seq.options.adapter for seq in (*self.running, *self.prefilling)} - {""}
 
         def admit(seq: Sequence) -> bool:
             nonlocal budget, num_slots, out_of_tokens, long_room
@@ -200,11 +203,13 @@ class Scheduler:
             # A prompt that fits in a chunk waits for a step with room for all of it; a longer one starts now,
             # within the long prompts' share.
             size = remaining if remaining <= chunk_size else min(budget, long_room)
-            # Out of tokens (or KV blocks), or waiting for a prefix computed this step, nobody behind it (lower
-            # priority included) goes first: it is next in line. An idle engine takes it even if it eats into the
-            # reserve.
+            # Out of tokens (or KV blocks, or adapter slots), or waiting for a prefix computed this step, nobody
+            # behind it (lower priority included) goes first: it is next in line. An idle engine takes it even if
+            # it eats into the reserve.
+            adapter = seq.options.adapter
             out_of_tokens = (
                 out_of_tokens
+                or (adapter != "" and adapter not in adapters and len(adapters) >= self.config.max_loras)
                 or size <= 0
                 or size > budget
                 or not self._kv_fits(hits, num_slots == 0)
@@ -216,6 +221,8 @@ class Scheduler:
                 self._admit_blocks(hits)
                 for digest in self.blocks.block_hashes(seq, cached + size) if caching else ():
                     pending.setdefault(digest, seq)
+            if adapter:
+                adapters.add(adapter)
             starts[id(seq)] = cached
             planned[id(seq)] = cached + size
             budget -= size

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ from genserve.scheduler.features.constraints import GrammarCompiler
 from genserve.scheduler.features.plugins import PluginRegistry
 from genserve.scheduler.model.draft_model import check_assistant
 from genserve.scheduler.model.loader import LoadedModel
+from genserve.scheduler.model.lora_adapters import LoraAdapter, read_adapter
 from genserve.scheduler.model.out_of_memory import is_out_of_memory
 from genserve.scheduler.model.runner import ModelRunner
 
@@ -51,12 +53,17 @@ class Engine:
             check_assistant(loaded, assistant)
         self.loaded = loaded
         self.config = config
-        self.runner = ModelRunner(loaded.model, config, assistant.model if assistant is not None else None)
+        self.adapters: dict[str, LoraAdapter] = {}  # the LoRA adapters requests may name
+        self.runner = ModelRunner(
+            loaded.model, config, assistant.model if assistant is not None else None, adapters=self.adapters
+        )
+        for name, path in config.lora_modules:  # AdapterError says which one cannot be served, and why
+            self.adapters[name] = self._read_adapter(name, Path(path))
         self.assistant_name = assistant.name if assistant is not None else ""
         self.scheduler = Scheduler(config, self.runner.blocks)
         defaults = model_generation_defaults(loaded.model.generation_config)
         self.submission = Submission(
-            config, defaults, self.vocab_size, assistant is not None, plugins, self.scheduler.blocks
+            config, defaults, self.vocab_size, assistant is not None, plugins, self.scheduler.blocks, self.adapters
         )
         self.grammars = GrammarCompiler(loaded.tokenizer, self.vocab_size)
         self.estimator = LoadEstimator()
@@ -98,6 +105,12 @@ class Engine:
         self._wakeup.set()
         return seq
 
+    def _read_adapter(self, name: str, path: Path) -> LoraAdapter:
+        """The adapter in `path`, read by PEFT into host memory and checked against the served model."""
+        model, lora = self.runner.model, self.runner.lora
+        dtype = model.get_input_embeddings().weight.dtype
+        return read_adapter(name, path, model, lora.targets, self.config.max_lora_rank, dtype, torch.device("cpu"))
+
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self.scheduler.cancel(request_id, reason)
         self._wakeup.set()
@@ -113,6 +126,7 @@ class Engine:
             assistant_model=self.assistant_name,
             architecture=self.loaded.architecture,
             attn_implementation=self.loaded.attn_implementation,
+            adapters=tuple(sorted(self.adapters)),
         )
 
     def load_report(self) -> LoadReport:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.errors import UnknownAdapterError
 from genserve.scheduler.core.kv_blocks import BlockPool
 from genserve.scheduler.core.load_estimator import LoadEstimator
 from genserve.scheduler.core.params import MAX_SPECULATIVE, GenerationParameters, ValidationError
@@ -40,9 +43,12 @@ class Submission:
         has_assistant: bool,
         plugins: PluginRegistry,
         kv_blocks: BlockPool | None = None,
+        adapters: Mapping[str, object] = MappingProxyType({}),
     ) -> None:
-        """`kv_blocks`: the paged KV cache's pool (None: a slot per row, which the context check covers)."""
+        """`kv_blocks`: the paged KV cache's pool (None: a slot per row, which the context check covers);
+        `adapters`: the LoRA adapters requests may name (the engine's, by name)."""
         self.config = config
+        self.adapters = adapters
         self.kv_blocks = kv_blocks
         self.model_defaults = model_defaults
         self.vocab_size = vocab_size
@@ -82,6 +88,8 @@ class Submission:
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValidationError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
         self._check_prompt("input_ids", prompt_ids, params.max_new_tokens)
+        if options.adapter and options.adapter not in self.adapters:
+            raise UnknownAdapterError(options.adapter)
         if options.deadline is not None:
             now = time.monotonic()
             delay = estimator.first_token_delay(
@@ -154,6 +162,6 @@ class Submission:
             list(negative) if negative is not None else seq.prompt_ids[-1:],
             GenerationParameters(max_new_tokens=seq.params.max_new_tokens),
             generated_ids=seq.generated_ids,  # the same list: it always follows its request's tokens
-            options=RequestOptions(cache_salt=seq.options.cache_salt),
+            options=RequestOptions(cache_salt=seq.options.cache_salt, adapter=seq.options.adapter),
             is_companion=True,
         )

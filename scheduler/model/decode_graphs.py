@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
+from genserve.scheduler.model.lora_layers import AdapterRows, adapter_rows
+from genserve.scheduler.model.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 MIN_LENGTH_BUCKET = 64
@@ -32,12 +34,15 @@ class _Captured:
     tokens: torch.Tensor  # [batch bucket, 1]
     positions: torch.Tensor  # [batch bucket, 1]
     read_length: int  # the length bucket
+    adapters: AdapterRows | None = None  # serving LoRA: each row's adapter slot, a static buffer (padding: 0)
     logits: torch.Tensor | None = None  # the graph's output
 
 
 class StaticDecoder:
-    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, capture: bool) -> None:
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, capture: bool, lora: LoraSlots | None) -> None:
+        """`lora`: the adapter slots when serving LoRA adapters (every pass then computes rows' adapters)."""
         self.model = model
+        self.lora = lora
         self.cache = cache
         self.device = cache.device
         self.capture = capture and self.device.type == "cuda"
@@ -52,8 +57,11 @@ class StaticDecoder:
         """Buckets replayed from a CUDA graph (0 on CPU, or after a capture failed and decoding went eager)."""
         return sum(bucket.graph is not None for bucket in self._buckets.values())
 
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor:
-        """Next-token logits [rows, vocab] after each row's token at its position (one query per row)."""
+    def logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int, adapters: list[str] | None = None
+    ) -> torch.Tensor:
+        """Next-token logits [rows, vocab] after each row's token at its position (one query per row), each row
+        with its LoRA adapter (`adapters`, when serving them)."""
         num_rows = tokens.shape[0]
         batch = next(size for size in self.batch_buckets if size >= num_rows)
         length = next(size for size in self.length_buckets if size >= read_length)
@@ -62,13 +70,17 @@ class StaticDecoder:
         bucket.positions.zero_()  # padding rows: token 0 at position 0 of a free slot
         bucket.tokens[:num_rows] = tokens
         bucket.positions[:num_rows] = positions
+        if bucket.adapters is not None:
+            bucket.adapters.slots.zero_()
+            bucket.adapters.slots[:num_rows] = torch.tensor([self.lora.slot_of(name) for name in adapters])
         if bucket.graph is None:
             return self._forward(bucket)[:num_rows]
         bucket.graph.replay()
         return bucket.logits[:num_rows]
 
     def _forward(self, bucket: _Captured) -> torch.Tensor:
-        return decode_pass(self.model, self.cache, bucket.tokens, bucket.positions, bucket.read_length)[:, -1]
+        with adapter_rows(bucket.adapters):
+            return decode_pass(self.model, self.cache, bucket.tokens, bucket.positions, bucket.read_length)[:, -1]
 
     def _prepare(self, batch: int, length: int) -> _Captured:
         bucket = _Captured(
@@ -77,6 +89,9 @@ class StaticDecoder:
             positions=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
             read_length=length,
         )
+        if self.lora is not None:  # always gathered: a captured pass cannot choose by its rows' adapters
+            slots = torch.zeros(batch, dtype=torch.long, device=self.device)
+            bucket.adapters = AdapterRows(slots=slots, factors=self.lora.factors)
         if self.capture:
             self._capture(bucket)
         self._buckets[(batch, length)] = bucket

@@ -26,14 +26,14 @@ class PromptPasses:
         attributable: a failed group is retried one by one, and a request whose own prefill raises fails alone
         (out of memory excepted, which the engine handles for the whole batch)."""
         last_logits: dict[int, torch.Tensor] = {}  # id(request or companion) -> logits after its last token
-        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]] = {}
-        whole: dict[tuple[int, ...], PrefillChunk] = {}
+        prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]] = {}
+        whole: dict[TwinKey, PrefillChunk] = {}
         one_by_one: list[PrefillChunk] = []
         for chunk in chunks:
-            tokens = tuple(chunk.seq.prompt_ids + chunk.seq.generated_ids)
-            alone = chunk.seq.companion is not None or tokens in whole
+            key = _twin_key(chunk.seq)
+            alone = chunk.seq.companion is not None or key in whole
             if chunk.first and chunk.start == 0 and chunk.completes and not alone:
-                whole[tokens] = chunk
+                whole[key] = chunk
             else:
                 one_by_one.append(chunk)
         for group in _padding_groups(list(whole.values())):
@@ -65,7 +65,7 @@ class PromptPasses:
         return torch.cat(joined) if joined else None
 
     def _prefill_together(
-        self, group: list[PrefillChunk], prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
+        self, group: list[PrefillChunk], prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]]
     ) -> dict[int, torch.Tensor]:
         """Give each request of `group` a slot (consecutive) and prefill their whole prompts in one right-padded
         forward."""
@@ -78,15 +78,16 @@ class PromptPasses:
             padded[row, : len(tokens)] = torch.tensor(tokens, device=self.device)
         last = sorted({length - 1 for length in lengths})  # the positions whose logits anyone needs
         keep = torch.tensor(last, device=self.device)
-        logits = prefill_pass(self.model, self.cache, slots[0], padded, logits_to_keep=keep)
+        with self.adapters_of([chunk.seq for chunk in group]):
+            logits = prefill_pass(self.model, self.cache, slots[0], padded, logits_to_keep=keep)
         result = {}
         for row, (chunk, tokens) in enumerate(zip(group, prompts)):
             result[id(chunk.seq)] = logits[row : row + 1, last.index(len(tokens) - 1)]
-            prefilled[tuple(tokens)] = (chunk.seq, result[id(chunk.seq)])
+            prefilled[_twin_key(chunk.seq)] = (chunk.seq, result[id(chunk.seq)])
         return result
 
     def _prefill_chunk(
-        self, chunk: PrefillChunk, prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]]
+        self, chunk: PrefillChunk, prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]]
     ) -> dict[int, torch.Tensor]:
         """Compute one chunk in its request's slot (a first chunk takes a slot, and one for a guidance companion,
         whose prompt is prefilled whole with its request's last chunk). The logits after the last token of each
@@ -110,7 +111,7 @@ class PromptPasses:
         seq: Sequence,
         start: int,
         end: int | None,
-        prefilled: dict[tuple[int, ...], tuple[Sequence, torch.Tensor]],
+        prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]],
         first: bool,
     ) -> torch.Tensor | None:
         """Fill positions [start, end) of `seq`'s slot (end None: to its last token) from a twin prefilled this
@@ -119,16 +120,25 @@ class PromptPasses:
         tokens = seq.prompt_ids + seq.generated_ids
         end = len(tokens) if end is None else end
         self.cache.ensure_capacity(len(tokens) + 1)  # before a twin's KV is copied in
-        twin = prefilled.get(tuple(tokens)) if first and end == len(tokens) else None
+        twin = prefilled.get(_twin_key(seq)) if first and end == len(tokens) else None
         if twin is not None:
             self._share(seq, twin[0], len(tokens))
             return twin[1]
         input_ids = torch.tensor([tokens[start:end]], device=self.device)
-        logits = prefill_pass(self.model, self.cache, self._slot(seq), input_ids, offset=start)[:, -1]
+        with self.adapters_of([seq]):
+            logits = prefill_pass(self.model, self.cache, self._slot(seq), input_ids, offset=start)[:, -1]
         if end < len(tokens):
             return None
-        prefilled[tuple(tokens)] = (seq, logits)
+        prefilled[_twin_key(seq)] = (seq, logits)
         return logits
+
+
+# What makes two requests' prompt KV the same: their LoRA adapter and their tokens.
+TwinKey = tuple[str, tuple[int, ...]]
+
+
+def _twin_key(seq: Sequence) -> TwinKey:
+    return seq.options.adapter, tuple(seq.prompt_ids + seq.generated_ids)
 
 
 def _padding_groups(chunks: list[PrefillChunk], max_padding: float = 0.25) -> list[list[PrefillChunk]]:

@@ -12,6 +12,7 @@ join the decoding rows when their last chunk is computed.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from transformers import PreTrainedModel
@@ -33,6 +34,9 @@ from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.decode_graphs import StaticDecoder
 from genserve.scheduler.model.draft_model import DraftModel
+from genserve.scheduler.model.lora_adapters import LoraAdapter
+from genserve.scheduler.model.lora_layers import adapter_rows, install_lora_layers, lora_targets
+from genserve.scheduler.model.lora_slots import LoraSlots
 from genserve.scheduler.model.prompt_passes import PromptPasses
 from genserve.scheduler.model.speculative_step import propose, verify
 from genserve.scheduler.model.step_results import advance_constraints, limit_tokens, logprob_columns, row_result
@@ -40,11 +44,23 @@ from genserve.scheduler.model.step_results import advance_constraints, limit_tok
 
 class ModelRunner(PromptPasses):
     def __init__(
-        self, model: PreTrainedModel, config: EngineConfig, assistant_model: PreTrainedModel | None = None
+        self,
+        model: PreTrainedModel,
+        config: EngineConfig,
+        assistant_model: PreTrainedModel | None = None,
+        adapters: dict[str, LoraAdapter] | None = None,
     ) -> None:
+        """`adapters`: the LoRA adapters requests may name, by name (the engine's, which it may fill later)."""
         self.config = config
         self.model = model = with_linear_kernel(model, config.linear_kernel, batch_hint=config.max_running)
         self.device = next(model.parameters()).device
+        self.adapters = adapters if adapters is not None else {}
+        self.lora: LoraSlots | None = None
+        if config.serves_adapters:
+            targets = lora_targets(model)
+            install_lora_layers(model, targets)
+            dtype = model.get_input_embeddings().weight.dtype
+            self.lora = LoraSlots(targets, config.max_loras, config.max_lora_rank, dtype, self.device)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         max_rows, max_context = config.max_running, config.max_context
         # Paged: the pool whose blocks the scheduler hands out and this runner places (None: the slot cache).
@@ -70,7 +86,7 @@ class ModelRunner(PromptPasses):
         self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
         mode = config.decode_mode
         static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
-        self.static_decoder = StaticDecoder(model, self.cache, capture=True) if static else None
+        self.static_decoder = StaticDecoder(model, self.cache, capture=True, lora=self.lora) if static else None
         if static and self.device.type == "cuda" and isinstance(self.cache, PagedKVCache):
             self.cache.always_gather = True  # a captured pass cannot choose between reading homes and gathering
         self.shared_generator = torch.Generator(device=self.device)
@@ -263,14 +279,27 @@ class ModelRunner(PromptPasses):
         # The newest token is in the history but not yet in the cache; proposals follow it.
         positions = (lengths - 1).unsqueeze(1) + torch.arange(width, device=self.device)
         tokens = state.history[torch.arange(num_rows, device=self.device), lengths - 1].unsqueeze(1)
+        rows = self.state.rows[:num_rows]
         if drafts is None and self.static_decoder is not None:
-            return self.static_decoder.logits(tokens, positions, read_length).unsqueeze(1)
+            adapters = [seq.options.adapter for seq in rows] if self.lora is not None else None
+            return self.static_decoder.logits(tokens, positions, read_length, adapters).unsqueeze(1)
         if drafts is not None:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
-        return decode_pass(self.model, self.cache, tokens, positions, read_length)
+        with self.adapters_of(rows):
+            return decode_pass(self.model, self.cache, tokens, positions, read_length)
+
+    def adapters_of(self, rows: list[Sequence]) -> AbstractContextManager[None]:
+        """Forward passes inside run each of these rows (the pass's, in order) with its LoRA adapter."""
+        if self.lora is None:
+            return nullcontext()
+        return adapter_rows(self.lora.rows([seq.options.adapter for seq in rows]))
 
     def _add_prefilling(self, seq: Sequence) -> int:
-        """A slot for `seq`, after the decoding rows and the requests already prefilling."""
+        """A slot for `seq`, after the decoding rows and the requests already prefilling (and its LoRA adapter in
+        an adapter slot)."""
+        if self.lora is not None and seq.options.adapter:
+            busy = {member.options.adapter for member in (*self.state.rows, *self.prefilling)}
+            self.lora.activate(self.adapters[seq.options.adapter], busy)
         self.prefilling.append(seq)
         slot = self.state.num_rows + len(self.prefilling) - 1
         if self.blocks is not None:  # what it holds so far is its cached prefix

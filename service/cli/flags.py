@@ -163,6 +163,43 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA adapters (README: LoRA adapters)")
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=env_default("lora_modules", "").split(),
+        metavar="NAME=PATH",
+        help="PEFT LoRA adapter folders (adapter_config.json and weights) made for the served model, loaded at "
+        "start-up; a request names one (genserve.v1 `adapter`, TGIS `adapter_id`, KServe `lora_name`, the OpenAI "
+        "API's `model`), and rows of different adapters share a batch. An adapter that cannot be served stops "
+        "start-up with the reason",
+    )
+    group.add_argument(
+        "--max-loras",
+        type=int,
+        default=int(env_default("max_loras", "4")),
+        help="distinct adapters in one step (the adapter slots); a request of one more waits for a slot",
+    )
+    group.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=int(env_default("max_lora_rank", "16")),
+        help="the largest adapter rank served (the slots are this wide); larger ones are refused",
+    )
+
+
+def lora_modules(entries: list[str]) -> tuple[tuple[str, str], ...]:
+    """NAME=PATH entries as (name, path) pairs."""
+    pairs = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path or not re.fullmatch(r"[\w.-]+", name):
+            raise SystemExit(f"--lora-modules takes NAME=PATH (NAME: letters, digits, '_', '.', '-'), got {entry!r}")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
 def build_engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
     """The engine, built (its start-up probe pass included) off the main thread: see scheduler/model/cpu_threads.py."""
     from genserve.scheduler import Engine, PluginRegistry, in_passing_thread, load_model
@@ -190,6 +227,9 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         kv_cache_memory=_resolve_kv_cache_memory(args),
         prefix_caching=getattr(args, "enable_prefix_caching", None),
         kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
+        lora_modules=lora_modules(args.lora_modules) if getattr(args, "lora_modules", None) else None,
+        max_loras=getattr(args, "max_loras", None),
+        max_lora_rank=getattr(args, "max_lora_rank", None),
     )
     values = {name: value for name, value in flags.items() if value is not None} | overrides
     if not values.get("kv_cache_memory"):

@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValueError as error:
-        from genserve.scheduler import UnsupportedModelError
+        from genserve.scheduler import AdapterError, UnsupportedModelError
 
-        if not isinstance(error, UnsupportedModelError):
+        if not isinstance(error, UnsupportedModelError | AdapterError):
             raise
         # At start-up, before any request: say what and why, and exit non-zero.
-        print(f"genserve: cannot serve this model: {error}", file=sys.stderr)
+        what = "this model" if isinstance(error, UnsupportedModelError) else "this adapter"
+        print(f"genserve: cannot serve {what}: {error}", file=sys.stderr)
         return 2
 
 

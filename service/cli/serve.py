@@ -7,6 +7,7 @@ import argparse
 from genserve.service.cli.flags import (
     add_engine_arguments,
     add_feature_arguments,
+    add_lora_arguments,
     add_model_arguments,
     build_engine,
     env_default,
@@ -65,6 +66,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(serve)
     add_engine_arguments(serve)
     add_feature_arguments(serve)
+    add_lora_arguments(serve)
     serve.add_argument(
         "--host", default=env_default("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)"
     )

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from genserve.scheduler import DeadlineUnreachableError, LoadReport, QueueFullError, RequestFailedError, ValidationError
+from genserve.scheduler import (
+    AdapterError,
+    DeadlineUnreachableError,
+    LoadReport,
+    QueueFullError,
+    RequestFailedError,
+    UnknownAdapterError,
+    ValidationError,
+)
 from genserve.service.ops.load_report import RequestRates, Trailer, orca_trailer, retry_status
 from genserve.service.ops.metrics import Metrics
 from genserve.service.protocols.stream_store import StreamNotFoundError
@@ -38,6 +46,8 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (DeadlineUnreachableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnknownAdapterError, grpc.StatusCode.NOT_FOUND),
+    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

@@ -22,11 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.scheduler import (
+    AdapterError,
     AsyncEngine,
     DeadlineUnreachableError,
     GenerationOutput,
     QueueFullError,
     RequestFailedError,
+    UnknownAdapterError,
     ValidationError,
 )
 from genserve.service.ops.metrics import Metrics
@@ -84,6 +86,8 @@ _KNOWN_ERRORS = (
     DeadlineUnreachableError,
     ModelNotFoundError,
     RequestFailedError,
+    UnknownAdapterError,
+    AdapterError,
 )
 
 
@@ -135,8 +139,10 @@ class OpenAIFrontEnd:
             return _HttpError(503, "service_unavailable_error", str(error))
         if isinstance(error, DeadlineUnreachableError):
             return _HttpError(504, "timeout_error", str(error))
-        if isinstance(error, ModelNotFoundError):
+        if isinstance(error, ModelNotFoundError | UnknownAdapterError):
             return _HttpError(404, "not_found_error", str(error), "model")
+        if isinstance(error, AdapterError):
+            return _HttpError(400, "invalid_request_error", str(error), "model")
         if isinstance(error, RequestFailedError):
             return _HttpError(500, "internal_error", str(error))
         return _HttpError(500, "internal_error", f"internal error: {type(error).__name__}")
@@ -169,9 +175,15 @@ class OpenAIFrontEnd:
         ):
             raise _HttpError(401, "authentication_error", "a valid bearer token is required")
 
-    def _check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise ModelNotFoundError(f"model {model!r} is not served here; this server serves {self.model_name!r}")
+    def _check_model(self, model: str | None) -> str:
+        """The LoRA adapter that `model` names, as vLLM selects them ("": the base model, or no name given)."""
+        if not model or model == self.model_name:
+            return ""
+        adapters = self.engine.description.adapters
+        if model in adapters:
+            return model
+        served = ", ".join(repr(name) for name in (self.model_name, *adapters))
+        raise ModelNotFoundError(f"model {model!r} is not served here; this server serves {served}")
 
     # Routes.
     async def health(self) -> Response:
@@ -191,7 +203,8 @@ class OpenAIFrontEnd:
             "parent": None,
             "max_model_len": description.config.max_context,
         }
-        return {"object": "list", "data": [model]}
+        adapters = [model | {"id": name, "root": name, "parent": self.model_name} for name in description.adapters]
+        return {"object": "list", "data": [model, *adapters]}
 
     async def tokenize(self, body: api.TokenizeRequest) -> dict:
         self._check_model(body.model)
@@ -214,13 +227,16 @@ class OpenAIFrontEnd:
         return {"prompt": self.engine.tokenizer.decode(body.tokens)}
 
     async def completions(self, body: api.CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
+        adapter = self._check_model(body.model)
         natives = api.prompts(body, self._eos())
+        for native in natives:
+            native.adapter = adapter
         return await self._generate("Completions", body, natives, request, chat=False)
 
     async def chat_completions(self, body: api.ChatCompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
+        adapter = self._check_model(body.model)
         native = api.chat(body, self._eos())
+        native.adapter = adapter
         if body.max_tokens is None and body.max_completion_tokens is None:
             native.parameters.max_new_tokens = self._room(native)  # as vLLM: up to the context's end
         return await self._generate("ChatCompletions", body, [native], request, chat=True)
@@ -257,7 +273,8 @@ class OpenAIFrontEnd:
         identifier = api.response_id("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(sample.prompt_ids) for sample in samples[:: body.n])
         if body.stream:
-            events = self._events(stream, first, body, kind, identifier, echoes, prompt_tokens, chat)
+            model = natives[0].adapter or self.model_name
+            events = self._events(stream, first, body, kind, identifier, model, echoes, prompt_tokens, chat)
             return StreamingResponse(events, media_type="text/event-stream")
         outputs: list[list[GenerationOutput]] = [[] for _ in samples]
         outputs[first[0]].append(first[1])
@@ -265,7 +282,7 @@ class OpenAIFrontEnd:
             outputs[index].append(output)
         choices = [self._choice(index, items, echoes[index], chat) for index, items in enumerate(outputs)]
         completion_tokens = sum(items[-1].num_generated_tokens for items in outputs)
-        response = api.envelope(kind, identifier, self.model_name, choices)
+        response = api.envelope(kind, identifier, natives[0].adapter or self.model_name, choices)
         response["usage"] = api.usage(prompt_tokens, completion_tokens)
         return JSONResponse(response)
 
@@ -295,6 +312,7 @@ class OpenAIFrontEnd:
         body: api.SamplingRequest,
         kind: str,
         identifier: str,
+        model: str,
         echoes: list[str],
         prompt_tokens: int,
         chat: bool,
@@ -309,7 +327,7 @@ class OpenAIFrontEnd:
         text_offsets = [len(echo) for echo in echoes]
 
         def event(choices: list[dict], with_usage: bool = False) -> str:
-            chunk = api.envelope(chunk_kind, identifier, self.model_name, choices, created)
+            chunk = api.envelope(chunk_kind, identifier, model, choices, created)
             if with_usage or options.continuous_usage_stats:
                 chunk["usage"] = api.usage(prompt_tokens, sum(generated))
             return f"data: {json.dumps(chunk)}\n\n"

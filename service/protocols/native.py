@@ -202,6 +202,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             constraint=constraint,
             negative_prompt_ids=self._negative_prompt_ids(request),
             cache_salt=_cache_salt(request, context),
+            adapter=request.adapter,
         )
         return PreparedRequest(prompt_ids, params, prompt_text, options)
 
@@ -367,4 +368,5 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             assistant_model=model.assistant_model,
             architecture=model.architecture,
             attn_implementation=model.attn_implementation,
+            adapters=list(model.adapters),
         )

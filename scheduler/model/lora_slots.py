@@ -1,0 +1,102 @@
+"""The device's adapter slots: every adaptable projection's LoRA factors, stacked for `max_loras` adapters.
+
+Slot 0 is the base model (zeros); slots 1..max_loras hold the adapters that rows use, padded with zeros to
+`max_lora_rank`. The tensors are allocated once, so their addresses never change (a captured decode pass keeps
+pointing at them). An adapter enters a slot when one of its requests takes a row (`activate`), evicting the
+least recently used adapter that no row uses; the scheduler keeps the adapters of a step within the slots
+(scheduler.py), so one is always free. vLLM's LoRA manager keeps the same two tiers: the adapters read into host
+memory (the engine's), and those placed in the device's slots (these).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from genserve.scheduler.model.lora_adapters import LoraAdapter
+from genserve.scheduler.model.lora_layers import AdapterRows, SlotFactors
+
+
+class LoraSlots:
+    def __init__(
+        self,
+        targets: dict[str, tuple[int, int]],
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """`targets`: the adaptable projections, module path -> (in_features, out_features)."""
+        self.targets = targets
+        self.device = device
+        num_slots = max_loras + 1
+        self.factors = {
+            path: SlotFactors(
+                down=torch.zeros(num_slots, in_features, max_rank, dtype=dtype, device=device),
+                up=torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
+                scaling=torch.zeros(num_slots, dtype=dtype, device=device),
+                scalings=[0.0] * num_slots,
+            )
+            for path, (in_features, out_features) in targets.items()
+        }
+        self.holders: list[str] = [""] * num_slots  # adapter name per slot ("": empty; slot 0: the base model)
+        self.ranks = [0] * num_slots
+        self._last_used = [0] * num_slots
+        self._clock = itertools.count(1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.down.nbytes + f.up.nbytes + f.scaling.nbytes for f in self.factors.values())
+
+    def slot_of(self, adapter: str) -> int:
+        """The slot holding `adapter` (0 for the base model, ""); KeyError if it holds none."""
+        return 0 if not adapter else self.holders.index(adapter, 1)
+
+    def activate(self, adapter: LoraAdapter, busy: set[str]) -> int:
+        """Place `adapter` in a slot, unless one holds it already, evicting the least recently used adapter not
+        in `busy` (the adapters of the rows); its slot."""
+        if adapter.name in self.holders[1:]:
+            slot = self.slot_of(adapter.name)
+        else:
+            busy = busy - {""}
+            free = [slot for slot in range(1, len(self.holders)) if self.holders[slot] not in busy]
+            if not free:
+                raise RuntimeError(f"no free adapter slot for {adapter.name!r}: rows use {sorted(busy)}")
+            slot = min(free, key=lambda candidate: self._last_used[candidate])
+            self._write(slot, adapter)
+        self._last_used[slot] = next(self._clock)
+        return slot
+
+    def evict(self, adapter: str) -> None:
+        """Forget `adapter` (unloaded): its slot, if any, becomes empty."""
+        if adapter in self.holders[1:]:
+            slot = self.slot_of(adapter)
+            self.holders[slot], self.ranks[slot], self._last_used[slot] = "", 0, 0
+
+    def rows(self, adapters: list[str]) -> AdapterRows | None:
+        """The slots of a pass whose rows use these adapters, in row order; None when every row is the base
+        model's."""
+        slots = [self.slot_of(adapter) for adapter in adapters]
+        if not any(slots):
+            return None
+        only = slots[0] if all(slot == slots[0] for slot in slots) else None
+        return AdapterRows(
+            slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+            factors=self.factors,
+            only_slot=only,
+            only_rank=self.ranks[only] if only is not None else 0,
+        )
+
+    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        for path, stacked in self.factors.items():
+            stacked.down[slot].zero_()
+            stacked.up[slot].zero_()
+            factors = adapter.modules.get(path)
+            scaling = factors.scaling if factors is not None else 0.0
+            if factors is not None:
+                stacked.down[slot, :, : factors.rank] = factors.down
+                stacked.up[slot, : factors.rank] = factors.up
+            stacked.scaling[slot] = scaling
+            stacked.scalings[slot] = scaling
+        self.holders[slot], self.ranks[slot] = adapter.name, adapter.rank
