@@ -13,7 +13,6 @@ import grpc
 import httpx
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
@@ -23,6 +22,7 @@ from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.architectures import SERVED, VOCAB, Case, tiny_config
 from tests.conftest import StepDriver
+from tests.lora_adapters import MAX_NEW_TOKENS, peft_generate, save_adapter
 from tests.serving import ServerThread, ids_request, wait_for
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -33,7 +33,6 @@ ADAPTERS = [
     ("mlp-r8", 8, 4, MLP, {"use_rslora": True}),
     ("all-r2", 2, 16, ATTENTION + MLP, {"rank_pattern": {"down_proj": 6}, "alpha_pattern": {"q_proj": 3}}),
 ]
-MAX_NEW_TOKENS = 10
 
 
 def _case(label: str) -> Case:
@@ -43,33 +42,6 @@ def _case(label: str) -> Case:
 def tiny_base(label: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(_case(label))).eval()
-
-
-def save_adapter(
-    base: torch.nn.Module, folder: Path, rank: int, alpha: int, targets: list[str], seed: int, **extra: object
-) -> Path:
-    """A random PEFT LoRA adapter of `base` (B nonzero, as after training), saved as PEFT saves one."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **extra)
-    adapted = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():  # large enough to move the tiny model's greedy choices
-        for name, parameter in adapted.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(4)
-    adapted.save_pretrained(folder)
-    return folder
-
-
-def peft_generate(base: torch.nn.Module, adapter: Path | None, prompt: list[int], **kwargs: object) -> list[int]:
-    """The reference: PEFT's model (or the plain base) generating for this request alone."""
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval() if adapter is not None else base
-    if "seed" in kwargs:
-        torch.manual_seed(kwargs.pop("seed"))
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, eos_token_id=[], pad_token_id=0, **kwargs
-        )
-    return output[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")

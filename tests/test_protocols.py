@@ -13,7 +13,10 @@ import grpc
 import pytest
 
 from genserve.scheduler.core.request import FinishReason
+from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+from tests.conftest import byte_tokenizer, tiny_model
+from tests.lora_adapters import save_adapter
 from tests.serving import ServerThread, wait_for
 
 # `make test-latest` points this at its unpinned clients' environment.
@@ -100,6 +103,38 @@ def test_tgis_client(server) -> None:
     assert report["bad"][0] == "INVALID_ARGUMENT" and "top_n_tokens" in report["bad"][1]
 
 
+@pytest.fixture(scope="module")
+def adapter_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - (server, adapter name)
+    """A server of its own model, with one LoRA adapter of it (all projections, rank 8)."""
+    model = tiny_model(seed=5)
+    folder = save_adapter(
+        model, tmp_path_factory.mktemp("adapter") / "tuned", 8, 16, ["q_proj", "v_proj", "up_proj"], 9
+    )
+    loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), name="tiny-with-adapter")
+    running = ServerThread(loaded, max_running=8, lora_modules=(("tuned", str(folder)),))
+    yield running, "tuned"
+    running.close()
+
+
+def test_real_clients_select_adapters_and_equal_the_native_api(adapter_server) -> None:
+    server, adapter = adapter_server
+
+    def native(prompt: str, adapter: str) -> str:
+        parameters = pb.GenerationParameters(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        return server.stub.Generate(pb.GenerateRequest(text=prompt, parameters=parameters, adapter=adapter)).text
+
+    adapted = [native(prompt, adapter) for prompt in PROMPTS]
+    assert adapted != [native(prompt, "") for prompt in PROMPTS]  # the guard: the adapter changes the text
+    scenario = {"prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "adapter": adapter}
+    tgis = _run_client("tgis_client.py", server.target, json.dumps(scenario))
+    assert tgis["batch"] == adapted and tgis["stream"] == adapted[0]
+    assert tgis["unknown"][0] == "NOT_FOUND" and "no-such-adapter" in tgis["unknown"][1]
+    scenario["sampling"] = {"max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+    triton = _run_client("triton_client.py", server.target, server.engine.loaded.name, json.dumps(scenario))
+    assert triton["unary"] == adapted and triton["streamed"] == adapted[0]
+    assert triton["unknown"][0] == "StatusCode.NOT_FOUND" and "no-such-adapter" in triton["unknown"][1]
+
+
 def test_protocols_are_listed_by_reflection_and_health(server) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -131,9 +166,13 @@ def test_tgis_errors_name_the_field(server) -> None:
         with pytest.raises(grpc.RpcError) as error:
             stub.Generate(tgis.BatchedGenerationRequest(requests=[tgis.GenerationRequest(text="hi")], params=params))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
-    with pytest.raises(grpc.RpcError) as error:
-        stub.Generate(tgis.BatchedGenerationRequest(adapter_id="lora", requests=[tgis.GenerationRequest(text="hi")]))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_id" in error.value.details()
+    for call, request in (
+        (stub.Generate, tgis.BatchedGenerationRequest(adapter_id="lora", requests=[tgis.GenerationRequest(text="hi")])),
+        (stub.Tokenize, tgis.BatchedTokenizeRequest(adapter_id="lora", requests=[tgis.TokenizeRequest(text="hi")])),
+    ):
+        with pytest.raises(grpc.RpcError) as error:
+            call(request)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'lora'" in error.value.details()
 
 
 def test_kserve_errors(server) -> None:

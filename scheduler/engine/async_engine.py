@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from genserve.scheduler.core.errors import UnknownAdapterError
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
@@ -53,6 +54,11 @@ class AsyncEngine:
 
     def load_report(self) -> LoadReport:
         return self._engine.load_report()
+
+    def check_adapter(self, name: str) -> None:
+        """UnknownAdapterError unless the LoRA adapter `name` is loaded."""
+        if name not in self._engine.adapters:
+            raise UnknownAdapterError(name)
 
     @property
     def snapshot(self) -> EngineSnapshot:

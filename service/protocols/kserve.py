@@ -59,6 +59,7 @@ VLLM_FINISH = {
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 CACHE_SALT = "cache_salt"  # a request parameter (string): prefix caching shares blocks only between equal salts
+LORA_NAME = "lora_name"  # in sampling_parameters: the LoRA adapter, as Triton's vLLM backend names it
 
 
 def decode_tensor(tensor: kpb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[object]:
@@ -93,14 +94,18 @@ class InferRequest:
     empty_final: bool
 
 
-def parameters_from_json(text: bytes | str) -> pb.GenerationParameters:
-    """`sampling_parameters`: vLLM names or genserve's; values may be strings, as Triton's examples send them."""
+def parameters_from_json(text: bytes | str) -> tuple[pb.GenerationParameters, str]:
+    """`sampling_parameters`: vLLM names or genserve's; values may be strings, as Triton's examples send them.
+    Returns the parameters and the LoRA adapter that `lora_name` selects, as in Triton's vLLM backend ("": none)."""
     try:
         values = json.loads(text or "{}")
     except json.JSONDecodeError as error:
         raise ValidationError("sampling_parameters", f"not JSON: {error}") from None
     if not isinstance(values, dict):
         raise ValidationError("sampling_parameters", "must be a JSON object")
+    adapter = values.pop(LORA_NAME, "")
+    if not isinstance(adapter, str):
+        raise ValidationError(f"sampling_parameters.{LORA_NAME}", f"must be a string, got {adapter!r}")
     message = pb.GenerationParameters()
     fields = pb.GenerationParameters.DESCRIPTOR.fields_by_name
     for key, value in values.items():
@@ -116,7 +121,7 @@ def parameters_from_json(text: bytes | str) -> pb.GenerationParameters:
             raise ValidationError(f"sampling_parameters.{key}", f"bad value {value!r}: {error}") from None
     if "temperature" in values and "do_sample" not in values:  # vLLM samples whenever temperature > 0
         message.do_sample = message.temperature > 0
-    return message
+    return message, adapter
 
 
 def _set(message: pb.GenerationParameters, field: FieldDescriptor, value: object) -> None:
@@ -195,7 +200,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             text = values["text_input"].decode()
         except UnicodeDecodeError:
             raise ValidationError("text_input", "is not UTF-8") from None
-        parameters = parameters_from_json(values.get("sampling_parameters", b"{}"))
+        parameters, adapter = parameters_from_json(values.get("sampling_parameters", b"{}"))
         wanted = frozenset(name[len("return_") :] for name in values if name.startswith("return_") and values[name])
         native = pb.GenerateRequest(
             text=text,
@@ -204,6 +209,7 @@ class KServeService(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return_token_ids=True,
             return_logprobs="cumulative_logprob" in wanted,
             cache_salt=request.parameters[CACHE_SALT].string_param if CACHE_SALT in request.parameters else "",
+            adapter=adapter,
         )
         empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
         return InferRequest(

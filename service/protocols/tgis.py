@@ -89,10 +89,13 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, native: TextGenerationService) -> None:
         self.native = native
 
-    def _check(self, request: tpb.BatchedGenerationRequest | tpb.SingleGenerationRequest) -> None:
-        for name in ("prefix_id", "adapter_id"):
-            if request.HasField(name):
-                raise ValidationError(name, "adapters are not served")
+    def _adapter(self, request: tpb.BatchedGenerationRequest | tpb.SingleGenerationRequest) -> str:
+        """The LoRA adapter the request names: `adapter_id`, or the deprecated `prefix_id` ("": the base model).
+        One the server has not loaded is NOT_FOUND."""
+        adapter = request.adapter_id or request.prefix_id
+        if adapter:
+            self.native.engine.check_adapter(adapter)
+        return adapter
 
     def _token_infos(self, token_ids: list[int], logprobs: tuple, options: tpb.ResponseOptions) -> list:
         tokens = self.native.engine.tokenizer.convert_ids_to_tokens(token_ids)
@@ -135,9 +138,16 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         return message
 
     async def _run(
-        self, method: str, text: str, params: tpb.Parameters, context: grpc.aio.ServicerContext, stream: bool
+        self,
+        method: str,
+        text: str,
+        request: tpb.BatchedGenerationRequest | tpb.SingleGenerationRequest,
+        context: grpc.aio.ServicerContext,
+        stream: bool,
     ) -> AsyncIterator[tpb.GenerationResponse]:
+        params = request.params
         native = native_request(text, params)
+        native.adapter = self._adapter(request)
         prepared = self.native.prepare(native, context)
         seed = prepared.params.seed if prepared.params.is_sampling and prepared.params.seed is not None else 0
         options = params.response
@@ -162,12 +172,11 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: tpb.BatchedGenerationRequest, context: grpc.aio.ServicerContext
     ) -> tpb.BatchedGenerationResponse:
         """The batch's requests run concurrently in the continuous batch; responses keep their order."""
-        self._check(request)
         if not request.requests:
             raise ValidationError("requests", "give at least one request")
 
         async def one(item: tpb.GenerationRequest) -> tpb.GenerationResponse:
-            messages = self._run("TGIS/Generate", item.text, request.params, context, stream=False)
+            messages = self._run("TGIS/Generate", item.text, request, context, stream=False)
             return [message async for message in messages][0]
 
         return tpb.BatchedGenerationResponse(responses=await asyncio.gather(*(one(r) for r in request.requests)))
@@ -175,8 +184,7 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: tpb.SingleGenerationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tpb.GenerationResponse]:
-        self._check(request)
-        async for message in self._run("TGIS/GenerateStream", request.request.text, request.params, context, True):
+        async for message in self._run("TGIS/GenerateStream", request.request.text, request, context, True):
             yield message
 
     async def Tokenize(
@@ -185,6 +193,7 @@ class TGISService(generation_pb2_grpc.GenerationServiceServicer):
         tokenizer = self.native.engine.tokenizer
         if tokenizer is None:
             raise ValidationError("requests", "this model has no tokenizer")
+        self._adapter(request)  # adapters share the base model's tokenizer; an unknown one is still NOT_FOUND
         responses = []
         for item in request.requests:
             encoding = tokenizer(item.text, return_offsets_mapping=request.return_offsets)

@@ -19,12 +19,38 @@ import generation_pb2 as tgis  # noqa: E402
 import generation_pb2_grpc  # noqa: E402
 
 
+def adapter_report(stub, greedy, scenario: dict) -> dict:  # noqa: ANN001
+    """Generate and GenerateStream naming a LoRA adapter with `adapter_id`, and an adapter the server lacks."""
+    prompts, adapter = scenario["prompts"], scenario["adapter"]
+    batch = stub.Generate(
+        tgis.BatchedGenerationRequest(
+            adapter_id=adapter, requests=[tgis.GenerationRequest(text=p) for p in prompts], params=greedy
+        )
+    )
+    single = tgis.SingleGenerationRequest(adapter_id=adapter, request=tgis.GenerationRequest(text=prompts[0]))
+    single.params.CopyFrom(greedy)
+    report = {
+        "batch": [r.text for r in batch.responses],
+        "stream": "".join(message.text for message in stub.GenerateStream(single)),
+    }
+    single.adapter_id = "no-such-adapter"
+    try:
+        list(stub.GenerateStream(single))
+        report["unknown"] = "OK"
+    except grpc.RpcError as error:
+        report["unknown"] = [error.code().name, error.details()]
+    return report
+
+
 def main() -> None:
     target, scenario = sys.argv[1], json.loads(sys.argv[2])
     stub = generation_pb2_grpc.GenerationServiceStub(grpc.insecure_channel(target))
     greedy = tgis.Parameters(
         method=tgis.GREEDY, stopping=tgis.StoppingCriteria(max_new_tokens=scenario["max_new_tokens"])
     )
+    if "adapter" in scenario:
+        print(json.dumps(adapter_report(stub, greedy, scenario)))
+        return
     prompts = scenario["prompts"]
     batch = stub.Generate(
         tgis.BatchedGenerationRequest(requests=[tgis.GenerationRequest(text=p) for p in prompts], params=greedy)

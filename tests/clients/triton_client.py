@@ -32,9 +32,36 @@ def text_of(result) -> str:  # noqa: ANN001
     return output[0].decode() if output is not None else ""
 
 
+def adapter_report(client, model: str, scenario: dict) -> dict:  # noqa: ANN001
+    """Unary and streamed requests naming a LoRA adapter with `lora_name`, as Triton's vLLM backend takes it."""
+    sampling = dict(scenario["sampling"], lora_name=scenario["adapter"])
+    report = {"unary": [text_of(client.infer(model, inputs(p, False, sampling, True))) for p in scenario["prompts"]]}
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(model, inputs(scenario["prompts"][0], True, sampling, True), request_id="a")
+    parts, final = [], False
+    while not final:
+        result, error = responses.get(timeout=120)
+        if error is not None:
+            raise SystemExit(f"stream error: {error}")
+        parts.append(text_of(result))
+        final = result.get_response().parameters["triton_final_response"].bool_param
+    client.stop_stream()
+    report["streamed"] = "".join(parts)
+    try:
+        client.infer(model, inputs(scenario["prompts"][0], False, dict(sampling, lora_name="no-such-adapter"), True))
+        report["unknown"] = "OK"
+    except Exception as error:  # noqa: BLE001 - tritonclient raises InferenceServerException
+        report["unknown"] = [error.status(), error.message()]
+    return report
+
+
 def main() -> None:
     target, model, scenario = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     client = grpcclient.InferenceServerClient(url=target)
+    if "adapter" in scenario:
+        print(json.dumps(adapter_report(client, model, scenario)))
+        return
     report: dict = {
         "live": client.is_server_live(),
         "ready": client.is_server_ready(),
