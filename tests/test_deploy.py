@@ -110,6 +110,7 @@ def test_inference_pool_routes_to_the_http_api_by_genserve_metrics(tmp_path: Pat
         "--total-queued-requests-metric",
         "--total-running-requests-metric",
         "--kv-cache-usage-percentage-metric",
+        "--lora-info-metric",
     ):
         assert f'"{flags[flag]}"' in exported, flag
     assert flags["--pool-name"] == pool["metadata"]["name"]

@@ -7,12 +7,14 @@ import copy
 import random
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
@@ -23,7 +25,7 @@ from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
 from tests.architectures import SERVED, VOCAB, Case, tiny_config
 from tests.conftest import StepDriver
 from tests.lora_adapters import MAX_NEW_TOKENS, peft_generate, save_adapter
-from tests.serving import ServerThread, ids_request, wait_for
+from tests.serving import LONG_CONTEXT, LONG_REQUEST_TOKENS, ServerThread, ids_request, wait_for
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -248,3 +250,57 @@ def test_adapters_that_cannot_be_served_are_refused_at_start_up_saying_why(adapt
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
     assert "PEFT cannot read" in _refusal(served, corrupt)
     assert "adapter_config.json" in _refusal(served, tmp_path / "missing")
+
+
+def _labelled_samples(server: ServerThread, name: str) -> list[tuple[dict[str, str], float]]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def test_metrics_count_per_adapter_and_list_running_and_waiting_adapters(adapters_of) -> None:
+    _, served, folders = adapters_of("Llama")
+    first, second, _ = folders
+    server = ServerThread(
+        LoadedModel(model=served, tokenizer=None, name="tiny"),
+        metrics=True,
+        max_running=4,
+        max_loras=1,
+        max_context=LONG_CONTEXT,
+        lora_modules=tuple((name, str(folder)) for name, folder in folders.items()),
+    )
+    try:
+        assert _labelled_samples(server, "genserve_lora_adapter_load_seconds_count")[0][1] == len(folders)
+        done = ids_request([5, 6, 7], max_new_tokens=4, ignore_eos=True)
+        done.adapter = first
+        assert len(server.stub.Generate(done).token_ids) == 4
+        long = ids_request([5, 6, 7], max_new_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
+        long.adapter = first
+        running = server.stub.Generate.future(long)
+        assert wait_for(lambda: server.engine.num_running == 1)
+        waiting = ids_request([8, 9], max_new_tokens=3)
+        waiting.adapter = second  # one adapter slot: it waits for the first adapter's rows to end
+        queued = server.stub.Generate.future(waiting)
+        assert wait_for(lambda: server.engine.num_waiting == 1)
+        ((labels, when),) = _labelled_samples(server, "genserve_lora_requests_info")
+        assert labels == {"running_lora_adapters": first, "waiting_lora_adapters": second, "max_lora": "1"}
+        assert abs(when - time.time()) < 60
+        running.cancel()
+        assert len(queued.result(timeout=60).token_ids) == 3
+        requests = {
+            labels["adapter"]: value
+            for labels, value in _labelled_samples(server, "genserve_lora_requests_total")
+            if labels["code"] == "OK"
+        }
+        assert requests == {first: 1, second: 1}
+        tokens = dict(
+            (labels["adapter"], value)
+            for labels, value in _labelled_samples(server, "genserve_lora_generated_tokens_total")
+        )
+        assert tokens[first] >= 4 and tokens[second] == 3
+    finally:
+        server.close()

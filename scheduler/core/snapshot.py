@@ -48,6 +48,8 @@ class EngineSnapshot:
     kv_blocks_free: int = 0  # paged cache only (0 with the slot cache)
     kv_blocks_total: int = 0
     kv_blocks_cached: int = 0  # of the free blocks, those holding a cached prefix (prefix caching)
+    running_adapters: tuple[str, ...] = ()  # LoRA adapters of the requests holding rows
+    waiting_adapters: tuple[str, ...] = ()  # LoRA adapters of waiting requests (not running)
 
     @property
     def free_rows(self) -> int:

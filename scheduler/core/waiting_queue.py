@@ -39,6 +39,11 @@ class WaitingQueue:
         with self._lock:
             return sum(seq.num_tokens for seq in self._all())
 
+    def adapters(self) -> set[str]:
+        """The LoRA adapters that waiting requests name ("" for the base model)."""
+        with self._lock:
+            return {seq.options.adapter for seq in self._all()}
+
     def add(self, seq: Sequence) -> None:
         with self._lock:
             if self._size >= self.max_size:

@@ -68,6 +68,12 @@ class AsyncEngine:
         """Call `callback` on the engine thread after each step (keep it cheap: it delays the next step)."""
         self._engine.on_step = callback
 
+    def on_adapter_loaded(self, callback: Callable[[str, float], None]) -> None:
+        """Call `callback(adapter, seconds)` for each LoRA adapter loaded, those loaded already first."""
+        for name, seconds in self._engine.adapter_loads:
+            callback(name, seconds)
+        self._engine.on_adapter_loaded = callback
+
     @property
     def num_streams(self) -> int:
         """Requests with a live output stream (a leak shows up here)."""

@@ -54,6 +54,8 @@ class Engine:
         self.loaded = loaded
         self.config = config
         self.adapters: dict[str, LoraAdapter] = {}  # the LoRA adapters requests may name
+        self.adapter_loads: list[tuple[str, float]] = []  # (adapter, seconds its reading took), in load order
+        self.on_adapter_loaded: Callable[[str, float], None] = lambda name, seconds: None
         self.runner = ModelRunner(
             loaded.model, config, assistant.model if assistant is not None else None, adapters=self.adapters
         )
@@ -109,7 +111,13 @@ class Engine:
         """The adapter in `path`, read by PEFT into host memory and checked against the served model."""
         model, lora = self.runner.model, self.runner.lora
         dtype = model.get_input_embeddings().weight.dtype
-        return read_adapter(name, path, model, lora.targets, self.config.max_lora_rank, dtype, torch.device("cpu"))
+        started = time.monotonic()
+        adapter = read_adapter(name, path, model, lora.targets, self.config.max_lora_rank, dtype, torch.device("cpu"))
+        seconds = time.monotonic() - started
+        self.adapter_loads.append((name, seconds))
+        self.on_adapter_loaded(name, seconds)
+        log.info("LoRA adapter %s loaded from %s in %.3f s (rank %d)", name, path, seconds, adapter.rank)
+        return adapter
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self.scheduler.cancel(request_id, reason)
@@ -219,6 +227,13 @@ class Engine:
         """Stop a partial-results request this early, so its final message reaches the client in time."""
         return 3 * (self.estimator.step_seconds or 0.0) + 0.1
 
+    def _adapters_in_use(self) -> dict[str, tuple[str, ...]]:
+        """The snapshot's running and waiting adapters (an adapter with rows is running, not waiting)."""
+        scheduler = self.scheduler
+        running = {seq.options.adapter for seq in (*scheduler.running, *scheduler.prefilling)} - {""}
+        waiting = scheduler.waiting.adapters() - running - {""}
+        return dict(running_adapters=tuple(sorted(running)), waiting_adapters=tuple(sorted(waiting)))
+
     def _publish(self, events: list[TokenEvent]) -> None:
         scheduler, blocks = self.scheduler, self.scheduler.blocks
         self.snapshot = EngineSnapshot(
@@ -231,6 +246,7 @@ class Engine:
             kv_blocks_free=blocks.num_free if blocks else 0,
             kv_blocks_total=blocks.num_blocks if blocks else 0,
             kv_blocks_cached=blocks.num_cached_free if blocks else 0,
+            **self._adapters_in_use() if self.adapters else {},
         )
         if events:
             self.on_events(events)

@@ -6,7 +6,11 @@ figures arrive through the engine's `on_step` hook and cost one histogram observ
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from genserve.scheduler import AsyncEngine, StepStats
 
@@ -123,6 +127,27 @@ class Metrics:
         )
         model_info = Gauge("genserve_model_info", "The served model (value 1)", ["model"], registry=r)
         model_info.labels(model=engine.description.model_name).set(1)
+        self.adapter_requests = Counter(
+            "genserve_lora_requests",
+            "Finished requests per LoRA adapter, by gRPC code",
+            ["adapter", "code"],
+            registry=r,
+        )
+        self.adapter_generated_tokens = Counter(
+            "genserve_lora_generated_tokens",
+            "Generated tokens of finished requests per LoRA adapter",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_load_time = Histogram(
+            "genserve_lora_adapter_load_seconds",
+            "Time to read and check a LoRA adapter (at start-up or on first use)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        if engine.description.config.serves_adapters:
+            r.register(_LoraRequestsInfo(engine))
+        engine.on_adapter_loaded(lambda name, seconds: self.adapter_load_time.observe(seconds))
         engine.on_step(self.record_step)
 
     def record_step(self, stats: StepStats) -> None:
@@ -139,9 +164,19 @@ class Metrics:
             self.queue_wait.labels(priority=priority.name.lower()).observe(wait)
 
     def record_request(
-        self, method: str, code: str, finish_reason: str, seconds: float, num_prompt_tokens: int, num_generated: int
+        self,
+        method: str,
+        code: str,
+        finish_reason: str,
+        seconds: float,
+        num_prompt_tokens: int,
+        num_generated: int,
+        adapter: str = "",
     ) -> None:
         self.requests.labels(method=method, finish_reason=finish_reason, code=code).inc()
+        if adapter:
+            self.adapter_requests.labels(adapter=adapter, code=code).inc()
+            self.adapter_generated_tokens.labels(adapter=adapter).inc(num_generated)
         self.request_duration.labels(method=method).observe(seconds)
         if num_prompt_tokens:
             self.prompt_tokens.inc(num_prompt_tokens)
@@ -154,3 +189,27 @@ class Metrics:
         """Start the /metrics HTTP server; returns the bound port (0 asks for a free one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+class _LoraRequestsInfo(Collector):
+    """vLLM's `vllm:lora_requests_info`, which the Kubernetes Gateway API Inference Extension reads for adapter
+    affinity: one series whose labels list the running and waiting adapters (comma-separated) and the adapter slots,
+    and whose value is when it was read (the extension keeps the newest series)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        snapshot = self.engine.snapshot
+        family = GaugeMetricFamily(
+            "genserve_lora_requests_info",
+            "Running and waiting LoRA adapters (labels) at the time of the value",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        labels = [
+            ",".join(snapshot.running_adapters),
+            ",".join(snapshot.waiting_adapters),
+            str(self.engine.description.config.max_loras),
+        ]
+        family.add_metric(labels, time.time())
+        yield family

@@ -248,7 +248,9 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             finish = last.finish_reason.value if last is not None and last.finish_reason is not None else ""
             generated = last.num_generated_tokens if last is not None else 0
             duration = time.monotonic() - started
-            self.metrics.record_request(method, code, finish, duration, len(prepared.prompt_ids), generated)
+            self.metrics.record_request(
+                method, code, finish, duration, len(prepared.prompt_ids), generated, prepared.options.adapter
+            )
             # Never the prompt or the output text: logs are not a place for user data.
             request_log.info(
                 "request finished",
