@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 import threading
 import time
 import urllib.request
@@ -304,3 +305,95 @@ def test_metrics_count_per_adapter_and_list_running_and_waiting_adapters(adapter
         assert tokens[first] >= 4 and tokens[second] == 3
     finally:
         server.close()
+
+
+def _generate(server: ServerThread, prompt: list[int], adapter: str, **parameters: object) -> list[int]:
+    request = ids_request(prompt, max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True, **parameters)
+    request.adapter = adapter
+    return list(server.stub.Generate(request).token_ids)
+
+
+def _status(call, *arguments: object) -> tuple[grpc.StatusCode, str]:  # noqa: ANN001 - a stub method
+    with pytest.raises(grpc.RpcError) as error:
+        call(*arguments)
+    return error.value.code(), error.value.details()
+
+
+def test_lora_dir_reads_adapters_on_first_use_and_keeps_requests_inside_it(adapters_of, tmp_path: Path) -> None:
+    base, served, folders = adapters_of("Llama")
+    lora_dir = tmp_path / "adapters"
+    lora_dir.mkdir()
+    for name, folder in folders.items():
+        (lora_dir / name).symlink_to(folder, target_is_directory=True)  # links to folders outside --lora-dir
+    shutil.copytree(folders["attn-r4"], lora_dir / "copied")
+    shutil.copytree(folders["attn-r4"], lora_dir / "again")
+    (lora_dir / "corrupt").mkdir()
+    (lora_dir / "corrupt" / "adapter_config.json").write_text((folders["attn-r4"] / "adapter_config.json").read_text())
+    (lora_dir / "corrupt" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    shutil.copytree(folders["mlp-r8"], lora_dir / "too-wide")
+    server = ServerThread(
+        LoadedModel(model=served, tokenizer=None, name="tiny"),
+        max_running=4,
+        max_context=LONG_CONTEXT,
+        lora_dir=str(lora_dir),
+        max_cpu_loras=1,
+        max_lora_rank=4,
+    )
+    try:
+        long = ids_request([5, 6, 7], max_new_tokens=LONG_REQUEST_TOKENS, ignore_eos=True)
+        running = server.stub.GenerateStream(long)
+        next(running)
+        prompt = [9, 10, 11, 12]
+        expected = peft_generate(base, folders["attn-r4"], prompt)
+        assert _generate(server, prompt, "copied") == expected
+        # One adapter in host memory (--max-cpu-loras 1): the other is let go, and read again when named again.
+        assert _generate(server, prompt, "again") == expected and list(server.engine.adapters) == ["again"]
+        assert _generate(server, prompt, "copied") == expected and list(server.engine.adapters) == ["copied"]
+        # Symbolic links that lead out of --lora-dir are refused, as is a rank above --max-lora-rank, and a
+        # corrupt file: each fails its own request, FAILED_PRECONDITION saying why.
+        for name, reason in (("attn-r4", "outside"), ("too-wide", "rank 8"), ("corrupt", "PEFT cannot read")):
+            code, details = _status(_generate, server, prompt, name)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and reason in details, (name, details)
+        for name in ("../adapters/copied", "missing", "/etc"):
+            code, details = _status(_generate, server, prompt, name)
+            assert code == grpc.StatusCode.NOT_FOUND and name in details
+        assert list(server.stub.ModelInfo(pb.ModelInfoRequest()).adapters) == ["copied"]
+        assert next(running).token_ids  # the long stream is unharmed
+        running.cancel()
+    finally:
+        server.close()
+
+
+def test_adapters_load_and_unload_while_serving(adapters_of) -> None:
+    base, served, folders = adapters_of("Llama")
+    server = ServerThread(
+        LoadedModel(model=served, tokenizer=None, name="tiny"), max_running=4, http=True, runtime_lora=True
+    )
+    try:
+        prompt = [4, 5, 6]
+        loaded = server.stub.LoadAdapter(pb.LoadAdapterRequest(name="live", path=str(folders["all-r2"])))
+        assert list(loaded.adapters) == ["live"]
+        assert _generate(server, prompt, "live") == peft_generate(base, folders["all-r2"], prompt)
+        code, details = _status(
+            server.stub.LoadAdapter, pb.LoadAdapterRequest(name="live", path=str(folders["attn-r4"]))
+        )
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already" in details
+        assert list(server.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="live")).adapters) == []
+        assert _status(_generate, server, prompt, "live")[0] == grpc.StatusCode.NOT_FOUND
+        # vLLM's HTTP routes do the same.
+        body = {"lora_name": "web", "lora_path": str(folders["mlp-r8"])}
+        assert httpx.post(f"{server.http_url}/v1/load_lora_adapter", json=body).status_code == 200
+        assert _generate(server, prompt, "web") == peft_generate(base, folders["mlp-r8"], prompt)
+        gone = httpx.post(f"{server.http_url}/v1/unload_lora_adapter", json={"lora_name": "web"})
+        assert gone.status_code == 200
+        missing = httpx.post(f"{server.http_url}/v1/unload_lora_adapter", json={"lora_name": "web"})
+        assert missing.status_code == 404
+    finally:
+        server.close()
+    fixed = ServerThread(LoadedModel(model=served, tokenizer=None, name="tiny"), max_running=2)
+    try:
+        request = pb.LoadAdapterRequest(name="live", path=str(folders["all-r2"]))
+        code, details = _status(fixed.stub.LoadAdapter, request)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "--allow-runtime-lora" in details
+    finally:
+        fixed.close()

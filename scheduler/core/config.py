@@ -39,8 +39,11 @@ class EngineConfig:
     # name one in RequestOptions.adapter. A step holds rows of at most max_loras distinct adapters (the device's
     # adapter slots); ranks above max_lora_rank are refused.
     lora_modules: tuple[tuple[str, str], ...] = ()
+    lora_dir: str = ""  # requests may also name any adapter folder under it, read on first use
     max_loras: int = 4
     max_lora_rank: int = 16
+    max_cpu_loras: int = 16  # adapters kept in host memory (least recently used ones unheld are let go)
+    runtime_lora: bool = False  # adapters may be loaded and unloaded while serving (the admin RPC)
 
     @property
     def paged(self) -> bool:
@@ -48,10 +51,18 @@ class EngineConfig:
 
     @property
     def serves_adapters(self) -> bool:
-        return bool(self.lora_modules)
+        return bool(self.lora_modules or self.lora_dir or self.runtime_lora)
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_num_batched_tokens", "max_queue", "max_context", "max_loras", "max_lora_rank"):
+        for name in (
+            "max_running",
+            "max_num_batched_tokens",
+            "max_queue",
+            "max_context",
+            "max_loras",
+            "max_lora_rank",
+            "max_cpu_loras",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens <= self.max_running:

@@ -68,7 +68,6 @@ class ModelDescription:
     assistant_model: str  # the draft model's name, "" without one
     architecture: str  # the transformers class served
     attn_implementation: str
-    adapters: tuple[str, ...] = ()  # the LoRA adapters requests may name
 
 
 @dataclass(frozen=True)

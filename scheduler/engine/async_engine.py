@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from genserve.scheduler.core.errors import UnknownAdapterError
+from genserve.scheduler.core.errors import AdapterError, UnknownAdapterError
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
@@ -56,9 +57,27 @@ class AsyncEngine:
         return self._engine.load_report()
 
     def check_adapter(self, name: str) -> None:
-        """UnknownAdapterError unless the LoRA adapter `name` is loaded."""
-        if name not in self._engine.adapters:
+        """UnknownAdapterError unless the server knows a LoRA adapter `name` (registered, or under --lora-dir)."""
+        if not self._engine.adapters.knows(name):
             raise UnknownAdapterError(name)
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters requests may name: registered ones, and those read from --lora-dir so far."""
+        return self._engine.adapters.known()
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter at run time (read on a worker thread); AdapterError says why it cannot be served."""
+        self._check_runtime_lora()
+        await asyncio.to_thread(self._engine.adapters.register, name, Path(path))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload a LoRA adapter (registered, or read from --lora-dir); refused while requests use it."""
+        self._check_runtime_lora()
+        self._engine.adapters.unregister(name)
+
+    def _check_runtime_lora(self) -> None:
+        if not self._engine.config.runtime_lora:
+            raise AdapterError("loading and unloading adapters while serving is off (--allow-runtime-lora)")
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -109,7 +128,15 @@ class AsyncEngine:
         # Compiling a grammar can take a while on a cache miss: a worker thread does it, never the event loop.
         constraint = options.constraint
         grammar = await asyncio.to_thread(self._engine.grammars.matcher, constraint) if constraint else None
-        seq = self._engine.submit(prompt_ids, params, options, grammar)
+        adapter = options.adapter
+        if adapter:  # held in memory while the request lives; read on a worker thread if it is not there
+            await asyncio.to_thread(self._engine.adapters.acquire, adapter)
+        try:
+            seq = self._engine.submit(prompt_ids, params, options, grammar)
+        except BaseException:
+            if adapter:
+                self._engine.adapters.release(adapter)
+            raise
         self._queues[seq.request_id] = queue
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop_strings) if self.tokenizer else None
         num_generated = 0
@@ -149,6 +176,8 @@ class AsyncEngine:
             del self._queues[seq.request_id]
             if not finished:
                 self._engine.cancel(seq.request_id)
+            if adapter:
+                self._engine.adapters.release(adapter)
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:

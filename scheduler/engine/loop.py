@@ -33,6 +33,7 @@ from genserve.scheduler.features.plugins import PluginRegistry
 from genserve.scheduler.model.draft_model import check_assistant
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.scheduler.model.lora_adapters import LoraAdapter, read_adapter
+from genserve.scheduler.model.lora_registry import AdapterRegistry
 from genserve.scheduler.model.out_of_memory import is_out_of_memory
 from genserve.scheduler.model.runner import ModelRunner
 
@@ -53,14 +54,17 @@ class Engine:
             check_assistant(loaded, assistant)
         self.loaded = loaded
         self.config = config
-        self.adapters: dict[str, LoraAdapter] = {}  # the LoRA adapters requests may name
+        modules = {name: Path(path) for name, path in config.lora_modules}
+        lora_dir = Path(config.lora_dir) if config.lora_dir else None
+        # The LoRA adapters requests may name; those in memory are what the runner and submission read.
+        self.adapters = AdapterRegistry(self._read_adapter, modules, lora_dir, config.max_cpu_loras)
         self.adapter_loads: list[tuple[str, float]] = []  # (adapter, seconds its reading took), in load order
         self.on_adapter_loaded: Callable[[str, float], None] = lambda name, seconds: None
         self.runner = ModelRunner(
             loaded.model, config, assistant.model if assistant is not None else None, adapters=self.adapters
         )
-        for name, path in config.lora_modules:  # AdapterError says which one cannot be served, and why
-            self.adapters[name] = self._read_adapter(name, Path(path))
+        for name in modules:  # AdapterError says which one cannot be served, and why
+            self.adapters.load(name)
         self.assistant_name = assistant.name if assistant is not None else ""
         self.scheduler = Scheduler(config, self.runner.blocks)
         defaults = model_generation_defaults(loaded.model.generation_config)
@@ -134,7 +138,6 @@ class Engine:
             assistant_model=self.assistant_name,
             architecture=self.loaded.architecture,
             attn_implementation=self.loaded.attn_implementation,
-            adapters=tuple(sorted(self.adapters)),
         )
 
     def load_report(self) -> LoadReport:
@@ -246,7 +249,7 @@ class Engine:
             kv_blocks_free=blocks.num_free if blocks else 0,
             kv_blocks_total=blocks.num_blocks if blocks else 0,
             kv_blocks_cached=blocks.num_cached_free if blocks else 0,
-            **self._adapters_in_use() if self.adapters else {},
+            **self._adapters_in_use() if self.config.serves_adapters else {},
         )
         if events:
             self.on_events(events)

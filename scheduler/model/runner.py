@@ -34,8 +34,8 @@ from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.decode_graphs import StaticDecoder
 from genserve.scheduler.model.draft_model import DraftModel
-from genserve.scheduler.model.lora_adapters import LoraAdapter
 from genserve.scheduler.model.lora_layers import adapter_rows, install_lora_layers, lora_targets
+from genserve.scheduler.model.lora_registry import AdapterRegistry
 from genserve.scheduler.model.lora_slots import LoraSlots
 from genserve.scheduler.model.prompt_passes import PromptPasses
 from genserve.scheduler.model.speculative_step import propose, verify
@@ -48,13 +48,13 @@ class ModelRunner(PromptPasses):
         model: PreTrainedModel,
         config: EngineConfig,
         assistant_model: PreTrainedModel | None = None,
-        adapters: dict[str, LoraAdapter] | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
-        """`adapters`: the LoRA adapters requests may name, by name (the engine's, which it may fill later)."""
+        """`adapters`: the LoRA adapters requests may name (the engine's registry)."""
         self.config = config
         self.model = model = with_linear_kernel(model, config.linear_kernel, batch_hint=config.max_running)
         self.device = next(model.parameters()).device
-        self.adapters = adapters if adapters is not None else {}
+        self.adapters = adapters
         self.lora: LoraSlots | None = None
         if config.serves_adapters:
             targets = lora_targets(model)
@@ -127,6 +127,9 @@ class ModelRunner(PromptPasses):
         A request whose own prefill raises fails alone (in the output's errors). Any other error frees the rows
         this step's chunks touched (the scheduler requeues or fails them), records no token, and propagates."""
         self.release(plan.released)
+        if self.lora is not None:
+            for name in self.adapters.take_unloaded():
+                self.lora.evict(name)
         if self.blocks is not None:
             self.cache.copy_blocks_in_order(self.blocks.take_copies())  # cached KV moved out of homes
         self._hold_blocks(plan.kv_blocks)

@@ -176,6 +176,26 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
         "start-up with the reason",
     )
     group.add_argument(
+        "--lora-dir",
+        default=env_default("lora_dir", ""),
+        help="a folder of adapter folders: a request may name any of them, read on first use (TGIS's adapter "
+        "cache); names cannot leave the folder",
+    )
+    group.add_argument(
+        "--allow-runtime-lora",
+        action=argparse.BooleanOptionalAction,
+        default=env_default("allow_runtime_lora", "0") == "1",
+        help="load and unload adapters while serving: genserve.v1 LoadAdapter/UnloadAdapter, vLLM's "
+        "/v1/load_lora_adapter and /v1/unload_lora_adapter (behind the same auth; paths inside --lora-dir if set)",
+    )
+    group.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=int(env_default("max_cpu_loras", "16")),
+        help="adapters kept in host memory; the least recently used one no request holds is let go (read again "
+        "when named again)",
+    )
+    group.add_argument(
         "--max-loras",
         type=int,
         default=int(env_default("max_loras", "4")),
@@ -228,6 +248,9 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         prefix_caching=getattr(args, "enable_prefix_caching", None),
         kv_admission_reserve=getattr(args, "kv_admission_reserve", None),
         lora_modules=lora_modules(args.lora_modules) if getattr(args, "lora_modules", None) else None,
+        lora_dir=getattr(args, "lora_dir", None),
+        runtime_lora=getattr(args, "allow_runtime_lora", None),
+        max_cpu_loras=getattr(args, "max_cpu_loras", None),
         max_loras=getattr(args, "max_loras", None),
         max_lora_rank=getattr(args, "max_lora_rank", None),
     )

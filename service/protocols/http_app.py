@@ -121,6 +121,9 @@ class OpenAIFrontEnd:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=guarded)
         app.add_api_route("/tokenize", self.tokenize, methods=["POST"], dependencies=guarded)
         app.add_api_route("/detokenize", self.detokenize, methods=["POST"], dependencies=guarded)
+        # vLLM's run-time LoRA routes (--allow-runtime-lora), answered as vLLM answers them: plain text.
+        app.add_api_route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"], dependencies=guarded)
+        app.add_api_route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"], dependencies=guarded)
         app.add_exception_handler(RequestValidationError, self._invalid_body)
         app.add_exception_handler(StarletteHTTPException, self._http_exception)
         for known in (_HttpError, *_KNOWN_ERRORS):
@@ -179,11 +182,12 @@ class OpenAIFrontEnd:
         """The LoRA adapter that `model` names, as vLLM selects them ("": the base model, or no name given)."""
         if not model or model == self.model_name:
             return ""
-        adapters = self.engine.description.adapters
-        if model in adapters:
-            return model
-        served = ", ".join(repr(name) for name in (self.model_name, *adapters))
-        raise ModelNotFoundError(f"model {model!r} is not served here; this server serves {served}")
+        try:
+            self.engine.check_adapter(model)
+        except UnknownAdapterError:
+            served = ", ".join(repr(name) for name in (self.model_name, *self.engine.adapters()))
+            raise ModelNotFoundError(f"model {model!r} is not served here; this server serves {served}") from None
+        return model
 
     # Routes.
     async def health(self) -> Response:
@@ -203,7 +207,7 @@ class OpenAIFrontEnd:
             "parent": None,
             "max_model_len": description.config.max_context,
         }
-        adapters = [model | {"id": name, "root": name, "parent": self.model_name} for name in description.adapters]
+        adapters = [model | {"id": name, "root": name, "parent": self.model_name} for name in self.engine.adapters()]
         return {"object": "list", "data": [model, *adapters]}
 
     async def tokenize(self, body: api.TokenizeRequest) -> dict:
@@ -225,6 +229,14 @@ class OpenAIFrontEnd:
         if any(not 0 <= token < self.engine.description.vocab_size for token in body.tokens):
             raise ValidationError("tokens", f"token ids must be in [0, {self.engine.description.vocab_size})")
         return {"prompt": self.engine.tokenizer.decode(body.tokens)}
+
+    async def load_lora_adapter(self, body: api.LoadLoraAdapterRequest) -> Response:
+        await self.engine.load_adapter(body.lora_name, body.lora_path)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(self, body: api.UnloadLoraAdapterRequest) -> Response:
+        self.engine.unload_adapter(body.lora_name)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     async def completions(self, body: api.CompletionRequest, request: Request) -> Response:
         adapter = self._check_model(body.model)

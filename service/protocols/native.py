@@ -349,6 +349,20 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             response.offsets.extend(pb.TokenOffset(start=s, end=e) for s, e in encoding["offset_mapping"])
         return response
 
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterList:
+        if not request.name:
+            raise ValidationError("name", "name the adapter")
+        if not request.path:
+            raise ValidationError("path", "give the adapter's folder")
+        await self.engine.load_adapter(request.name, request.path)
+        return pb.AdapterList(adapters=self.engine.adapters())
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdapterList:
+        self.engine.unload_adapter(request.name)
+        return pb.AdapterList(adapters=self.engine.adapters())
+
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         model, defaults = self.engine.description, self.engine.make_parameters()
         return pb.ModelInfoResponse(
@@ -370,5 +384,5 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             assistant_model=model.assistant_model,
             architecture=model.architecture,
             attn_implementation=model.attn_implementation,
-            adapters=list(model.adapters),
+            adapters=self.engine.adapters(),
         )

@@ -132,6 +132,19 @@ class DetokenizeRequest(BaseModel):
     tokens: TokenIdList
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter body."""
+
+    lora_name: StrictStr
+
+
 # Requests: OpenAI body -> genserve.v1.
 def prompts(request: CompletionRequest, eos_token_ids: tuple[int, ...]) -> list[pb.GenerateRequest]:
     """One native request per prompt of a Completions body (a list of prompts gives choices prompt by prompt);

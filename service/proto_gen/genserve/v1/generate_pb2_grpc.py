@@ -54,6 +54,16 @@ class TextGenerationStub:
                 request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/genserve.v1.TextGeneration/LoadAdapter',
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/genserve.v1.TextGeneration/UnloadAdapter',
+                request_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServicer:
@@ -88,6 +98,21 @@ class TextGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoRA adapters while serving (--allow-runtime-lora; else FAILED_PRECONDITION): load a PEFT adapter folder
+        under a name (inside --lora-dir when the server has one), or unload one no request is using. Both answer
+        the adapters requests may name afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +135,16 @@ def add_TextGenerationServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.FromString,
                     response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +255,60 @@ class TextGeneration:
             '/genserve.v1.TextGeneration/ModelInfo',
             genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoRequest.SerializeToString,
             genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.TextGeneration/LoadAdapter',
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.TextGeneration/UnloadAdapter',
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+            genserve_dot_service_dot_proto__gen_dot_genserve_dot_v1_dot_generate__pb2.AdapterList.FromString,
             options,
             channel_credentials,
             insecure,
