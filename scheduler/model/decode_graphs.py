@@ -71,8 +71,7 @@ class StaticDecoder:
         bucket.tokens[:num_rows] = tokens
         bucket.positions[:num_rows] = positions
         if bucket.adapters is not None:
-            bucket.adapters.slots.zero_()
-            bucket.adapters.slots[:num_rows] = torch.tensor([self.lora.slot_of(name) for name in adapters])
+            self.lora.write_rows(bucket.adapters, adapters)
         if bucket.graph is None:
             return self._forward(bucket)[:num_rows]
         bucket.graph.replay()
@@ -89,9 +88,8 @@ class StaticDecoder:
             positions=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
             read_length=length,
         )
-        if self.lora is not None:  # always gathered: a captured pass cannot choose by its rows' adapters
-            slots = torch.zeros(batch, dtype=torch.long, device=self.device)
-            bucket.adapters = AdapterRows(slots=slots, factors=self.lora.factors)
+        if self.lora is not None:  # every row selects its slot: a captured pass cannot choose by its rows' adapters
+            bucket.adapters = self.lora.static_rows(batch)
         if self.capture:
             self._capture(bucket)
         self._buckets[(batch, length)] = bucket

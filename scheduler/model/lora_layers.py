@@ -2,11 +2,13 @@
 
 Every projection an adapter may adapt is wrapped once (`install_lora_layers`) in a `LoraProjection`, whatever
 computes it underneath (nn.Linear, or cpu_linear's prepacked and fused oneDNN layers). A pass names each row's
-adapter slot (`adapter_rows`); the wrapper gathers the rows' factors from the stacked slots (lora_slots.py) and
-multiplies all rows at once with two batched matmuls: Punica's and vLLM's gather-then-BGMV, not a loop over rows
-or adapters, and never a merge into the base weights. Slot 0 holds zeros (the base model): its rows add exact
-zeros. A pass whose rows all use one slot multiplies with that adapter's factors directly, and a pass of the base
-model alone skips the adapters altogether.
+adapter slot (`adapter_rows`). The slots' factors lie side by side (lora_slots.py): all rows multiply with every
+slot's A in one GEMM, each row keeps its own slot's columns (a one-hot select; the others become exact zeros), and
+one GEMM with every slot's B gives each row its own delta. That is two GEMMs per projection whatever the mix, no
+loop over rows or adapters, no gathered copies of factors, and never a merge into the base weights; the extra
+work is L·R columns (L slots of rank R) against the projection's own. The base model's rows select nothing and add
+exact zeros. A pass whose rows all use one slot multiplies with that adapter's factors alone, and a pass of the
+base model alone skips the adapters altogether.
 
 The arithmetic is PEFT's (LoraLayer.forward): `result + lora_B(lora_A(x)) * scaling`, in the model's dtype.
 """
@@ -23,21 +25,26 @@ import torch
 
 @dataclass(frozen=True)
 class SlotFactors:
-    """One projection's factors in every adapter slot (zeros past each adapter's rank, and in slot 0)."""
+    """One projection's factors for every adapter slot, side by side: slot s (1..L) owns the R columns of `down`
+    and the R rows of `up` at (s - 1) * R, zeros past its adapter's rank. Slot 0, the base model, owns none."""
 
-    down: torch.Tensor  # [slots, in_features, max rank]: A^T
-    up: torch.Tensor  # [slots, max rank, out_features]: B^T
-    scaling: torch.Tensor  # [slots]
+    down: torch.Tensor  # [in_features, L * R]: each slot's A^T
+    up: torch.Tensor  # [L * R, out_features]: each slot's B^T
+    scaling: torch.Tensor  # [L + 1], slot 0's 0
     scalings: list[float]  # the same, on the host (a pass of one adapter multiplies by it, as PEFT does)
 
 
 @dataclass(frozen=True)
 class AdapterRows:
-    """The adapter slot of each row of one forward pass ([rows, ...] inputs)."""
+    """The adapter slot of each row of one forward pass ([rows, tokens, features] inputs)."""
 
     slots: torch.Tensor  # [rows], long
+    select: torch.Tensor  # [rows, 1, L, 1]: 1 at each row's slot (none for the base model's rows), else 0
     factors: dict[str, SlotFactors]  # module path -> its slots
-    only_slot: int | None = None  # every row uses this slot: no gather (None: rows differ, or a captured pass)
+    # [rows, 1, 1]: each row's adapter scaling, where every row's adapter scales all its projections alike (None:
+    # each projection gathers its own).
+    row_scaling: torch.Tensor | None = None
+    only_slot: int | None = None  # every row uses this slot: its factors alone (None: rows differ, or captured)
     only_rank: int = 0  # that slot's adapter rank
 
 
@@ -78,18 +85,23 @@ class LoraProjection(torch.nn.Module):
         if rows is None or rows.only_slot == 0:
             return result
         factors = rows.factors[self.path]
+        num_slots = rows.select.shape[2]
+        max_rank = factors.up.shape[0] // num_slots
         if rows.only_slot is not None:
-            slot, rank = rows.only_slot, rows.only_rank
-            down, up = factors.down[slot, :, :rank], factors.up[slot, :rank]
-            return result + (inputs @ down) @ up * factors.scalings[slot]
+            start = (rows.only_slot - 1) * max_rank
+            down = factors.down[:, start : start + rows.only_rank]
+            up = factors.up[start : start + rows.only_rank]
+            return result + (inputs @ down) @ up * factors.scalings[rows.only_slot]
         if inputs.dim() != 3 or inputs.shape[0] != rows.slots.shape[0]:
             raise RuntimeError(
                 f"{self.path}: per-row adapters need [rows, tokens, features] inputs with "
                 f"{rows.slots.shape[0]} rows, got {tuple(inputs.shape)}"
             )
-        slots = rows.slots
-        delta = torch.bmm(torch.bmm(inputs, factors.down[slots]), factors.up[slots])
-        return result + delta * factors.scaling[slots].view(-1, 1, 1)
+        # Every slot's x·A at once (one GEMM), each row keeping its own slot's part (the others become exact
+        # zeros), then one GEMM with every slot's B.
+        hidden = ((inputs @ factors.down).unflatten(-1, (num_slots, max_rank)) * rows.select).flatten(-2)
+        scaling = rows.row_scaling if rows.row_scaling is not None else factors.scaling[rows.slots].view(-1, 1, 1)
+        return result + (hidden @ factors.up) * scaling
 
 
 def lora_targets(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -1,11 +1,12 @@
 """The device's adapter slots: every adaptable projection's LoRA factors, stacked for `max_loras` adapters.
 
-Slot 0 is the base model (zeros); slots 1..max_loras hold the adapters that rows use, padded with zeros to
-`max_lora_rank`. The tensors are allocated once, so their addresses never change (a captured decode pass keeps
-pointing at them). An adapter enters a slot when one of its requests takes a row (`activate`), evicting the
-least recently used adapter that no row uses; the scheduler keeps the adapters of a step within the slots
-(scheduler.py), so one is always free. vLLM's LoRA manager keeps the same two tiers: the adapters read into host
-memory (the engine's), and those placed in the device's slots (these).
+Slot 0 is the base model (it holds nothing); slots 1..max_loras hold the adapters that rows use, side by side,
+padded with zeros to `max_lora_rank` (lora_layers.SlotFactors). The tensors are allocated once, so their
+addresses never change (a captured decode pass keeps pointing at them). An adapter enters a slot when one of its
+requests takes a row (`activate`), evicting the least recently used adapter that no row uses; the scheduler keeps
+the adapters of a step within the slots (scheduler.py), so one is always free. vLLM's LoRA manager keeps the same
+two tiers: the adapters read into host memory (the engine's registry), and those placed in the device's slots
+(these).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ class LoraSlots:
         """`targets`: the adaptable projections, module path -> (in_features, out_features)."""
         self.targets = targets
         self.device = device
+        self.dtype = dtype
+        self.max_loras, self.max_rank = max_loras, max_rank
         num_slots = max_loras + 1
         self.factors = {
             path: SlotFactors(
-                down=torch.zeros(num_slots, in_features, max_rank, dtype=dtype, device=device),
-                up=torch.zeros(num_slots, max_rank, out_features, dtype=dtype, device=device),
+                down=torch.zeros(in_features, max_loras * max_rank, dtype=dtype, device=device),
+                up=torch.zeros(max_loras * max_rank, out_features, dtype=dtype, device=device),
                 scaling=torch.zeros(num_slots, dtype=dtype, device=device),
                 scalings=[0.0] * num_slots,
             )
@@ -42,6 +45,8 @@ class LoraSlots:
         }
         self.holders: list[str] = [""] * num_slots  # adapter name per slot ("": empty; slot 0: the base model)
         self.ranks = [0] * num_slots
+        # Per slot: the scaling of every projection its adapter adapts, when they are all alike (else None).
+        self._uniform_scaling: list[float | None] = [0.0] * num_slots
         self._last_used = [0] * num_slots
         self._clock = itertools.count(1)
 
@@ -73,6 +78,7 @@ class LoraSlots:
         if adapter in self.holders[1:]:
             slot = self.slot_of(adapter)
             self.holders[slot], self.ranks[slot], self._last_used[slot] = "", 0, 0
+            self._uniform_scaling[slot] = 0.0
 
     def rows(self, adapters: list[str]) -> AdapterRows | None:
         """The slots of a pass whose rows use these adapters, in row order; None when every row is the base
@@ -81,22 +87,51 @@ class LoraSlots:
         if not any(slots):
             return None
         only = slots[0] if all(slot == slots[0] for slot in slots) else None
+        scalings = [self._uniform_scaling[slot] for slot in slots]
+        row_scaling = None
+        if only is None and all(scaling is not None for scaling in scalings):
+            row_scaling = torch.tensor(scalings, dtype=self.dtype, device=self.device).view(-1, 1, 1)
+        rows = self.static_rows(len(slots))
+        self.write_rows(rows, adapters)
         return AdapterRows(
-            slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+            slots=rows.slots,
+            select=rows.select,
             factors=self.factors,
+            row_scaling=row_scaling,
             only_slot=only,
             only_rank=self.ranks[only] if only is not None else 0,
         )
 
+    def static_rows(self, num_rows: int) -> AdapterRows:
+        """Buffers for `num_rows` rows, every row on the base model until `write_rows` says otherwise (a captured
+        pass keeps pointing at them)."""
+        return AdapterRows(
+            slots=torch.zeros(num_rows, dtype=torch.long, device=self.device),
+            select=torch.zeros(num_rows, 1, self.max_loras, 1, dtype=self.dtype, device=self.device),
+            factors=self.factors,
+        )
+
+    def write_rows(self, rows: AdapterRows, adapters: list[str]) -> None:
+        """The first rows of `rows` on these adapters, the rest on the base model, in place."""
+        slots = torch.tensor([self.slot_of(adapter) for adapter in adapters], dtype=torch.long)
+        rows.slots.zero_()
+        rows.slots[: len(adapters)] = slots.to(self.device)
+        select = torch.nn.functional.one_hot(rows.slots, self.max_loras + 1)[:, 1:]
+        rows.select.copy_(select.view(rows.select.shape))
+
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        start = (slot - 1) * self.max_rank
+        columns = slice(start, start + self.max_rank)
         for path, stacked in self.factors.items():
-            stacked.down[slot].zero_()
-            stacked.up[slot].zero_()
+            stacked.down[:, columns].zero_()
+            stacked.up[columns].zero_()
             factors = adapter.modules.get(path)
             scaling = factors.scaling if factors is not None else 0.0
             if factors is not None:
-                stacked.down[slot, :, : factors.rank] = factors.down
-                stacked.up[slot, : factors.rank] = factors.up
+                stacked.down[:, start : start + factors.rank] = factors.down
+                stacked.up[start : start + factors.rank] = factors.up
             stacked.scaling[slot] = scaling
             stacked.scalings[slot] = scaling
         self.holders[slot], self.ranks[slot] = adapter.name, adapter.rank
+        scalings = {factors.scaling for factors in adapter.modules.values()}
+        self._uniform_scaling[slot] = scalings.pop() if len(scalings) == 1 else None

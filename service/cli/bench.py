@@ -80,6 +80,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config = engine_config(args, max_running=args.long_prompt_batch_size)
         print()
         print(format_long_prompt_report(*run_long_prompt(loaded, config, args.long_prompt_tokens)))
+    if args.lora:
+        from genserve.scheduler.benchmarks.lora import format_lora_report, run_lora_benchmark
+
+        shape = (args.lora_rows, args.lora_context, args.lora_new_tokens)
+        runs = run_lora_benchmark(loaded, *shape, args.lora_adapters, args.lora_rank)
+        print()
+        print(format_lora_report(runs, *shape, args.lora_rank))
     if args.decode_profile:
         from genserve.scheduler.benchmarks.step_profile import format_profile, profile_steps
 
@@ -465,4 +472,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     stall.add_argument("--long-prompt", action="store_true", help="measure and print the table")
     stall.add_argument("--long-prompt-tokens", type=int, default=1500, help="the long prompt's length (at least)")
     stall.add_argument("--long-prompt-batch-size", type=int, default=8, help="engine rows for these runs")
+    lora = bench.add_argument_group(
+        "LoRA", "decode step and tokens/s with LoRA adapters (random, every projection) against the base model alone"
+    )
+    lora.add_argument("--lora", action="store_true", help="measure and print the table")
+    lora.add_argument("--lora-rows", type=int, default=16, help="requests, all decoding together")
+    lora.add_argument("--lora-adapters", type=int, default=4, help="adapters the mixed run spreads rows over")
+    lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument("--lora-context", type=int, default=64, help="prompt tokens per request")
+    lora.add_argument("--lora-new-tokens", type=int, default=64, help="tokens generated per request")
     bench.set_defaults(handler=cmd_bench)
