@@ -32,6 +32,10 @@ class SlotFactors:
     up: torch.Tensor  # [L * R, out_features]: each slot's B^T
     scaling: torch.Tensor  # [L + 1], slot 0's 0
     scalings: list[float]  # the same, on the host (a pass of one adapter multiplies by it, as PEFT does)
+    # Sibling projections that read the same input (q/k/v, gate/up): their `down`s are column blocks of this one
+    # tensor, multiplied once for all of them; `sibling` is this projection's block.
+    siblings_down: torch.Tensor | None = None
+    sibling: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,44 @@ class LoraProjection(torch.nn.Module):
                 f"{self.path}: per-row adapters need [rows, tokens, features] inputs with "
                 f"{rows.slots.shape[0]} rows, got {tuple(inputs.shape)}"
             )
-        # Every slot's x·A at once (one GEMM), each row keeping its own slot's part (the others become exact
-        # zeros), then one GEMM with every slot's B.
-        hidden = ((inputs @ factors.down).unflatten(-1, (num_slots, max_rank)) * rows.select).flatten(-2)
+        # Every slot's x·A at once (one GEMM, shared by siblings), each row keeping its own slot's part (the others
+        # become exact zeros), then one GEMM with every slot's B.
+        width = num_slots * max_rank
+        if factors.siblings_down is None:
+            hidden = _selected(inputs @ factors.down, rows, max_rank)
+        else:
+            hidden = _SIBLINGS.hidden(inputs, factors.siblings_down, rows, max_rank)
+            hidden = hidden[..., factors.sibling * width : (factors.sibling + 1) * width]
         scaling = rows.row_scaling if rows.row_scaling is not None else factors.scaling[rows.slots].view(-1, 1, 1)
         return result + (hidden @ factors.up) * scaling
+
+
+def _selected(hidden: torch.Tensor, rows: AdapterRows, max_rank: int) -> torch.Tensor:
+    """`hidden` ([rows, tokens, n * L * R]: n projections' blocks of L slots) with every row's columns outside its
+    own slot zeroed."""
+    num_slots = rows.select.shape[2]
+    blocks = hidden.unflatten(-1, (-1, num_slots, max_rank))  # [rows, tokens, n, L, R]
+    return (blocks * rows.select.unsqueeze(2)).flatten(-3)
+
+
+class _SiblingHidden(threading.local):
+    """The first sibling projection called on an input computes every sibling's selected x·A; the others, called
+    on that same tensor, take their block (any other input is computed anew). Per thread, as the pass."""
+
+    def __init__(self) -> None:
+        self.key: tuple[torch.Tensor, torch.Tensor, AdapterRows] | None = None
+        self.value: torch.Tensor | None = None
+
+    def hidden(
+        self, inputs: torch.Tensor, siblings_down: torch.Tensor, rows: AdapterRows, max_rank: int
+    ) -> torch.Tensor:
+        key = self.key
+        if key is None or key[0] is not inputs or key[1] is not siblings_down or key[2] is not rows:
+            self.key, self.value = (inputs, siblings_down, rows), _selected(inputs @ siblings_down, rows, max_rank)
+        return self.value
+
+
+_SIBLINGS = _SiblingHidden()
 
 
 def lora_targets(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

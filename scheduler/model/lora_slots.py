@@ -15,6 +15,7 @@ import itertools
 
 import torch
 
+from genserve.scheduler.model.cpu_linear import SIBLING_PROJECTIONS
 from genserve.scheduler.model.lora_adapters import LoraAdapter
 from genserve.scheduler.model.lora_layers import AdapterRows, SlotFactors
 
@@ -34,15 +35,23 @@ class LoraSlots:
         self.dtype = dtype
         self.max_loras, self.max_rank = max_loras, max_rank
         num_slots = max_loras + 1
-        self.factors = {
-            path: SlotFactors(
-                down=torch.zeros(in_features, max_loras * max_rank, dtype=dtype, device=device),
-                up=torch.zeros(max_loras * max_rank, out_features, dtype=dtype, device=device),
+        width = max_loras * max_rank
+        downs = {}  # siblings' `down`s are column blocks of one tensor: one GEMM for all of them
+        for group in sibling_groups(targets):
+            shared = torch.zeros(targets[group[0]][0], len(group) * width, dtype=dtype, device=device)
+            downs.update((path, (shared, index)) for index, path in enumerate(group))
+        self.factors = {}
+        for path, (in_features, out_features) in targets.items():
+            shared, index = downs.get(path, (None, 0))
+            down = shared[:, index * width : (index + 1) * width] if shared is not None else None
+            self.factors[path] = SlotFactors(
+                down=down if down is not None else torch.zeros(in_features, width, dtype=dtype, device=device),
+                up=torch.zeros(width, out_features, dtype=dtype, device=device),
                 scaling=torch.zeros(num_slots, dtype=dtype, device=device),
                 scalings=[0.0] * num_slots,
+                siblings_down=shared,
+                sibling=index,
             )
-            for path, (in_features, out_features) in targets.items()
-        }
         self.holders: list[str] = [""] * num_slots  # adapter name per slot ("": empty; slot 0: the base model)
         self.ranks = [0] * num_slots
         # Per slot: the scaling of every projection its adapter adapts, when they are all alike (else None).
@@ -135,3 +144,14 @@ class LoraSlots:
         self.holders[slot], self.ranks[slot] = adapter.name, adapter.rank
         scalings = {factors.scaling for factors in adapter.modules.values()}
         self._uniform_scaling[slot] = scalings.pop() if len(scalings) == 1 else None
+
+
+def sibling_groups(targets: dict[str, tuple[int, int]]) -> list[list[str]]:
+    """Targets that HF decoders call on one input (SIBLING_PROJECTIONS under one parent), with one input width."""
+    groups = []
+    for parent in sorted({path.rpartition(".")[0] for path in targets}):
+        for names in SIBLING_PROJECTIONS:
+            group = [f"{parent}.{name}" for name in names]
+            if all(path in targets for path in group) and len({targets[path][0] for path in group}) == 1:
+                groups.append(group)
+    return groups
