@@ -10,7 +10,10 @@ work is L·R columns (L slots of rank R) against the projection's own. The base 
 exact zeros. A pass whose rows all use one slot multiplies with that adapter's factors alone, and a pass of the
 base model alone skips the adapters altogether.
 
-The arithmetic is PEFT's (LoraLayer.forward): `result + lora_B(lora_A(x)) * scaling`, in the model's dtype.
+PEFT (LoraLayer.forward) computes `result + lora_B(lora_A(x)) * scaling`; here the scaling is folded into B once,
+when an adapter enters its slot, and the second GEMM adds into the base's result (addmm): `result + (x·A)·(s·B)`,
+the same sum rounded in other places (README: LoRA adapters, what is exact). Per projection that is one GEMM and
+one addmm, the first shared by sibling projections: the ops, not their arithmetic, are what a small batch pays for.
 """
 
 from __future__ import annotations
@@ -29,9 +32,7 @@ class SlotFactors:
     and the R rows of `up` at (s - 1) * R, zeros past its adapter's rank. Slot 0, the base model, owns none."""
 
     down: torch.Tensor  # [in_features, L * R]: each slot's A^T
-    up: torch.Tensor  # [L * R, out_features]: each slot's B^T
-    scaling: torch.Tensor  # [L + 1], slot 0's 0
-    scalings: list[float]  # the same, on the host (a pass of one adapter multiplies by it, as PEFT does)
+    up: torch.Tensor  # [L * R, out_features]: each slot's B^T times its adapter's scaling for this projection
     # Sibling projections that read the same input (q/k/v, gate/up): their `down`s are column blocks of this one
     # tensor, multiplied once for all of them; `sibling` is this projection's block.
     siblings_down: torch.Tensor | None = None
@@ -45,9 +46,6 @@ class AdapterRows:
     slots: torch.Tensor  # [rows], long
     select: torch.Tensor  # [rows, 1, L, 1]: 1 at each row's slot (none for the base model's rows), else 0
     factors: dict[str, SlotFactors]  # module path -> its slots
-    # [rows, 1, 1]: each row's adapter scaling, where every row's adapter scales all its projections alike (None:
-    # each projection gathers its own).
-    row_scaling: torch.Tensor | None = None
     only_slot: int | None = None  # every row uses this slot: its factors alone (None: rows differ, or captured)
     only_rank: int = 0  # that slot's adapter rank
 
@@ -94,8 +92,7 @@ class LoraProjection(torch.nn.Module):
         if rows.only_slot is not None:
             start = (rows.only_slot - 1) * max_rank
             down = factors.down[:, start : start + rows.only_rank]
-            up = factors.up[start : start + rows.only_rank]
-            return result + (inputs @ down) @ up * factors.scalings[rows.only_slot]
+            return _add_product(result, inputs @ down, factors.up[start : start + rows.only_rank])
         if inputs.dim() != 3 or inputs.shape[0] != rows.slots.shape[0]:
             raise RuntimeError(
                 f"{self.path}: per-row adapters need [rows, tokens, features] inputs with "
@@ -109,8 +106,13 @@ class LoraProjection(torch.nn.Module):
         else:
             hidden = _SIBLINGS.hidden(inputs, factors.siblings_down, rows, max_rank)
             hidden = hidden[..., factors.sibling * width : (factors.sibling + 1) * width]
-        scaling = rows.row_scaling if rows.row_scaling is not None else factors.scaling[rows.slots].view(-1, 1, 1)
-        return result + (hidden @ factors.up) * scaling
+        return _add_product(result, hidden, factors.up)
+
+
+def _add_product(result: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`result + hidden @ up` as one addmm over the rows and tokens flattened."""
+    sums = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up)
+    return sums.view(result.shape)
 
 
 def _selected(hidden: torch.Tensor, rows: AdapterRows, max_rank: int) -> torch.Tensor:

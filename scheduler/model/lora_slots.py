@@ -47,21 +47,17 @@ class LoraSlots:
             self.factors[path] = SlotFactors(
                 down=down if down is not None else torch.zeros(in_features, width, dtype=dtype, device=device),
                 up=torch.zeros(width, out_features, dtype=dtype, device=device),
-                scaling=torch.zeros(num_slots, dtype=dtype, device=device),
-                scalings=[0.0] * num_slots,
                 siblings_down=shared,
                 sibling=index,
             )
         self.holders: list[str] = [""] * num_slots  # adapter name per slot ("": empty; slot 0: the base model)
         self.ranks = [0] * num_slots
-        # Per slot: the scaling of every projection its adapter adapts, when they are all alike (else None).
-        self._uniform_scaling: list[float | None] = [0.0] * num_slots
         self._last_used = [0] * num_slots
         self._clock = itertools.count(1)
 
     @property
     def nbytes(self) -> int:
-        return sum(f.down.nbytes + f.up.nbytes + f.scaling.nbytes for f in self.factors.values())
+        return sum(f.down.nbytes + f.up.nbytes for f in self.factors.values())
 
     def slot_of(self, adapter: str) -> int:
         """The slot holding `adapter` (0 for the base model, ""); KeyError if it holds none."""
@@ -87,7 +83,6 @@ class LoraSlots:
         if adapter in self.holders[1:]:
             slot = self.slot_of(adapter)
             self.holders[slot], self.ranks[slot], self._last_used[slot] = "", 0, 0
-            self._uniform_scaling[slot] = 0.0
 
     def rows(self, adapters: list[str]) -> AdapterRows | None:
         """The slots of a pass whose rows use these adapters, in row order; None when every row is the base
@@ -96,17 +91,12 @@ class LoraSlots:
         if not any(slots):
             return None
         only = slots[0] if all(slot == slots[0] for slot in slots) else None
-        scalings = [self._uniform_scaling[slot] for slot in slots]
-        row_scaling = None
-        if only is None and all(scaling is not None for scaling in scalings):
-            row_scaling = torch.tensor(scalings, dtype=self.dtype, device=self.device).view(-1, 1, 1)
         rows = self.static_rows(len(slots))
         self.write_rows(rows, adapters)
         return AdapterRows(
             slots=rows.slots,
             select=rows.select,
             factors=self.factors,
-            row_scaling=row_scaling,
             only_slot=only,
             only_rank=self.ranks[only] if only is not None else 0,
         )
@@ -135,15 +125,10 @@ class LoraSlots:
             stacked.down[:, columns].zero_()
             stacked.up[columns].zero_()
             factors = adapter.modules.get(path)
-            scaling = factors.scaling if factors is not None else 0.0
             if factors is not None:
                 stacked.down[:, start : start + factors.rank] = factors.down
-                stacked.up[start : start + factors.rank] = factors.up
-            stacked.scaling[slot] = scaling
-            stacked.scalings[slot] = scaling
+                stacked.up[start : start + factors.rank] = factors.up * factors.scaling
         self.holders[slot], self.ranks[slot] = adapter.name, adapter.rank
-        scalings = {factors.scaling for factors in adapter.modules.values()}
-        self._uniform_scaling[slot] = scalings.pop() if len(scalings) == 1 else None
 
 
 def sibling_groups(targets: dict[str, tuple[int, int]]) -> list[list[str]]:
