@@ -105,6 +105,25 @@ def test_bench_long_prompt_stall_table(tmp_path: Path, capsys) -> None:
     assert all(float(row[3]) > 0 for row in rows)  # the gap as a fraction of the idle prefill (timing: no bound)
 
 
+def test_bench_lora_table(tmp_path: Path, capsys) -> None:
+    tiny_model().save_pretrained(tmp_path / "tiny")
+    arguments = ["bench", "--model", str(tmp_path / "tiny"), "--skip-main", "--baselines", "", "--lora"]
+    arguments += ["--lora-rows", "5", "--lora-adapters", "2", "--lora-rank", "4", "--lora-context", "8"]
+    code = main([*arguments, "--lora-new-tokens", "6", "--lora-rounds", "2"])
+    report = capsys.readouterr().out
+    assert code == 0 and "the others the median of 2 rounds" in report
+    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith("| ") and "ms |" in line]
+    labels = [row[0].strip() for row in rows]
+    assert labels == [
+        "base model, no adapters served",
+        "adapters served, every row on the base",
+        "every row on one adapter",
+        "2 adapters and the base, mixed",
+    ]
+    assert rows[0][2].strip() == "1.00x"
+    assert all(float(row[1].split()[0]) > 0 and float(row[3]) > 0 for row in rows)
+
+
 def test_serve_defaults_to_a_paged_cache_sized_for_the_device() -> None:
     parser = build_parser()
     auto = engine_config(parser.parse_args(["serve", "--device", "cpu"]))

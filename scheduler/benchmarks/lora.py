@@ -7,7 +7,10 @@ each (eos ignored), all submitted at once, so that every decode step holds every
 - every row on one adapter (a pass of one adapter multiplies by its factors directly);
 - rows spread round-robin over the adapters and the base model (per-row gathered factors).
 The adapters are random, of rank `rank`, on every projection of every layer, written in PEFT's format (its
-adapter_config.json and factor names) and read back by PEFT, as a user's adapters are.
+adapter_config.json and factor names) and read back by PEFT, as a user's adapters are. Serving adapters wraps the
+model's projections for good, so the base model alone runs once, first; the other three then run `rounds` times in
+turn, each reported as the median over its rounds, so that a noisy moment of a shared machine weighs on one round
+of each rather than on one run.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def _run(
 
 
 def run_lora_benchmark(
-    loaded: LoadedModel, rows: int, context: int, new_tokens: int, num_adapters: int, rank: int
+    loaded: LoadedModel, rows: int, context: int, new_tokens: int, num_adapters: int, rank: int, rounds: int = 3
 ) -> list[LoraRun]:
     base = EngineConfig(
         max_running=rows, max_context=context + new_tokens + 2, max_num_batched_tokens=rows * (context + 1)
@@ -92,24 +95,30 @@ def run_lora_benchmark(
         serving = dataclasses.replace(base, lora_modules=modules, max_loras=num_adapters, max_lora_rank=rank)
         names = list(adapters)
         mixed = [([*names, ""] * rows)[index] for index in range(rows)]
-        runs = [
-            ("base model, no adapters served", base, [""] * rows),
+        served = [
             ("adapters served, every row on the base", serving, [""] * rows),
             ("every row on one adapter", serving, [names[0]] * rows),
             (f"{num_adapters} adapters and the base, mixed", serving, mixed),
         ]
-        # The base run first: an engine serving adapters wraps the model's projections for good.
+        runs = [("base model, no adapters served", base, [""] * rows), *served * rounds]
+        measured: dict[str, list[LoraRun]] = {}
+        for label, config, assignment in tqdm(runs, desc="LoRA runs", unit="run", leave=False):
+            measured.setdefault(label, []).append(_run(loaded, config, label, assignment, context, new_tokens))
         return [
-            _run(loaded, config, label, assignment, context, new_tokens)
-            for label, config, assignment in tqdm(runs, desc="LoRA runs", unit="run", leave=False)
+            LoraRun(
+                label,
+                statistics.median(run.step_seconds for run in repeats),
+                statistics.median(run.tokens_per_second for run in repeats),
+            )
+            for label, repeats in measured.items()
         ]
 
 
-def format_lora_report(runs: list[LoraRun], rows: int, context: int, new_tokens: int, rank: int) -> str:
+def format_lora_report(runs: list[LoraRun], rows: int, context: int, new_tokens: int, rank: int, rounds: int) -> str:
     base = runs[0]
     lines = [
         f"LoRA adapters: {rows} rows of {context} prompt tokens, {new_tokens} new tokens each; rank-{rank} adapters "
-        "on every projection",
+        f"on every projection; the base model alone once, the others the median of {rounds} rounds",
         "",
         "| run | decode step | vs base | tokens/s (end to end) |",
         "|---|---:|---:|---:|",

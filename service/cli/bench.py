@@ -84,9 +84,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from genserve.scheduler.benchmarks.lora import format_lora_report, run_lora_benchmark
 
         shape = (args.lora_rows, args.lora_context, args.lora_new_tokens)
-        runs = run_lora_benchmark(loaded, *shape, args.lora_adapters, args.lora_rank)
+        runs = run_lora_benchmark(loaded, *shape, args.lora_adapters, args.lora_rank, args.lora_rounds)
         print()
-        print(format_lora_report(runs, *shape, args.lora_rank))
+        print(format_lora_report(runs, *shape, args.lora_rank, args.lora_rounds))
     if args.decode_profile:
         from genserve.scheduler.benchmarks.step_profile import format_profile, profile_steps
 
@@ -481,4 +481,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     lora.add_argument("--lora-rank", type=int, default=16)
     lora.add_argument("--lora-context", type=int, default=64, help="prompt tokens per request")
     lora.add_argument("--lora-new-tokens", type=int, default=64, help="tokens generated per request")
+    lora.add_argument(
+        "--lora-rounds", type=int, default=3, help="times the adapter runs repeat in turn (each reports its median)"
+    )
     bench.set_defaults(handler=cmd_bench)
