@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 import torch
+from peft import PromptTuningConfig, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
@@ -232,24 +233,36 @@ def _refusal(served: torch.nn.Module, folder: Path, **config: object) -> str:
     return str(error.value)
 
 
-def test_adapters_that_cannot_be_served_are_refused_at_start_up_saying_why(adapters_of, tmp_path: Path) -> None:
-    base, served, folders = adapters_of("Llama")
-    assert "rank 8" in _refusal(served, folders["mlp-r8"], max_lora_rank=4)
-    head = save_adapter(base, tmp_path / "head", 4, 8, ["q_proj", "lm_head"], seed=1)
-    assert "lm_head" in _refusal(served, head)
-    embeddings = save_adapter(base, tmp_path / "embed", 4, 8, ["embed_tokens"], seed=1)
-    assert "input embeddings" in _refusal(served, embeddings)
-    dora = save_adapter(base, tmp_path / "dora", 4, 8, ["q_proj"], seed=1, use_dora=True)
-    assert "DoRA" in _refusal(served, dora)
+def _unservable(base: torch.nn.Module, folders: dict[str, Path], where: Path) -> dict[str, tuple[Path, str]]:
+    """Adapter folders the server must refuse, by name: (folder, what the refusal must say)."""
     wider = tiny_config(_case("Llama"))
     wider.hidden_size = 96
-    other = save_adapter(AutoModelForCausalLM.from_config(wider), tmp_path / "other", 4, 8, ["q_proj"], seed=1)
-    assert "another base model" in _refusal(served, other)
-    corrupt = tmp_path / "corrupt"
+    corrupt = where / "corrupt"
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text((folders["attn-r4"] / "adapter_config.json").read_text())
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    assert "PEFT cannot read" in _refusal(served, corrupt)
+    prompt_tuning = where / "prompt-tuning"
+    get_peft_model(
+        copy.deepcopy(base), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    ).save_pretrained(prompt_tuning)
+    return {
+        "too-wide": (folders["mlp-r8"], "rank 8"),
+        "head": (save_adapter(base, where / "head", 4, 8, ["q_proj", "lm_head"], seed=1), "lm_head"),
+        "embed": (save_adapter(base, where / "embed", 4, 8, ["embed_tokens"], seed=1), "input embeddings"),
+        "dora": (save_adapter(base, where / "dora", 4, 8, ["q_proj"], seed=1, use_dora=True), "DoRA"),
+        "other": (
+            save_adapter(AutoModelForCausalLM.from_config(wider), where / "other", 4, 8, ["q_proj"], seed=1),
+            "another base model",
+        ),
+        "prompt-tuning": (prompt_tuning, "PROMPT_TUNING adapter; only LoRA"),
+        "corrupt": (corrupt, "PEFT cannot read"),
+    }
+
+
+def test_adapters_that_cannot_be_served_are_refused_at_start_up_saying_why(adapters_of, tmp_path: Path) -> None:
+    base, served, folders = adapters_of("Llama")
+    for name, (folder, reason) in _unservable(base, folders, tmp_path).items():
+        assert reason in _refusal(served, folder, max_lora_rank=4), name
     assert "adapter_config.json" in _refusal(served, tmp_path / "missing")
 
 
@@ -327,10 +340,10 @@ def test_lora_dir_reads_adapters_on_first_use_and_keeps_requests_inside_it(adapt
         (lora_dir / name).symlink_to(folder, target_is_directory=True)  # links to folders outside --lora-dir
     shutil.copytree(folders["attn-r4"], lora_dir / "copied")
     shutil.copytree(folders["attn-r4"], lora_dir / "again")
-    (lora_dir / "corrupt").mkdir()
-    (lora_dir / "corrupt" / "adapter_config.json").write_text((folders["attn-r4"] / "adapter_config.json").read_text())
-    (lora_dir / "corrupt" / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    shutil.copytree(folders["mlp-r8"], lora_dir / "too-wide")
+    (tmp_path / "unservable").mkdir()
+    unservable = _unservable(base, folders, tmp_path / "unservable")
+    for name, (folder, _) in unservable.items():
+        shutil.copytree(folder, lora_dir / name)
     server = ServerThread(
         LoadedModel(model=served, tokenizer=None, name="tiny"),
         max_running=4,
@@ -349,9 +362,10 @@ def test_lora_dir_reads_adapters_on_first_use_and_keeps_requests_inside_it(adapt
         # One adapter in host memory (--max-cpu-loras 1): the other is let go, and read again when named again.
         assert _generate(server, prompt, "again") == expected and list(server.engine.adapters) == ["again"]
         assert _generate(server, prompt, "copied") == expected and list(server.engine.adapters) == ["copied"]
-        # Symbolic links that lead out of --lora-dir are refused, as is a rank above --max-lora-rank, and a
-        # corrupt file: each fails its own request, FAILED_PRECONDITION saying why.
-        for name, reason in (("attn-r4", "outside"), ("too-wide", "rank 8"), ("corrupt", "PEFT cannot read")):
+        # Symbolic links that lead out of --lora-dir are refused, as is every adapter that cannot be served
+        # (start-up's refusals): each fails its own request, FAILED_PRECONDITION saying why.
+        refusals = {"attn-r4": "outside"} | {name: reason for name, (_, reason) in unservable.items()}
+        for name, reason in refusals.items():
             code, details = _status(_generate, server, prompt, name)
             assert code == grpc.StatusCode.FAILED_PRECONDITION and reason in details, (name, details)
         for name in ("../adapters/copied", "missing", "/etc"):
