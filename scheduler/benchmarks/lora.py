@@ -5,7 +5,7 @@ each (eos ignored), all submitted at once, so that every decode step holds every
 - the base model, on an engine that serves no adapters;
 - an engine serving the adapters, every row on the base model (what the wrappers cost when no row uses one);
 - every row on one adapter (a pass of one adapter multiplies by its factors directly);
-- rows spread round-robin over the adapters and the base model (per-row gathered factors).
+- rows spread round-robin over the adapters and the base model (each row selecting its own slot's part).
 The adapters are random, of rank `rank`, on every projection of every layer, written in PEFT's format (its
 adapter_config.json and factor names) and read back by PEFT, as a user's adapters are. Serving adapters wraps the
 model's projections for good, so the base model alone runs once, first; the other three then run `rounds` times in

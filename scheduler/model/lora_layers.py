@@ -51,9 +51,21 @@ class AdapterRows:
 
 
 class _Active(threading.local):
-    """The pass under way, per thread: engines that share one model run their passes in threads of their own."""
+    """The pass under way, per thread: engines that share one model run their passes in threads of their own.
+    Sibling projections share one x·A: the first called on an input computes every sibling's (selected), the
+    others, called on that same tensor, take their block; any other input is computed anew. The share lives as
+    long as the rows it was computed for."""
 
     rows: AdapterRows | None = None
+    sibling_key: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, siblings_down) of `sibling_hidden`
+    sibling_hidden: torch.Tensor | None = None
+
+    def siblings(self, inputs: torch.Tensor, siblings_down: torch.Tensor, max_rank: int) -> torch.Tensor:
+        key = self.sibling_key
+        if key is None or key[0] is not inputs or key[1] is not siblings_down:
+            self.sibling_key = (inputs, siblings_down)
+            self.sibling_hidden = _selected(inputs @ siblings_down, self.rows, max_rank)
+        return self.sibling_hidden
 
 
 _ACTIVE = _Active()
@@ -63,10 +75,12 @@ _ACTIVE = _Active()
 def adapter_rows(rows: AdapterRows | None) -> Iterator[None]:
     """Run the forward passes inside with these rows' adapters (None: the base model for every row)."""
     previous, _ACTIVE.rows = _ACTIVE.rows, rows
+    _ACTIVE.sibling_key = _ACTIVE.sibling_hidden = None
     try:
         yield
     finally:
         _ACTIVE.rows = previous
+        _ACTIVE.sibling_key = _ACTIVE.sibling_hidden = None
 
 
 class LoraProjection(torch.nn.Module):
@@ -104,7 +118,7 @@ class LoraProjection(torch.nn.Module):
         if factors.siblings_down is None:
             hidden = _selected(inputs @ factors.down, rows, max_rank)
         else:
-            hidden = _SIBLINGS.hidden(inputs, factors.siblings_down, rows, max_rank)
+            hidden = _ACTIVE.siblings(inputs, factors.siblings_down, max_rank)
             hidden = hidden[..., factors.sibling * width : (factors.sibling + 1) * width]
         return _add_product(result, hidden, factors.up)
 
@@ -121,26 +135,6 @@ def _selected(hidden: torch.Tensor, rows: AdapterRows, max_rank: int) -> torch.T
     num_slots = rows.select.shape[2]
     blocks = hidden.unflatten(-1, (-1, num_slots, max_rank))  # [rows, tokens, n, L, R]
     return (blocks * rows.select.unsqueeze(2)).flatten(-3)
-
-
-class _SiblingHidden(threading.local):
-    """The first sibling projection called on an input computes every sibling's selected x·A; the others, called
-    on that same tensor, take their block (any other input is computed anew). Per thread, as the pass."""
-
-    def __init__(self) -> None:
-        self.key: tuple[torch.Tensor, torch.Tensor, AdapterRows] | None = None
-        self.value: torch.Tensor | None = None
-
-    def hidden(
-        self, inputs: torch.Tensor, siblings_down: torch.Tensor, rows: AdapterRows, max_rank: int
-    ) -> torch.Tensor:
-        key = self.key
-        if key is None or key[0] is not inputs or key[1] is not siblings_down or key[2] is not rows:
-            self.key, self.value = (inputs, siblings_down, rows), _selected(inputs @ siblings_down, rows, max_rank)
-        return self.value
-
-
-_SIBLINGS = _SiblingHidden()
 
 
 def lora_targets(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -43,9 +43,12 @@ class LoraSlots:
         self.factors = {}
         for path, (in_features, out_features) in targets.items():
             shared, index = downs.get(path, (None, 0))
-            down = shared[:, index * width : (index + 1) * width] if shared is not None else None
+            if shared is not None:
+                down = shared[:, index * width : (index + 1) * width]
+            else:
+                down = torch.zeros(in_features, width, dtype=dtype, device=device)
             self.factors[path] = SlotFactors(
-                down=down if down is not None else torch.zeros(in_features, width, dtype=dtype, device=device),
+                down=down,
                 up=torch.zeros(width, out_features, dtype=dtype, device=device),
                 siblings_down=shared,
                 sibling=index,
