@@ -11,9 +11,11 @@ so the client commands (`genserve generate`, `chat`, `loadtest`) start without i
   `ModelDescription`, `EngineSnapshot`, `LoadReport`, `StepStats`.
 - Errors a request can meet: `ValidationError` (names the field), `QueueFullError`, `DeadlineUnreachableError`,
   `RequestFailedError`, `UnknownAdapterError` (a LoRA adapter not loaded), `AdapterError` (one that cannot be
-  served); at start-up `UnsupportedModelError`.
+  served), `EngineDeadError` (a tensor-parallel rank died or hung); at start-up `UnsupportedModelError`.
 - Start-up: `load_model`, `model_folder`, `LoadedModel`, `DEFAULT_MODEL`, `default_gguf_path`, `resolve_device`,
   `PluginRegistry`, `parse_registrations`, `in_passing_thread`, `resolve_linear_kernel`, `onednn_applies`.
+- Tensor parallelism: `join_ranks`, `Lockstep` (a rank's place in its group), `RankWatch` (the leader's watch
+  over its followers and steps), `rank_parameter_bytes`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import importlib
 
 from genserve.scheduler.core.config import DECODE_MODES, LINEAR_KERNELS, EngineConfig
-from genserve.scheduler.core.errors import AdapterError, UnknownAdapterError, UnsupportedModelError
+from genserve.scheduler.core.errors import AdapterError, EngineDeadError, UnknownAdapterError, UnsupportedModelError
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import Constraint, FinishReason, Priority, RequestOptions, TokenLogprob
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, ModelDescription, StepStats
@@ -43,6 +45,10 @@ _ON_FIRST_USE = {
     "PluginRegistry": "genserve.scheduler.features.plugins",
     "parse_registrations": "genserve.scheduler.features.plugins",
     "in_passing_thread": "genserve.scheduler.model.cpu_threads",
+    "Lockstep": "genserve.scheduler.engine.lockstep",
+    "RankWatch": "genserve.scheduler.engine.lockstep",
+    "join_ranks": "genserve.scheduler.model.tensor_parallel",
+    "rank_parameter_bytes": "genserve.scheduler.model.tensor_parallel",
     "resolve_linear_kernel": "genserve.scheduler.model.cpu_linear",
     "onednn_applies": "genserve.scheduler.model.cpu_linear",
 }
@@ -65,6 +71,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnknownAdapterError",
     "AdapterError",
+    "EngineDeadError",
     "ValidationError",
     *_ON_FIRST_USE,
 ]

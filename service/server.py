@@ -45,6 +45,8 @@ GENERATION_METHODS = frozenset(
 
 log = logging.getLogger(__name__)
 
+DEAD_STREAMS_SECONDS = 2.0  # after the engine dies, how long open calls get to send their UNAVAILABLE
+
 
 def _package_version() -> str:
     try:
@@ -90,6 +92,7 @@ class GenerationServer:
         self.server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
         self._ready = False  # warmed up and not draining: what HTTP /health reports
+        self.exit_code = 0  # 1 when the engine died (a tensor-parallel rank lost): the supervisor restarts us
 
     def _serving(self) -> bool:
         return self._ready and not self.service.draining
@@ -139,6 +142,7 @@ class GenerationServer:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        self.async_engine.on_dead(lambda reason: asyncio.ensure_future(self._die(reason)))
         self._build()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -181,6 +185,22 @@ class GenerationServer:
         if self._http is not None:
             await self._http.stop()
         self.async_engine.stop()
+        self._stopped.set()
+
+    async def _die(self, reason: str) -> None:
+        """The engine is dead (its streams have been told): NOT_SERVING at once, let the streams' statuses go out,
+        then stop serving with exit code 1. The engine thread is left alone: it may wait on a lost rank."""
+        log.error("engine dead (%s): NOT_SERVING, ending open streams and exiting", reason)
+        self._ready = False
+        self.exit_code = 1
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEAD_STREAMS_SECONDS
+        while self.service.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(0)
+        if self._http is not None:
+            await self._http.stop()
         self._stopped.set()
 
     async def serve_until_signal(self) -> None:

@@ -44,6 +44,10 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int = 16  # adapters kept in host memory (least recently used ones unheld are let go)
     runtime_lora: bool = False  # adapters may be loaded and unloaded while serving (the admin RPC)
+    # Tensor parallelism (engine/lockstep.py): the model is sharded over this many ranks, each running this same
+    # engine in lockstep; a step that takes longer than step_timeout seconds counts as a hung rank.
+    tensor_parallel_size: int = 1
+    step_timeout: float = 60.0
 
     @property
     def paged(self) -> bool:
@@ -62,6 +66,7 @@ class EngineConfig:
             "max_loras",
             "max_lora_rank",
             "max_cpu_loras",
+            "tensor_parallel_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -83,3 +88,18 @@ class EngineConfig:
             raise ValueError(f"lora_modules need distinct, non-empty names, got {names}")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
+        if self.step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0, got {self.step_timeout}")
+        if self.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """What the sharded model step does not run, refused at start-up with the flag to change."""
+        refused = {
+            "LoRA adapters (--lora-modules, --lora-dir, --allow-runtime-lora)": self.serves_adapters,
+            "CUDA graphs or static decode buckets (use --no-cuda-graphs)": self.decode_mode == "static",
+            "the oneDNN-prepacked Linear kernel (use --linear-kernel aten or auto)": self.linear_kernel == "onednn",
+        }
+        for what, asked in refused.items():
+            if asked:
+                raise ValueError(f"tensor parallelism does not serve {what}")

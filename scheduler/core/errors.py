@@ -18,3 +18,8 @@ class UnknownAdapterError(LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"adapter {name!r} is not loaded on this server")
         self.name = name
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped for good: a tensor-parallel rank died, hung or diverged. Requests end with UNAVAILABLE
+    (retry on another replica) and the server exits for its supervisor to restart it."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from genserve.scheduler.core.errors import AdapterError, UnknownAdapterError
+from genserve.scheduler.core.errors import AdapterError, EngineDeadError, UnknownAdapterError
 from genserve.scheduler.core.params import GenerationParameters, ValidationError
 from genserve.scheduler.core.request import FinishReason, RequestOptions, TokenEvent, TokenLogprob
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, StepStats
@@ -48,6 +48,7 @@ class AsyncEngine:
         self.description = engine.describe()
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_dead: Callable[[str], None] = lambda reason: None
 
     def make_parameters(self, prompt_length: int | None = None, **overrides: object) -> GenerationParameters:
         """Parameters with the model's generation defaults under `overrides`, validated (ValidationError)."""
@@ -98,11 +99,22 @@ class AsyncEngine:
         """Requests with a live output stream (a leak shows up here)."""
         return len(self._queues)
 
+    def on_dead(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` on the event loop if the engine stops for good (a tensor-parallel rank died or
+        hung), after every open stream has been ended with EngineDeadError."""
+        self._on_dead = callback
+
     def start(self) -> None:
         """Bind to the running event loop and start the engine thread."""
         self._loop = asyncio.get_running_loop()
         self._engine.on_events = self._from_engine_thread
+        self._engine.on_dead = lambda reason: self._loop.call_soon_threadsafe(self._end_streams, reason)
         self._engine.start()
+
+    def _end_streams(self, reason: str) -> None:
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(TokenEvent(request_id, (), None, 0, error=reason))
+        self._on_dead(reason)
 
     def stop(self) -> None:
         self._engine.stop()
@@ -145,6 +157,8 @@ class AsyncEngine:
             while not finished:
                 event = await queue.get()
                 if event.error is not None:
+                    if self._engine.dead is not None:
+                        raise EngineDeadError(f"the engine stopped: {self._engine.dead}; retry on another replica")
                     raise RequestFailedError(event.error)
                 text, stop_string = "", None
                 for token_id in event.token_ids:

@@ -5,13 +5,16 @@
     scheduler.update(...) ->  events       tokens appended, every finish decided; the engine frees ended rows
 
 Callers on any thread `submit()` (validated at once: a bad request or a full queue raises right there) and
-`cancel()`; both only touch thread-safe structures and wake the loop. After every step the engine hands the
-step's `TokenEvent`s to `on_events` (the async front end forwards them to its loop) and publishes an immutable
-`EngineSnapshot` that metrics, load reports and admission checks read instead of live engine state.
+`cancel()`; both only touch thread-safe structures and wake the loop. With tensor parallelism (lockstep.py) every
+rank runs an engine: the leader's submits and cancels reach every rank's scheduler at the start of the next step.
+After every step the engine hands the step's `TokenEvent`s to `on_events` (the async front end forwards them to
+its loop) and publishes an immutable `EngineSnapshot` that metrics, load reports and admission checks read instead
+of live engine state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,12 +24,14 @@ from pathlib import Path
 import torch
 
 from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.core.errors import EngineDeadError
 from genserve.scheduler.core.load_estimator import LoadEstimator
 from genserve.scheduler.core.params import GenerationParameters, model_generation_defaults
 from genserve.scheduler.core.request import FinishReason, RequestOptions, Sequence, TokenEvent
 from genserve.scheduler.core.scheduler import Scheduler
 from genserve.scheduler.core.snapshot import EngineSnapshot, LoadReport, ModelDescription, StepStats, TokenCounters
 from genserve.scheduler.core.step_plan import ModelOutput, StepPlan
+from genserve.scheduler.engine.lockstep import HEARTBEAT_SECONDS, Arrival, Cancellation, Lockstep, StepInputs
 from genserve.scheduler.engine.submission import QueueState, Submission
 from genserve.scheduler.features.constraints import GrammarCompiler
 from genserve.scheduler.features.plugins import PluginRegistry
@@ -39,6 +44,8 @@ from genserve.scheduler.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+LOST_RANK_GRACE_SECONDS = 0.5
+
 
 class Engine:
     def __init__(
@@ -47,9 +54,11 @@ class Engine:
         config: EngineConfig = EngineConfig(),
         plugins: PluginRegistry = PluginRegistry(),
         assistant: LoadedModel | None = None,
+        lockstep: Lockstep | None = None,
     ) -> None:
         """`assistant` is a draft model for speculative decoding; greedy requests use it with
-        `config.num_assistant_tokens` proposals per step unless they set their own (0 turns it off)."""
+        `config.num_assistant_tokens` proposals per step unless they set their own (0 turns it off).
+        `lockstep`: this rank's place in a tensor-parallel group (None: the engine runs alone)."""
         if assistant is not None:
             check_assistant(loaded, assistant)
         self.loaded = loaded
@@ -80,6 +89,14 @@ class Engine:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lockstep = lockstep
+        # Tensor parallelism: the leader's submits and cancels, in order, until the next step shares them.
+        self._arrivals: list[tuple[Arrival | Cancellation, Sequence | None]] = []
+        self._arrivals_lock = threading.Lock()
+        self._stop_shared = False  # the leader has sent its stop step
+        self.busy_since: float | None = None  # when the step in progress started (None: between steps)
+        self.dead: str | None = None  # why the engine stopped for good (a rank died, hung or diverged)
+        self.on_dead: Callable[[str], None] = lambda reason: None
 
     @property
     def vocab_size(self) -> int:
@@ -104,10 +121,16 @@ class Engine:
         grammar: object | None = None,
     ) -> Sequence:
         """Queue a request. `grammar` is its own matcher from `self.grammars` when its output is constrained."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         waiting = self.scheduler.waiting
         queue = QueueState(len(waiting), waiting.num_tokens, self.snapshot.free_rows)
         seq = self.submission.sequence(prompt_ids, params, options, grammar, self.estimator, queue)
-        self.scheduler.add(seq)
+        if self.lockstep is None:
+            self.scheduler.add(seq)
+        else:
+            options = dataclasses.replace(seq.options, request_id=seq.request_id)
+            self._arrive(Arrival(seq.request_id, tuple(prompt_ids), params, options, seq.arrival_time), seq)
         self._wakeup.set()
         return seq
 
@@ -124,8 +147,46 @@ class Engine:
         return adapter
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
-        self.scheduler.cancel(request_id, reason)
+        if self.lockstep is None:
+            self.scheduler.cancel(request_id, reason)
+        else:
+            self._arrive(Cancellation(request_id, reason), None)
         self._wakeup.set()
+
+    def _arrive(self, arrival: Arrival | Cancellation, seq: Sequence | None) -> None:
+        with self._arrivals_lock:
+            self._arrivals.append((arrival, seq))
+
+    def _share_inputs(self, started: float, deadline_margin: float) -> StepInputs:
+        """Tensor parallelism: the step's inputs, from the leader to every rank, applied to this rank's scheduler
+        (the leader adds the sequences it built; a follower rebuilds them)."""
+        leader_sequences: dict[int, Sequence] = {}
+        inputs = None
+        if self.lockstep.leads:
+            with self._arrivals_lock:
+                taken, self._arrivals = self._arrivals, []
+            leader_sequences = {id(arrival): seq for arrival, seq in taken if seq is not None}
+            self._stop_shared = self._stopping.is_set()
+            inputs = StepInputs(tuple(arrival for arrival, _ in taken), started, deadline_margin, self._stop_shared)
+        inputs = self.lockstep.share(inputs)
+        for arrival in inputs.arrivals:
+            if isinstance(arrival, Cancellation):
+                self.scheduler.cancel(arrival.request_id, arrival.reason)
+                continue
+            seq = leader_sequences.get(id(arrival))
+            if seq is None:
+                constraint = arrival.options.constraint
+                grammar = self.grammars.matcher(constraint) if constraint is not None else None
+                seq = self.submission.build(
+                    arrival.request_id,
+                    list(arrival.prompt_ids),
+                    arrival.params,
+                    arrival.options,
+                    grammar,
+                    arrival.arrival_time,
+                )
+            self.scheduler.add(seq)
+        return inputs
 
     def describe(self) -> ModelDescription:
         blocks = self.scheduler.blocks
@@ -165,23 +226,64 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        try:
+            while not self._stopping.is_set():
+                if not self.step():
+                    self._wakeup.wait(timeout=HEARTBEAT_SECONDS)
+                    self._wakeup.clear()
+            if self.lockstep is not None and not self._stop_shared and self.dead is None:
+                self.step()  # the stop step: every follower leaves its loop with the leader
+        except Exception as error:  # noqa: BLE001 - only a lockstep step raises: the group cannot go on
+            log.exception("tensor-parallel step failed")
+            # A collective fails when a rank is gone: the leader's RankWatch names which, within its interval.
+            if not self._stopping.wait(LOST_RANK_GRACE_SECONDS):
+                self.fail(f"tensor-parallel step failed: {type(error).__name__}: {str(error)[:200]}")
+
+    def follow(self) -> None:
+        """A follower rank's loop: the leader's steps, until the leader's stop step (a failed collective raises)."""
+        torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            if not self.step():
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
+            self.step()
+
+    def fail(self, reason: str) -> None:
+        """End the engine for good (a rank died, hung or diverged): callers learn it through `on_dead`."""
+        if self.dead is not None:
+            return
+        log.error("engine dead: %s", reason)
+        self.dead = reason
+        self._stopping.set()
+        self.on_dead(reason)
 
     def step(self) -> bool:
         """One scheduling round and one model step; False when there was nothing to compute."""
         started = time.monotonic()
+        deadline_margin = self._deadline_margin()
+        self.busy_since = started  # sharing the inputs counts: a hung rank may hold the leader there
+        try:
+            if self.lockstep is not None:
+                inputs = self._share_inputs(started, deadline_margin)
+                if inputs.stop:
+                    self._stopping.set()
+                    return False
+                started, deadline_margin = inputs.started, inputs.deadline_margin
+            return self._step(started, deadline_margin)
+        finally:
+            self.busy_since = None
+
+    def _step(self, started: float, deadline_margin: float) -> bool:
         counters_before = self.runner.counters()  # prefix lookups are counted as the scheduler admits
         plan, events = self.scheduler.schedule(started)  # schedule
         try:
             output = self.runner.execute(plan)  # execute
-        except Exception as error:  # noqa: BLE001 - one bad step must not kill the engine thread
-            self._publish(events + self._recover(plan, error))
+        except Exception as error:
+            if self.lockstep is not None:
+                raise  # a rank cannot recover alone: the group ends
+            self._publish(events + self._recover(plan, error))  # one bad step must not kill the engine thread
             return True
         now = time.monotonic()
-        stepped, ended = self.scheduler.update(plan, output, now, self._deadline_margin())  # update
+        if self.lockstep is not None:
+            now = self.lockstep.agree(output, now)
+        stepped, ended = self.scheduler.update(plan, output, now, deadline_margin)  # update
         self.runner.release(ended)  # release
         self._publish(events + stepped)  # publish
         if plan.has_work:

@@ -100,8 +100,23 @@ class Submission:
                     f"the first token is expected in {delay:.3f} s but the deadline is in "
                     f"{options.deadline - now:.3f} s"
                 )
+        seq = self.build(options.request_id or uuid.uuid4().hex, prompt_ids, params, options, grammar)
+        self._check_kv_capacity(seq)
+        return seq
+
+    def build(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: GenerationParameters,
+        options: RequestOptions,
+        grammar: object | None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """The request's `Sequence`, its own custom components and guidance companion included. Unchecked: a
+        tensor-parallel follower rebuilds here what the leader's `sequence()` accepted."""
         seq = Sequence(
-            options.request_id or uuid.uuid4().hex,
+            request_id,
             list(prompt_ids),
             params,
             options=options,
@@ -109,9 +124,10 @@ class Submission:
             custom_criteria=self.plugins.instantiate("stopping_criteria", options.stopping_criteria),
             grammar=grammar,
         )
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         if params.uses_guidance:
             seq.companion = self._guidance_companion(seq)
-        self._check_kv_capacity(seq)
         return seq
 
     def _check_kv_capacity(self, seq: Sequence) -> None:

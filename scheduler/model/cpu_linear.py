@@ -18,12 +18,15 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def onednn_applies(model: torch.nn.Module) -> bool:
-    """oneDNN packing serves fp32 weights on a CPU whose torch build has it."""
+    """oneDNN packing serves fp32 weights on a CPU whose torch build has it, in a model that is not sharded (a
+    tensor-parallel shard keeps its DTensor weights: the plan's hooks gather and reduce around them)."""
     weight = next(model.parameters())
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    plain = weight.device.type == "cpu" and weight.dtype == torch.float32 and not isinstance(weight, DTensor)
+    return plain and torch.backends.mkldnn.is_available()
 
 
 def resolve_linear_kernel(kernel: str, model: torch.nn.Module) -> str:

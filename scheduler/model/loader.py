@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from genserve.scheduler.model.architectures import architecture_name, check_servable, choose_attn_implementation
+from genserve.scheduler.model.tensor_parallel import check_shardable, log_shard, shard_in_place, sharded_load_options
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -118,16 +119,19 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     attn_implementation: str = "auto",
+    tensor_parallel_size: int = 1,
 ) -> LoadedModel:
     """`spec` is "default", a local HF folder or a .gguf file; load_format "dummy" builds random weights instead,
     from the folder's config or from a bundled model shape (`scheduler/model/model_configs/`, no files needed).
-    An architecture the engine cannot serve raises UnsupportedModelError before any weight is read."""
+    An architecture the engine cannot serve raises UnsupportedModelError before any weight is read.
+    With `tensor_parallel_size` > 1 this rank (its process group joined) loads its shard (tensor_parallel.py)."""
+    shards = tensor_parallel_size
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if load_format == "dummy" and (spec == DEFAULT_MODEL or (BUNDLED_CONFIGS / spec).is_dir()):
         name = "smollm2-135m" if spec == DEFAULT_MODEL else spec
         config = AutoConfig.from_pretrained(BUNDLED_CONFIGS / name)
-        model = _build(config, None, torch_dtype, torch_device, seed, attn_implementation)
+        model = _build(config, None, torch_dtype, torch_device, seed, attn_implementation, shards)
         return LoadedModel(model=model, tokenizer=None, name=f"{name} (dummy weights)")
     folder, name = model_folder(spec)
     if load_format not in ("auto", "dummy"):
@@ -136,7 +140,7 @@ def load_model(
     config = AutoConfig.from_pretrained(folder)
     weights = folder if load_format == "auto" else None
     return LoadedModel(
-        model=_build(config, weights, torch_dtype, torch_device, seed, attn_implementation),
+        model=_build(config, weights, torch_dtype, torch_device, seed, attn_implementation, shards),
         tokenizer=tokenizer,
         name=name,
         folder=folder if weights is not None else None,
@@ -150,17 +154,31 @@ def _build(
     device: torch.device,
     seed: int,
     attn_implementation: str,
+    shards: int = 1,
 ) -> PreTrainedModel:
-    """The model from `weights`, or with random weights (seeded) when None, in the chosen attention."""
+    """The model from `weights`, or with random weights (seeded) when None, in the chosen attention; this rank's
+    shard of it when `shards` > 1."""
     check_servable(config)
+    if shards > 1:
+        check_shardable(config, shards)
     attention, reason = choose_attn_implementation(config, attn_implementation)
     log.info("%s: %s attention (%s)", architecture_name(config), attention, reason)
     if weights is None:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attention)
-    return model.to(device).eval()
+        torch.manual_seed(seed)  # every rank builds the same weights, then keeps its shard of them
+        if shards == 1:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+            return model.to(device).eval()
+        with torch.device(device):  # a shard's collectives run on its device
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+        return log_shard(shard_in_place(model, shards)).eval()
+    if shards == 1:
+        return (
+            AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attention).to(device).eval()
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        weights, dtype=dtype, attn_implementation=attention, **sharded_load_options(config, shards)
+    )
+    return log_shard(model).eval()
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -85,7 +85,9 @@ class ModelRunner(PromptPasses):
         self.prefilling: list[Sequence] = []  # slot = state.num_rows + index (companions included)
         self.draft = DraftModel(assistant_model, max_rows, max_context, MAX_SPECULATIVE) if assistant_model else None
         mode = config.decode_mode
-        static = mode == "static" or (mode == "auto" and self.device.type == "cuda")
+        # A sharded step runs eagerly: its collectives stay out of captured graphs.
+        auto_static = mode == "auto" and self.device.type == "cuda" and config.tensor_parallel_size == 1
+        static = mode == "static" or auto_static
         self.static_decoder = StaticDecoder(model, self.cache, capture=True, lora=self.lora) if static else None
         if static and self.device.type == "cuda" and isinstance(self.cache, PagedKVCache):
             self.cache.always_gather = True  # a captured pass cannot choose between reading homes and gathering

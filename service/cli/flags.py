@@ -163,6 +163,28 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tensor parallelism (README: Tensor parallelism)")
+    group.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=int(env_default("tensor_parallel_size", "1")),
+        help="shard the model over N ranks on this host (one GPU each with NCCL; processes on the CPU with gloo), "
+        "through the tensor-parallel plan in the model's config; every rank runs each step in lockstep. For a "
+        "model that fits one device, replicas serve more",
+    )
+    group.add_argument(
+        "--step-timeout",
+        type=float,
+        default=float(env_default("step_timeout", "60")),
+        help="with --tensor-parallel-size: a step running longer than this counts as a hung rank, which ends the "
+        "server (open streams get UNAVAILABLE, health turns NOT_SERVING, exit code 1)",
+    )
+    # A follower rank's place in its group: set by the leader when it starts the rank (service/cli/ranks.py).
+    group.add_argument("--tp-rank", type=int, default=0, help=argparse.SUPPRESS)
+    group.add_argument("--tp-port", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA adapters (README: LoRA adapters)")
     group.add_argument(
@@ -220,15 +242,17 @@ def lora_modules(entries: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def build_engine(args: argparse.Namespace, loaded, plugins=None):  # noqa: ANN001, ANN202 - keeps torch-free imports lazy
-    """The engine, built (its start-up probe pass included) off the main thread: see scheduler/model/cpu_threads.py."""
+def build_engine(args: argparse.Namespace, loaded, plugins=None, lockstep=None):  # noqa: ANN001, ANN202 - lazy torch
+    """The engine, built (its start-up probe pass included) off the main thread: see scheduler/model/cpu_threads.py.
+    `lockstep`: this rank's place in its tensor-parallel group."""
     from genserve.scheduler import Engine, PluginRegistry, in_passing_thread, load_model
 
     def build() -> Engine:
         assistant = None
         if args.assistant_model:
             assistant = load_model(args.assistant_model, **load_options(args))
-        return Engine(loaded, engine_config(args), plugins=plugins or PluginRegistry(), assistant=assistant)
+        config = engine_config(args)
+        return Engine(loaded, config, plugins=plugins or PluginRegistry(), assistant=assistant, lockstep=lockstep)
 
     return in_passing_thread(build)
 
@@ -253,6 +277,8 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         max_cpu_loras=getattr(args, "max_cpu_loras", None),
         max_loras=getattr(args, "max_loras", None),
         max_lora_rank=getattr(args, "max_lora_rank", None),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", None),
+        step_timeout=getattr(args, "step_timeout", None),
     )
     values = {name: value for name, value in flags.items() if value is not None} | overrides
     if not values.get("kv_cache_memory"):
@@ -273,10 +299,11 @@ def load(args: argparse.Namespace):  # noqa: ANN202
     """The model, loaded off the main thread: see scheduler/model/cpu_threads.py."""
     from genserve.scheduler import in_passing_thread, load_model
 
-    return in_passing_thread(load_model, args.model, **load_options(args))
+    shards = getattr(args, "tensor_parallel_size", 1)
+    return in_passing_thread(load_model, args.model, **load_options(args), tensor_parallel_size=shards)
 
 
-def load_options(args: argparse.Namespace) -> dict[str, str]:
+def load_options(args: argparse.Namespace) -> dict[str, object]:
     return dict(
         dtype=args.dtype,
         device=args.device,

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a tensor-parallel leader starts its ranks with
     from genserve.service.ops.logs import configure_logging
 
     configure_logging(os.environ.get("GENSERVE_LOG_LEVEL", "INFO"), getattr(args, "log_format", "text"))

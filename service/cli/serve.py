@@ -9,6 +9,7 @@ from genserve.service.cli.flags import (
     add_feature_arguments,
     add_lora_arguments,
     add_model_arguments,
+    add_parallel_arguments,
     build_engine,
     env_default,
     load,
@@ -44,13 +45,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream_retention_seconds=args.stream_retention_seconds,
         http_port=args.http_port or None,
     )
-    loaded = load(args)
     plugins = PluginRegistry(
         logits_processors=parse_registrations(args.logits_processor),
         stopping_criteria=parse_registrations(args.stopping_criteria),
     )
-    server = GenerationServer(build_engine(args, loaded, plugins), options)
-    asyncio.run(server.serve_until_signal())
+    if args.tp_rank:
+        return _follow(args, plugins)
+    if args.tensor_parallel_size == 1:
+        server = GenerationServer(build_engine(args, load(args), plugins), options)
+        asyncio.run(server.serve_until_signal())
+        return server.exit_code
+    return _lead(args, plugins, options)
+
+
+def _lead(args: argparse.Namespace, plugins: object, options: object) -> int:
+    """Rank 0 of a tensor-parallel group: start the followers, load this shard, serve; end the group on the way
+    out. A follower lost before the engine runs ends start-up; after, it ends the engine (`Engine.fail`)."""
+    import asyncio
+    import logging
+    import os
+
+    from genserve.scheduler import Lockstep, RankWatch, join_ranks, model_folder, resolve_device
+    from genserve.service.cli.ranks import RankGroup
+    from genserve.service.server import GenerationServer
+
+    if args.load_format != "dummy":
+        model_folder(args.model)  # converts a GGUF once, before the followers look for its folder
+
+    def lost_during_start_up(reason: str) -> None:
+        logging.getLogger(__name__).error("start-up failed: %s", reason)
+        group.end(wait_seconds=0)
+        os._exit(1)
+
+    group = RankGroup.start(args.tensor_parallel_size, args.argv)
+    watch = RankWatch(group.followers, args.step_timeout, lambda: None, lost_during_start_up).start()
+    exit_code = 1
+    try:
+        join_ranks(0, group.size, group.port, resolve_device(args.device))
+        engine = build_engine(args, load(args), plugins, Lockstep(0, group.size))
+        watch.stop()
+        RankWatch(group.followers, args.step_timeout, lambda: engine.busy_since, engine.fail).start()
+        server = GenerationServer(engine, options)
+        asyncio.run(server.serve_until_signal())
+        exit_code = server.exit_code
+    finally:
+        watch.stop()
+        group.end(wait_seconds=10 if exit_code == 0 else 0)
+    if exit_code:
+        logging.shutdown()
+        os._exit(exit_code)  # the engine thread may be stuck in a collective with a lost rank: do not join it
+    return 0
+
+
+def _follow(args: argparse.Namespace, plugins: object) -> int:
+    """Rank `--tp-rank` of a tensor-parallel group: load this shard and run the leader's steps until it stops."""
+    import logging
+
+    from genserve.scheduler import Lockstep, join_ranks, resolve_device
+    from genserve.service.cli.ranks import become_follower
+
+    become_follower(args)
+    join_ranks(args.tp_rank, args.tensor_parallel_size, args.tp_port, resolve_device(args.device))
+    engine = build_engine(args, load(args), plugins, Lockstep(args.tp_rank, args.tensor_parallel_size))
+    engine.follow()
+    logging.getLogger(__name__).info("rank %d of %d left with its leader", args.tp_rank, args.tensor_parallel_size)
     return 0
 
 
@@ -67,6 +125,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_engine_arguments(serve)
     add_feature_arguments(serve)
     add_lora_arguments(serve)
+    add_parallel_arguments(serve)
     serve.add_argument(
         "--host", default=env_default("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a container)"
     )

@@ -127,6 +127,11 @@ class Metrics:
         )
         model_info = Gauge("genserve_model_info", "The served model (value 1)", ["model"], registry=r)
         model_info.labels(model=engine.description.model_name).set(1)
+        Gauge(
+            "genserve_tensor_parallel_size",
+            "Ranks the model is sharded over (--tensor-parallel-size; 1: unsharded)",
+            registry=r,
+        ).set(engine.description.config.tensor_parallel_size)
         self.adapter_requests = Counter(
             "genserve_lora_requests",
             "Finished requests per LoRA adapter, by gRPC code",

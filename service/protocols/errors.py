@@ -17,6 +17,7 @@ import grpc
 from genserve.scheduler import (
     AdapterError,
     DeadlineUnreachableError,
+    EngineDeadError,
     LoadReport,
     QueueFullError,
     RequestFailedError,
@@ -42,6 +43,7 @@ _STATUS_FOR_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DrainingError, grpc.StatusCode.UNAVAILABLE),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
     (RequestFailedError, grpc.StatusCode.INTERNAL),
     (DeadlineUnreachableError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),

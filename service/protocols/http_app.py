@@ -25,6 +25,7 @@ from genserve.scheduler import (
     AdapterError,
     AsyncEngine,
     DeadlineUnreachableError,
+    EngineDeadError,
     GenerationOutput,
     QueueFullError,
     RequestFailedError,
@@ -83,6 +84,7 @@ _KNOWN_ERRORS = (
     ValidationError,
     QueueFullError,
     DrainingError,
+    EngineDeadError,
     DeadlineUnreachableError,
     ModelNotFoundError,
     RequestFailedError,
@@ -138,7 +140,7 @@ class OpenAIFrontEnd:
             return _HttpError(400, "invalid_request_error", str(error), error.field)
         if isinstance(error, QueueFullError):
             return _HttpError(429, "rate_limit_error", str(error))
-        if isinstance(error, DrainingError):
+        if isinstance(error, DrainingError | EngineDeadError):
             return _HttpError(503, "service_unavailable_error", str(error))
         if isinstance(error, DeadlineUnreachableError):
             return _HttpError(504, "timeout_error", str(error))

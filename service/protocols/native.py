@@ -20,6 +20,7 @@ import grpc
 from genserve.scheduler import (
     AsyncEngine,
     DeadlineUnreachableError,
+    EngineDeadError,
     FinishReason,
     GenerationOutput,
     GenerationParameters,
@@ -241,6 +242,9 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
         except RequestFailedError:
             code = "INTERNAL"
             raise
+        except EngineDeadError:
+            code = "UNAVAILABLE"
+            raise
         finally:
             self.in_flight[client] -= 1
             if not self.in_flight[client]:
@@ -384,5 +388,6 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServicer):
             assistant_model=model.assistant_model,
             architecture=model.architecture,
             attn_implementation=model.attn_implementation,
+            tensor_parallel_size=model.config.tensor_parallel_size,
             adapters=self.engine.adapters(),
         )

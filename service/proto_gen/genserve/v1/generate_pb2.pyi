@@ -340,7 +340,7 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_context: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_context", "eos_token_ids", "default_parameters", "limits", "has_chat_template", "prefix_caching", "assistant_model", "architecture", "attn_implementation", "adapters")
+    __slots__ = ("model_name", "vocab_size", "max_context", "eos_token_ids", "default_parameters", "limits", "has_chat_template", "prefix_caching", "assistant_model", "architecture", "attn_implementation", "adapters", "tensor_parallel_size")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class ModelInfoResponse(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     ATTN_IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_context: int
@@ -365,7 +366,8 @@ class ModelInfoResponse(_message.Message):
     architecture: str
     attn_implementation: str
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., assistant_model: _Optional[str] = ..., architecture: _Optional[str] = ..., attn_implementation: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., default_parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., has_chat_template: _Optional[bool] = ..., prefix_caching: _Optional[bool] = ..., assistant_model: _Optional[str] = ..., architecture: _Optional[str] = ..., attn_implementation: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")
