@@ -27,7 +27,13 @@ def test_manifests_pass_yamllint() -> None:
     line_length = "{max: 120, allow-non-breakable-inline-mappings: true}"
     config = f"{{extends: default, rules: {{line-length: {line_length}, document-start: disable}}}}"
     result = subprocess.run(
-        [BIN / "yamllint", "--strict", "-d", config, DEPLOY / "k8s", DEPLOY / "envoy", DEPLOY / "gateway"],
+        [
+            BIN / "yamllint",
+            "--strict",
+            "-d",
+            config,
+            *(DEPLOY / d for d in ("k8s", "k8s-tensor-parallel", "envoy", "gateway")),
+        ],
         capture_output=True,
         text=True,
     )
@@ -119,3 +125,26 @@ def test_inference_pool_routes_to_the_http_api_by_genserve_metrics(tmp_path: Pat
     core.write_text(yaml.safe_dump_all([d for d in documents if d["apiVersion"] in ("v1", "apps/v1")]))
     result = subprocess.run([BIN / "kubernetes-validate", "--strict", core], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tensor_parallel_overlay_patches_the_base_deployment() -> None:
+    """The multi-GPU variant: the base Deployment's own container, a GPU per rank, real flags, shared memory."""
+    from genserve.service.cli.main import build_parser
+
+    folder = DEPLOY / "k8s-tensor-parallel"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../k8s"]
+    patch = yaml.safe_load((folder / kustomization["patches"][0]["path"]).read_text())
+    base = _load("deployment.yaml")
+    assert patch["metadata"]["name"] == base["metadata"]["name"]
+    container = patch["spec"]["template"]["spec"]["containers"][0]
+    assert container["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    flags = {action.dest for action in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+    assert {name.removeprefix("GENSERVE_").lower() for name in env} <= flags
+    ranks = int(env["GENSERVE_TENSOR_PARALLEL_SIZE"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == ranks
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in patch["spec"]["template"]["spec"]["volumes"]}
+    shm = next(name for name, path in mounts.items() if path == "/dev/shm")
+    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
