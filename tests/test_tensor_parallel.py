@@ -261,3 +261,17 @@ def test_a_hung_rank_is_caught_by_the_step_timeout(tmp_path: Path, stop_at_end) 
     served = serve(save_tiny_model(CASES["Llama"], tmp_path / "llama"), "--step-timeout", "3")
     stop_at_end(served)
     _assert_group_fails_loudly(served, lambda pid: os.kill(pid, signal.SIGSTOP))
+
+
+def test_bench_serves_one_and_two_ranks_side_by_side(tmp_path: Path, capsys) -> None:
+    """`genserve bench --tensor-parallel-size 2`, the report a GPU session fills with --device cuda."""
+    from genserve.service.cli.main import main
+
+    folder = save_tiny_model(CASES["Llama"], tmp_path / "llama")
+    arguments = ["bench", "--model", str(folder), "--tensor-parallel-size", "2", "--kv-cache-memory", "4MiB"]
+    arguments += ["--parallel", "3", "--prompt-tokens", "8", "--new-tokens", "5", "--vllm-log", str(tmp_path / "log")]
+    assert main(arguments) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    measured = [(row[0].strip(), row[1].strip()) for row in rows[1:]]
+    assert measured == [("1", "3 x 8 tokens"), ("1", "1 x 8 tokens"), ("2", "3 x 8 tokens"), ("2", "1 x 8 tokens")]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows[1:])

