@@ -275,3 +275,19 @@ def test_bench_serves_one_and_two_ranks_side_by_side(tmp_path: Path, capsys) -> 
     measured = [(row[0].strip(), row[1].strip()) for row in rows[1:]]
     assert measured == [("1", "3 x 8 tokens"), ("1", "1 x 8 tokens"), ("2", "3 x 8 tokens"), ("2", "1 x 8 tokens")]
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows[1:])
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        (dict(lora_dir="adapters"), "LoRA adapters"),
+        (dict(decode_mode="static"), "CUDA graphs"),
+        (dict(linear_kernel="onednn"), "oneDNN-prepacked"),
+    ],
+)
+def test_what_the_sharded_step_does_not_run_is_refused_at_start_up(setting: dict, named: str) -> None:
+    from genserve.scheduler.core.config import EngineConfig
+
+    EngineConfig(**setting)  # served with one rank
+    with pytest.raises(ValueError, match=f"tensor parallelism does not serve {named}"):
+        EngineConfig(tensor_parallel_size=2, **setting)

@@ -11,6 +11,7 @@ from genserve.service.cli.flags import (
     add_model_arguments,
     add_parallel_arguments,
     build_engine,
+    engine_config,
     env_default,
     load,
 )
@@ -69,6 +70,10 @@ def _lead(args: argparse.Namespace, plugins: object, options: object) -> int:
     from genserve.service.cli.ranks import RankGroup
     from genserve.service.server import GenerationServer
 
+    try:  # what the sharded step does not serve is refused before any rank starts
+        engine_config(args)
+    except ValueError as error:
+        raise SystemExit(f"genserve: {error}") from None
     if args.load_format != "dummy":
         model_folder(args.model)  # converts a GGUF once, before the followers look for its folder
 
