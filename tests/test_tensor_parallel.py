@@ -282,7 +282,7 @@ def test_bench_serves_one_and_two_ranks_side_by_side(tmp_path: Path, capsys) -> 
     [
         (dict(lora_dir="adapters"), "LoRA adapters"),
         (dict(decode_mode="static"), "CUDA graphs"),
-        (dict(linear_kernel="onednn"), "oneDNN-prepacked"),
+        (dict(linear_kernel="onednn"), "the oneDNN-prepacked"),
     ],
 )
 def test_what_the_sharded_step_does_not_run_is_refused_at_start_up(setting: dict, named: str) -> None:
