@@ -201,9 +201,10 @@ def test_two_ranks_serve_llama_exactly(tmp_path: Path, stop_at_end) -> None:
         os.kill(follower, 0)
 
 
-def test_two_ranks_serve_a_mixture_of_experts_exactly(tmp_path: Path, stop_at_end) -> None:
-    """Qwen3-MoE (Qwen3's attention with q/k norms, and experts) over the slot cache."""
-    folder = save_tiny_model(CASES["Qwen3-MoE"], tmp_path / "qwen3-moe")
+@pytest.mark.parametrize("label", ["Qwen3", "Qwen3-MoE"])
+def test_two_ranks_serve_qwen3_and_a_mixture_of_experts_exactly(label: str, tmp_path: Path, stop_at_end) -> None:
+    """Qwen3 (q/k norms) and Qwen3-MoE (its experts split between the ranks) over the slot cache."""
+    folder = save_tiny_model(CASES[label], tmp_path / label)
     served = serve(folder, "--kv-cache-memory", "0", "--max-context", "256")
     stop_at_end(served)
     _whole_model_checks(served, folder)
