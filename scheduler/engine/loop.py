@@ -246,8 +246,9 @@ class Engine:
             self.step()
 
     def fail(self, reason: str) -> None:
-        """End the engine for good (a rank died, hung or diverged): callers learn it through `on_dead`."""
-        if self.dead is not None:
+        """End the engine for good (a rank died, hung or diverged): callers learn it through `on_dead`. Once the
+        leader has sent its stop step, followers leaving is the expected end, not a failure."""
+        if self.dead is not None or self._stop_shared:
             return
         log.error("engine dead: %s", reason)
         self.dead = reason
