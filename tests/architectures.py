@@ -162,10 +162,13 @@ def tiny_config(case: Case) -> AutoConfig:
     return AutoConfig.for_model(case.model_type, **{**COMMON, **case.overrides})
 
 
-def save_tiny_model(case: Case, folder: Path, seed: int = 0) -> Path:
-    """A random-weights model of this architecture as a local HF folder, as a user would serve it."""
+def save_tiny_model(case: Case, folder: Path, seed: int = 0, **overrides: object) -> Path:
+    """A random-weights model of this architecture as a local HF folder, as a user would serve it; `overrides`
+    change its config."""
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(tiny_config(case)).save_pretrained(folder)
+    config = tiny_config(case)
+    config.update(overrides)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
 

@@ -203,8 +203,9 @@ def test_two_ranks_serve_llama_exactly(tmp_path: Path, stop_at_end) -> None:
 
 @pytest.mark.parametrize("label", ["Qwen3", "Qwen3-MoE"])
 def test_two_ranks_serve_qwen3_and_a_mixture_of_experts_exactly(label: str, tmp_path: Path, stop_at_end) -> None:
-    """Qwen3 (q/k norms) and Qwen3-MoE (its experts split between the ranks) over the slot cache."""
-    folder = save_tiny_model(CASES[label], tmp_path / label)
+    """Qwen3 (q/k norms; its output head tied to the input embedding, as Qwen3-0.6B's is) and Qwen3-MoE (its
+    experts split between the ranks) over the slot cache."""
+    folder = save_tiny_model(CASES[label], tmp_path / label, tie_word_embeddings=label == "Qwen3")
     served = serve(folder, "--kv-cache-memory", "0", "--max-context", "256")
     stop_at_end(served)
     _whole_model_checks(served, folder)
@@ -265,11 +266,12 @@ def test_a_hung_rank_is_caught_by_the_step_timeout(tmp_path: Path, stop_at_end) 
 
 
 def test_bench_serves_one_and_two_ranks_side_by_side(tmp_path: Path, capsys) -> None:
-    """`genserve bench --tensor-parallel-size 2`, the report a GPU session fills with --device cuda."""
+    """`genserve bench --tensor-parallel-size 2 --load-format dummy`, the report a GPU session fills with --device
+    cuda: random weights cut by the plans, here with the output head tied to the embedding (as Qwen2.5-0.5B's)."""
     from genserve.service.cli.main import main
 
-    folder = save_tiny_model(CASES["Llama"], tmp_path / "llama")
-    arguments = ["bench", "--model", str(folder), "--tensor-parallel-size", "2", "--kv-cache-memory", "4MiB"]
+    folder = save_tiny_model(CASES["Qwen3"], tmp_path / "qwen3", tie_word_embeddings=True)
+    arguments = ["bench", "--model", str(folder), "--tensor-parallel-size", "2", "--load-format", "dummy"]
     arguments += ["--parallel", "3", "--prompt-tokens", "8", "--new-tokens", "5", "--vllm-log", str(tmp_path / "log")]
     assert main(arguments) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]

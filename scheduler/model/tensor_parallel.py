@@ -73,9 +73,19 @@ def sharded_load_options(config: PretrainedConfig, world_size: int) -> dict[str,
 
 
 def shard_in_place(model: PreTrainedModel, world_size: int) -> PreTrainedModel:
-    """A model built whole (random weights) cut down to this rank's shard by the same plans."""
+    """A model built whole (random weights) cut down to this rank's shard by the same plans. Tied weights (an
+    output head that is the input embedding) are cut as two parameters, as `from_pretrained` cuts them before it
+    ties them, then tied again: both plans split the vocabulary the same way."""
+    tied = model.all_tied_weights_keys
+    for head in tied:
+        owner, _, name = head.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, name, torch.nn.Parameter(getattr(module, name).detach(), requires_grad=False))
     config, _, mesh = model.prepare_distribute_model(distributed_config(model.config, world_size))
-    return model.maybe_distribute_model(model, config, mesh)
+    model = model.maybe_distribute_model(model, config, mesh)
+    if tied:
+        model.tie_weights(recompute_mapping=False)
+    return model
 
 
 def log_shard(model: PreTrainedModel) -> PreTrainedModel:
