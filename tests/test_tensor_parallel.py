@@ -191,6 +191,9 @@ def test_two_ranks_serve_llama_exactly(tmp_path: Path, stop_at_end) -> None:
         assert "genserve_tensor_parallel_size 2.0" in response.read().decode()
     # SIGTERM drains the group: a running stream finishes, then every rank exits 0.
     follower = served.follower_pid
+    if len(os.sched_getaffinity(0)) >= 2:  # each rank pinned to its own share of the cores
+        leader_cores, follower_cores = os.sched_getaffinity(served.process.pid), os.sched_getaffinity(follower)
+        assert leader_cores and follower_cores and not leader_cores & follower_cores
     stream = served.stub().GenerateStream(_request([1, 2, 3], 300, ignore_eos=True), timeout=120)
     first = next(stream)
     served.process.send_signal(signal.SIGTERM)

@@ -37,10 +37,27 @@ def join_ranks(rank: int, world_size: int, port: int, device: torch.device) -> N
     if device.type == "cuda":
         torch.cuda.set_device(rank)
         backend = "nccl"
+    else:
+        _take_cores(rank, world_size)
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
     )
     log.info("rank %d of %d joined the %s group", rank, world_size, backend)
+
+
+def _take_cores(rank: int, world_size: int) -> None:
+    """On CPU, this rank's own share of the host's cores: its threads pinned to them and torch's thread count
+    set to match, as vLLM's CPU workers bind theirs. N ranks that each ran one thread per core would
+    oversubscribe the host N times over, and every collective would wait on the slowest, descheduled thread."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < world_size:
+        log.warning("%d ranks share %d cores: their threads are not pinned", world_size, len(cores))
+        return
+    share = len(cores) // world_size
+    own = cores[rank * share : (rank + 1) * share]
+    os.sched_setaffinity(0, own)  # threads started from here on (the engine's among them) inherit it
+    torch.set_num_threads(len(own))
+    log.info("rank %d of %d runs on cores %s", rank, world_size, own)
 
 
 def check_shardable(config: PretrainedConfig, world_size: int) -> None:
