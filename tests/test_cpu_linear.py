@@ -13,6 +13,7 @@ from genserve.scheduler.model.cpu_linear import (
     FusedProjection,
     FusedProjections,
     PrepackedLinear,
+    SharedWeightLinear,
     is_prepacked,
     prepack_in_place,
     resolve_linear_kernel,
@@ -59,11 +60,16 @@ def test_packing_replaces_every_linear_in_place_and_lets_their_plain_weights_go(
     assert _linear_layers(model, PrepackedLinear, FusedProjection) == plain
 
 
-def test_a_head_tied_to_the_embeddings_keeps_sharing_them() -> None:
-    model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True))
+def test_a_head_tied_to_the_embeddings_keeps_sharing_them_with_no_packed_copy() -> None:
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
+    hidden = torch.randn(5, COMMON["hidden_size"])
+    with torch.inference_mode():
+        expected = model.lm_head(hidden)
     prepack_in_place(model, batch_hint=4)
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    assert isinstance(model.lm_head, PrepackedLinear)
+    assert isinstance(model.lm_head, SharedWeightLinear) and not list(model.lm_head.buffers())
+    with torch.inference_mode():
+        torch.testing.assert_close(model.lm_head(hidden), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_siblings_answer_each_input_and_keep_no_activations() -> None:
