@@ -38,6 +38,12 @@ def resolve_linear_kernel(kernel: str, model: torch.nn.Module) -> str:
     return kernel
 
 
+def onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`inputs @ weight.T + bias` by oneDNN, on a weight packed for it or a plain [out, in] one; no fused
+    activation."""
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
+
+
 class _LinearStandIn(torch.nn.Module):
     """Stands where an nn.Linear stood. Code that reads the weight's shape or dtype (such as
     `get_output_embeddings().weight`) still can: `weight` is the plain weight where another module owns it too (an
@@ -67,7 +73,7 @@ class PrepackedLinear(_LinearStandIn):
         )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(inputs, self.packed_weight, self.bias, "none", [], "")
+        return onednn_linear(inputs, self.packed_weight, self.bias)
 
 
 class SharedWeightLinear(_LinearStandIn):
@@ -78,7 +84,7 @@ class SharedWeightLinear(_LinearStandIn):
     and 64 rows)."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(inputs, self.weight.detach(), self.bias, "none", [], "")
+        return onednn_linear(inputs, self.weight.detach(), self.bias)
 
 
 def with_linear_kernel(model: torch.nn.Module, kernel: str, batch_hint: int) -> torch.nn.Module:
@@ -136,7 +142,7 @@ class FusedProjections:
     def output(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
         pending = self.pending
         if inputs is not pending.input or index not in pending.unserved:
-            fused = torch.ops.mkldnn._linear_pointwise(inputs, self.packed_weight, self.bias, "none", [], "")
+            fused = onednn_linear(inputs, self.packed_weight, self.bias)
             pending.input, pending.outputs = inputs, list(fused.split(self.sizes, dim=-1))
             pending.unserved = set(range(len(self.sizes)))
         pending.unserved.discard(index)
