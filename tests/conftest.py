@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -91,7 +93,9 @@ class StepDriver:
     """Drives an Engine step by step in the test's thread, recording every event per request."""
 
     def __init__(self, loaded: LoadedModel, assistant: LoadedModel | None = None, **config: object) -> None:
-        """`config`: EngineConfig fields."""
+        """`config`: EngineConfig fields. GENSERVE_TEST_DECODE_MODE=compiled runs every driver that does not set its
+        own decode_mode in the compiled decode step (the parity suite in that mode: README, "--compile")."""
+        config.setdefault("decode_mode", os.environ.get("GENSERVE_TEST_DECODE_MODE", "auto"))
         self.engine = Engine(loaded, EngineConfig(**config), assistant=assistant)
         self.tokens: dict[str, list[int]] = {}
         self.finish: dict[str, FinishReason | None] = {}

@@ -80,7 +80,7 @@ def test_fused_siblings_answer_each_input_and_keep_no_activations() -> None:
     first, second = torch.randn(2, 7, 12), torch.randn(4, 12)
     with torch.inference_mode():
         shared = [sibling(first) for sibling in siblings]  # one GEMM for the three
-        assert group.pending.input is None and not group.pending.outputs
+        assert group.pending.shares.input is None and not group.pending.shares.outputs
         interleaved = [siblings[0](second), siblings[1](first), siblings[2](second), siblings[1](second)]
         for sibling, output in zip(siblings, shared):
             torch.testing.assert_close(output, linears[sibling.index](first), rtol=1e-5, atol=1e-5)

@@ -36,12 +36,21 @@ def test_genserve_side_serves_with_the_bench_flags_and_streams_every_token(tmp_p
     assert all(0 < first <= run.seconds for first in run.first_token_seconds)
 
 
-def test_report_gives_each_system_its_ratio_to_genserve() -> None:
+def test_report_gives_each_system_its_ratio_to_each_genserve_mode() -> None:
     ours = StreamedRun(2.0, [50, 50], [0.5, 0.7])
+    compiled = StreamedRun(1.6, [50, 50], [0.4, 0.6])
     theirs = StreamedRun(4.0, [50, 50], [1.0, 1.4])
-    report = format_comparison([Result("w", "genserve (gRPC)", ours), Result("w", "vLLM, default (HTTP)", theirs)])
-    assert "| w | genserve (gRPC) | 100 | 2.0 | 50.0 | 0.60 s | 1.00x |" in report
-    assert "| w | vLLM, default (HTTP) | 100 | 4.0 | 25.0 | 1.20 s | 2.00x |" in report
+    report = format_comparison(
+        [
+            Result("w", "genserve (gRPC)", ours),
+            Result("w", "genserve --compile (gRPC)", compiled),
+            Result("w", "vLLM, default (HTTP)", theirs),
+        ]
+    )
+    assert "| mean time to first token | genserve / system | genserve --compile / system |" in report
+    assert "| w | genserve (gRPC) | 100 | 2.0 | 50.0 | 0.60 s | 1.00x | 1.25x |" in report
+    assert "| w | genserve --compile (gRPC) | 100 | 1.6 | 62.5 | 0.50 s | 0.80x | 1.00x |" in report
+    assert "| w | vLLM, default (HTTP) | 100 | 4.0 | 25.0 | 1.20 s | 2.00x | 2.50x |" in report
 
 
 def test_a_vllm_that_cannot_start_is_a_clear_error_pointing_at_its_log(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODE_MODES = ("auto", "eager", "static")
+DECODE_MODES = ("auto", "eager", "static", "compiled")
 LINEAR_KERNELS = ("auto", "aten", "onednn")
 
 
@@ -25,7 +25,9 @@ class EngineConfig:
     # than the passes it saves.
     speculation_max_rows: int = 16
     # "auto": decode steps from CUDA graphs on a GPU, eager on CPU; "eager": never capture (--no-cuda-graphs);
-    # "static": pad to the graphs' buckets even on CPU (what tests use to run the captured path without a GPU).
+    # "static": pad to the graphs' buckets even on CPU (what tests use to run the captured path without a GPU);
+    # "compiled": on CPU, decode passes through torch.compile, traced at start-up (model/compiled_step.py; its
+    # numerics differ from generate()'s in the last bits).
     decode_mode: str = "auto"
     # "auto": fp32 Linear layers on CPU multiply with weights prepacked for oneDNN (cpu_linear.py), else aten's
     # plain matmul ("aten" forces that everywhere).
@@ -86,6 +88,8 @@ class EngineConfig:
         names = [name for name, _ in self.lora_modules]
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"lora_modules need distinct, non-empty names, got {names}")
+        if self.decode_mode == "compiled" and self.serves_adapters:
+            raise ValueError("the compiled decode step (--compile) does not serve LoRA adapters")
         if self.linear_kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}")
         if self.step_timeout <= 0:
@@ -98,6 +102,7 @@ class EngineConfig:
         refused = {
             "LoRA adapters (--lora-modules, --lora-dir, --allow-runtime-lora)": self.serves_adapters,
             "CUDA graphs or static decode buckets (use --no-cuda-graphs)": self.decode_mode == "static",
+            "the compiled decode step (drop --compile)": self.decode_mode == "compiled",
             "the oneDNN-prepacked Linear kernel (use --linear-kernel aten or auto)": self.linear_kernel == "onednn",
         }
         for what, asked in refused.items():

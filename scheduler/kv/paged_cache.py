@@ -155,8 +155,8 @@ class PagedKVCache(SlotKVCache):
         self._writes = self._pool_positions(rows, positions).flatten()
         self._plan_reads(0, positions.shape[0], read_length)
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    def write_and_read(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this pass's keys/values into their blocks; return what attention reads: the new ones alone for
         new rows, else every position each row reads, [rows, heads, length, head_dim]."""

@@ -61,6 +61,7 @@ class SlotKVCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
         self._pass: _Pass | None = None
+        self.writes_in_attention = False  # see update()
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_rows: int, max_context: int, spare_positions: int) -> SlotKVCache:
@@ -135,7 +136,17 @@ class SlotKVCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hook HF attention calls with this layer's new keys/values; returns what attention should read."""
+        """The hook HF attention calls with this layer's new keys/values; returns what attention should read. In a
+        compiled pass (`writes_in_attention`) the attention op writes and reads the cache itself
+        (compiled_step.py), and the traced graph sees only this layer's new keys and values."""
+        if self.writes_in_attention:
+            return key_states, value_states
+        return self.write_and_read(key_states, value_states, layer_idx)
+
+    def write_and_read(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values where the pass writes; return what attention reads."""
         current = self._current()
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)

@@ -31,6 +31,7 @@ from genserve.scheduler.features.sampling import select_tokens
 from genserve.scheduler.features.speculation import Drafts
 from genserve.scheduler.kv.paged_cache import PagedKVCache, pool_bytes
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
+from genserve.scheduler.model.compiled_step import CompiledDecoder
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.decode_graphs import StaticDecoder
 from genserve.scheduler.model.draft_model import DraftModel
@@ -89,6 +90,11 @@ class ModelRunner(PromptPasses):
         auto_static = mode == "auto" and self.device.type == "cuda" and config.tensor_parallel_size == 1
         static = mode == "static" or auto_static
         self.static_decoder = StaticDecoder(model, self.cache, capture=True, lora=self.lora) if static else None
+        self.compiled_decoder: CompiledDecoder | None = None
+        if mode == "compiled":
+            if self.device.type != "cpu":
+                raise ValueError("the compiled decode step (--compile) is for CPU; on CUDA, decode replays CUDA graphs")
+            self.compiled_decoder = CompiledDecoder(model, self.cache, max_rows)
         if static and self.device.type == "cuda" and isinstance(self.cache, PagedKVCache):
             self.cache.always_gather = True  # a captured pass cannot choose between reading homes and gathering
         self.shared_generator = torch.Generator(device=self.device)
@@ -288,6 +294,10 @@ class ModelRunner(PromptPasses):
         if drafts is None and self.static_decoder is not None:
             adapters = [seq.options.adapter for seq in rows] if self.lora is not None else None
             return self.static_decoder.logits(tokens, positions, read_length, adapters).unsqueeze(1)
+        if drafts is None and self.compiled_decoder is not None:
+            logits = self.compiled_decoder.logits(tokens, positions, read_length)
+            if logits is not None:
+                return logits
         if drafts is not None:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
         with self.adapters_of(rows):

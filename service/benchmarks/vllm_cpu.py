@@ -98,7 +98,7 @@ def run_vllm(url: str, model_folder: Path, workload: Workload) -> StreamedRun:
 
 
 def compare(
-    run_genserve: Callable[[Workload], StreamedRun],
+    genserve_modes: dict[str, Callable[[Workload], StreamedRun]],
     workloads: dict[str, Workload],
     python: Path,
     model_folder: Path,
@@ -107,11 +107,13 @@ def compare(
     log_path: Path,
     progress: Callable[[str], None],
 ) -> list[Result]:
-    """Every workload through genserve, then through vLLM in each of VLLM_MODES (one server per mode)."""
+    """Every workload through genserve in each of its modes (name: how to run one workload), then through vLLM in
+    each of VLLM_MODES (one server per mode)."""
     results = []
-    for name, workload in workloads.items():
-        progress(f"genserve: {name}")
-        results.append(Result(name, "genserve (gRPC)", run_genserve(workload)))
+    for mode, run_genserve in genserve_modes.items():
+        for name, workload in workloads.items():
+            progress(f"{mode}: {name}")
+            results.append(Result(name, f"{mode} (gRPC)", run_genserve(workload)))
     for system, bind_every_core in VLLM_MODES.items():
         progress(f"{system}: starting (its log: {log_path})")
         with vllm_server(python, model_folder, max_num_seqs, bind_every_core, prefix_caching, log_path) as url:
@@ -122,18 +124,24 @@ def compare(
 
 
 def format_comparison(results: list[Result]) -> str:
+    """One row per workload and system, with each genserve mode's throughput over that row's."""
+    modes = list(dict.fromkeys(result.system for result in results if result.system.startswith("genserve")))
     lines = [
         "genserve over gRPC against vLLM's CPU build over its OpenAI API, same run, same prompts (token ids, greedy, "
         "eos ignored)",
-        "| workload | system | generated tokens | seconds | tokens/s | mean time to first token | genserve / system |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | system | generated tokens | seconds | tokens/s | mean time to first token | "
+        + " | ".join(f"{mode.removesuffix(' (gRPC)')} / system" for mode in modes)
+        + " |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(modes),
     ]
-    ours = {result.workload: result.run for result in results if result.system.startswith("genserve")}
+    ours = {(result.workload, result.system): result.run for result in results}
     for result in results:
         run = result.run
-        ratio = ours[result.workload].tokens_per_second / run.tokens_per_second
+        ratios = [ours[result.workload, mode].tokens_per_second / run.tokens_per_second for mode in modes]
         lines.append(
             f"| {result.workload} | {result.system} | {run.generated_tokens} | {run.seconds:.1f} | "
-            f"{run.tokens_per_second:.1f} | {run.mean_first_token_seconds:.2f} s | {ratio:.2f}x |"
+            f"{run.tokens_per_second:.1f} | {run.mean_first_token_seconds:.2f} s | "
+            + " | ".join(f"{ratio:.2f}x" for ratio in ratios)
+            + " |"
         )
     return "\n".join(lines)

@@ -264,7 +264,7 @@ def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
         ),
     }
 
-    def run_genserve(workload: Workload):  # noqa: ANN202 - a StreamedRun
+    def run_genserve(workload: Workload, compiled: bool):  # noqa: ANN202 - a StreamedRun
         requests = [
             pb.GenerateRequest(
                 input_ids=pb.TokenIds(ids=prompt),
@@ -272,12 +272,16 @@ def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
             )
             for prompt, n in zip(workload.prompts, workload.max_new_tokens)
         ]
-        with serve_process(_serve_flags(args, rows, len(requests)), Path(args.vllm_log)) as served:
+        flags = _serve_flags(args, rows, len(requests)) + (["--compile"] if compiled else [])
+        with serve_process(flags, Path(args.vllm_log)) as served:
             stream_all(served.grpc_target, requests[:1])  # warm-up, as vLLM gets one
             return stream_all(served.grpc_target, requests)
 
     results = compare(
-        run_genserve,
+        {
+            "genserve": lambda workload: run_genserve(workload, compiled=False),
+            "genserve --compile": lambda workload: run_genserve(workload, compiled=True),
+        },
         workloads,
         Path(args.vllm_python),
         loaded.folder,

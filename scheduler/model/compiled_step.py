@@ -1,0 +1,181 @@
+"""The compiled decode step (`genserve serve --compile`, EngineConfig.decode_mode "compiled"), for CPU.
+
+Decode passes run the model's decoder through torch.compile (inductor's C++ backend), as vLLM's CPU worker does:
+the norms, rotary embeddings, activations and residual adds between the GEMMs become fused loops, and the Python
+of HF's modules, which a small model's decode step spends as much time in as in those ops, is gone. Two things
+stay opaque to the compiler, called as they are from the compiled graph:
+- the GEMMs (`genserve::onednn_linear`, cpu_linear.py), already the fastest kernels there are for them;
+- attention with its KV cache (`genserve::cached_attention`): the cache decides per pass which rows it reads in
+  place and which it gathers; traced, those decisions would become guards that recompile the graph as rows come
+  and go. Inside the op the pass writes and reads the cache, and calls HF's SDPA attention, as an eager pass does.
+
+Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-row and a two-row
+pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready; inductor's
+cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a restart quicker. After that, compilation never happens on a
+serving step: a pass that would compile again, or any failure, runs eagerly, and so does every pass after it,
+with a log line saying so. Prefill and speculative passes stay eager (their GEMMs dominate them).
+
+Numerics: the fused loops reduce in another order than eager torch does (RMSNorm's mean of squares), so hidden
+states differ from `generate()`'s in the last bits (about 1e-6 in fp32) and a greedy near-tie can flip. The GEMMs
+and attention are the same calls as in eager mode. The default, eager, decode is the exact path (README).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
+from genserve.scheduler.model.out_of_memory import is_out_of_memory
+
+log = logging.getLogger(__name__)
+ATTENTION_NAME = "genserve_compiled"  # the attention implementation compiled passes run, in HF's registry
+
+_LIBRARY = torch.library.Library("genserve", "FRAGMENT")
+_LIBRARY.define(
+    "cached_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor layer, float? scaling) -> Tensor"
+)
+
+
+class _ActivePass(threading.local):
+    """The cache and attention modules of the compiled pass this thread runs (engines may share a process)."""
+
+    cache: SlotKVCache | None = None
+    attention: list[torch.nn.Module] = []
+
+
+_active = _ActivePass()
+
+
+def _cached_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    layer: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    index = int(layer)
+    keys, values = _active.cache.write_and_read(key, value, index)
+    return sdpa_attention_forward(_active.attention[index], query, keys, values, mask, scaling=scaling)[0]
+
+
+def _cached_attention_shape(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    layer: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    rows, heads, queries, head_dim = query.shape
+    return query.new_empty((rows, queries, heads, head_dim))  # HF attention's output layout
+
+
+_LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd")
+_LIBRARY.impl("cached_attention", _cached_attention_shape, "Meta")
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """HF's attention-interface signature, for the compiled passes: the layer's new keys and values go to the op."""
+    output = torch.ops.genserve.cached_attention(query, key, value, attention_mask, module.genserve_layer, scaling)
+    return output, None
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class CompiledDecoder:
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, max_rows: int) -> None:
+        """Compile `model`'s decoder and trace it on warm-up passes; on failure, `ready` stays False (logged)."""
+        self.model = model
+        self.cache = cache
+        self.decoder = model.get_decoder()
+        self.attention = _attention_modules(model)
+        self.config = self.attention[0].config
+        self.ready = False
+        self.passes = 0  # decode passes served by the compiled graph
+        if self.config._attn_implementation != "sdpa":
+            log.warning(
+                "--compile: the model runs %s attention, the compiled step SDPA only; decoding eagerly",
+                self.config._attn_implementation,
+            )
+            return
+        for index, module in enumerate(self.attention):
+            module.register_buffer("genserve_layer", torch.tensor(index), persistent=False)
+        self.compiled = torch.compile(self.decoder.forward, dynamic=True)
+        try:
+            with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
+                self._warm_up(max_rows)
+        except Exception as error:  # noqa: BLE001 - a model the compiler cannot take: serve it eagerly
+            log.warning("--compile: compiling the decode step failed (%s); decoding eagerly", error)
+            return
+        self.ready = True
+        log.info("--compile: decode step compiled (rows 1 and 2+, dynamic shapes)")
+
+    def _warm_up(self, max_rows: int) -> None:
+        for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
+            # Free slots at start-up: what these passes write lands where no request's KV lives yet.
+            self._pass(tokens, torch.ones_like(tokens), 2)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor | None:
+        """Next-token logits [rows, 1, vocab] after each row's token at its position; None where this pass must
+        run eagerly (compilation failed, or this pass would compile again)."""
+        if not self.ready:
+            return None
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                logits = self._pass(tokens, positions, read_length)
+            self.passes += 1
+            return logits
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            self.ready = False
+            log.warning("--compile: a decode pass would compile again or failed (%s); decoding eagerly", error)
+            return None
+
+    def _pass(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor:
+        """One decode pass with the compiled decoder standing in for the model's own (HF's causal-LM forward
+        calls it, then its head as usual)."""
+        _active.cache, _active.attention = self.cache, self.attention
+        attention = self.config._attn_implementation
+        self.config._attn_implementation = ATTENTION_NAME
+        self.cache.writes_in_attention = True
+        self.decoder.forward = self.compiled
+        try:
+            return decode_pass(self.model, self.cache, tokens, positions, read_length)
+        finally:
+            del self.decoder.forward
+            self.cache.writes_in_attention = False
+            self.config._attn_implementation = attention
+            _active.cache = None
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules in layer order (HF's each carry their decoder layer's `layer_idx`)."""
+    by_layer = {
+        module.layer_idx: module
+        for module in model.modules()
+        if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)
+    }
+    if sorted(by_layer) != list(range(len(by_layer))) or not by_layer:
+        raise ValueError("--compile: the model's attention modules do not number their layers 0..n-1")
+    return [by_layer[index] for index in range(len(by_layer))]

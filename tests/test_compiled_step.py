@@ -1,0 +1,102 @@
+"""The compiled decode step (--compile, scheduler/model/compiled_step.py): traced at start-up, token-equal to
+generate() while requests join and leave, and eager wherever it cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from genserve.scheduler.core.config import EngineConfig
+from genserve.scheduler.model.loader import LoadedModel
+from genserve.service.cli.flags import engine_config
+from genserve.service.cli.main import build_parser
+from tests.conftest import StepDriver, hf_generate, tiny_model
+from tests.references import with_plain_reference
+
+PAGED_MEMORY = 8 * 2**20
+
+
+def _staggered_prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 64, (length,), generator=generator).tolist() for length in (5, 23, 41, 12, 60, 2)]
+
+
+def _serve_staggered(driver: StepDriver, prompts: list[list[int]], new_tokens: int) -> None:
+    """Requests of different lengths and budgets join every other step, so rows leave and join mid-flight."""
+    driver.run(
+        {
+            step * 2: [(f"r{step}", prompt, {"max_new_tokens": new_tokens - 3 * step})]
+            for step, prompt in enumerate(prompts)
+        }
+    )
+
+
+@pytest.mark.parametrize(("kernel", "kv_cache_memory"), [("onednn", PAGED_MEMORY), ("aten", 0.0)])
+def test_compiled_decode_streams_equal_generate_while_rows_join_and_leave(kernel: str, kv_cache_memory: float) -> None:
+    tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
+    driver = StepDriver(
+        tiny, max_running=4, linear_kernel=kernel, kv_cache_memory=kv_cache_memory, decode_mode="compiled"
+    )
+    compiled = driver.engine.runner.compiled_decoder
+    assert compiled.ready  # traced while the engine was built, before any request
+    prompts = _staggered_prompts()
+    _serve_staggered(driver, prompts, new_tokens=30)
+    assert compiled.ready and compiled.passes > 40  # every decode pass ran the compiled graph
+    for index, prompt in enumerate(prompts):
+        params = driver.engine.make_parameters(max_new_tokens=30 - 3 * index)
+        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
+
+
+def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    tiny = LoadedModel(model=with_plain_reference(model), tokenizer=None, name="tiny")
+    with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
+        driver = StepDriver(tiny, max_running=4, decode_mode="compiled")
+    assert "eager attention" in caplog.text and "decoding eagerly" in caplog.text
+    prompts = _staggered_prompts()[:3]
+    _serve_staggered(driver, prompts, new_tokens=12)
+    assert driver.engine.runner.compiled_decoder.passes == 0
+    for index, prompt in enumerate(prompts):
+        params = driver.engine.make_parameters(max_new_tokens=12 - 3 * index)
+        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
+
+
+def test_a_failing_compiled_pass_falls_back_to_eager_for_good_and_loses_no_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
+    driver = StepDriver(tiny, max_running=4, kv_cache_memory=PAGED_MEMORY, decode_mode="compiled")
+    compiled = driver.engine.runner.compiled_decoder
+    traced = compiled.compiled
+    calls = []
+
+    def fails_on_the_fifth_pass(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:  # what a pass that would compile again raises under the fail_on_recompile stance
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+        return traced(*args, **kwargs)
+
+    compiled.compiled = fails_on_the_fifth_pass
+    prompts = _staggered_prompts()[:3]
+    with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
+        _serve_staggered(driver, prompts, new_tokens=16)
+    assert "would compile again or failed" in caplog.text
+    assert not compiled.ready and compiled.passes == 4 and len(calls) == 5
+    for index, prompt in enumerate(prompts):
+        params = driver.engine.make_parameters(max_new_tokens=16 - 3 * index)
+        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
+
+
+def test_compile_flag_and_what_it_refuses() -> None:
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve", "--compile"])).decode_mode == "compiled"
+    assert engine_config(parser.parse_args(["serve"])).decode_mode == "auto"
+    with pytest.raises(ValueError, match="does not serve LoRA adapters"):
+        EngineConfig(decode_mode="compiled", lora_dir="/adapters")
+    with pytest.raises(ValueError, match="compiled decode step"):
+        EngineConfig(decode_mode="compiled", tensor_parallel_size=2)
