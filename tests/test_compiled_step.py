@@ -24,13 +24,17 @@ def _staggered_prompts() -> list[list[int]]:
 
 
 def _serve_staggered(driver: StepDriver, prompts: list[list[int]], new_tokens: int) -> None:
-    """Requests of different lengths and budgets join every other step, so rows leave and join mid-flight."""
+    """Requests of different lengths and budgets join every other step, so rows leave and join mid-flight; each
+    one's tokens equal generate()'s on it alone."""
     driver.run(
         {
             step * 2: [(f"r{step}", prompt, {"max_new_tokens": new_tokens - 3 * step})]
             for step, prompt in enumerate(prompts)
         }
     )
+    for index, prompt in enumerate(prompts):
+        params = driver.engine.make_parameters(max_new_tokens=new_tokens - 3 * index)
+        assert driver.tokens[f"r{index}"] == hf_generate(driver.engine.loaded.model, prompt, params), f"r{index}"
 
 
 @pytest.mark.parametrize(("kernel", "kv_cache_memory"), [("onednn", PAGED_MEMORY), ("aten", 0.0)])
@@ -44,9 +48,6 @@ def test_compiled_decode_streams_equal_generate_while_rows_join_and_leave(kernel
     prompts = _staggered_prompts()
     _serve_staggered(driver, prompts, new_tokens=30)
     assert compiled.ready and compiled.passes > 40  # every decode pass ran the compiled graph
-    for index, prompt in enumerate(prompts):
-        params = driver.engine.make_parameters(max_new_tokens=30 - 3 * index)
-        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
 
 
 def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
@@ -61,9 +62,6 @@ def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
     prompts = _staggered_prompts()[:3]
     _serve_staggered(driver, prompts, new_tokens=12)
     assert driver.engine.runner.compiled_decoder.passes == 0
-    for index, prompt in enumerate(prompts):
-        params = driver.engine.make_parameters(max_new_tokens=12 - 3 * index)
-        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
 
 
 def test_a_failing_compiled_pass_falls_back_to_eager_for_good_and_loses_no_token(
@@ -87,9 +85,6 @@ def test_a_failing_compiled_pass_falls_back_to_eager_for_good_and_loses_no_token
         _serve_staggered(driver, prompts, new_tokens=16)
     assert "would compile again or failed" in caplog.text
     assert not compiled.ready and compiled.passes == 4 and len(calls) == 5
-    for index, prompt in enumerate(prompts):
-        params = driver.engine.make_parameters(max_new_tokens=16 - 3 * index)
-        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, params), f"r{index}"
 
 
 def test_compile_flag_and_what_it_refuses() -> None:

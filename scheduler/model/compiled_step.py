@@ -65,14 +65,7 @@ def _cached_attention(
     return sdpa_attention_forward(_active.attention[index], query, keys, values, mask, scaling=scaling)[0]
 
 
-def _cached_attention_shape(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    layer: torch.Tensor,
-    scaling: float | None,
-) -> torch.Tensor:
+def _cached_attention_shape(query: torch.Tensor, *others: object) -> torch.Tensor:
     rows, heads, queries, head_dim = query.shape
     return query.new_empty((rows, queries, heads, head_dim))  # HF attention's output layout
 
@@ -105,34 +98,30 @@ class CompiledDecoder:
         """Compile `model`'s decoder and trace it on warm-up passes; on failure, `ready` stays False (logged)."""
         self.model = model
         self.cache = cache
-        self.decoder = model.get_decoder()
-        self.attention = _attention_modules(model)
-        self.config = self.attention[0].config
         self.ready = False
         self.passes = 0  # decode passes served by the compiled graph
-        if self.config._attn_implementation != "sdpa":
-            log.warning(
-                "--compile: the model runs %s attention, the compiled step SDPA only; decoding eagerly",
-                self.config._attn_implementation,
-            )
-            return
-        for index, module in enumerate(self.attention):
-            module.register_buffer("genserve_layer", torch.tensor(index), persistent=False)
-        self.compiled = torch.compile(self.decoder.forward, dynamic=True)
         try:
-            with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
-                self._warm_up(max_rows)
+            self._compile(max_rows)
         except Exception as error:  # noqa: BLE001 - a model the compiler cannot take: serve it eagerly
             log.warning("--compile: compiling the decode step failed (%s); decoding eagerly", error)
             return
         self.ready = True
         log.info("--compile: decode step compiled (rows 1 and 2+, dynamic shapes)")
 
-    def _warm_up(self, max_rows: int) -> None:
-        for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
-            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
-            # Free slots at start-up: what these passes write lands where no request's KV lives yet.
-            self._pass(tokens, torch.ones_like(tokens), 2)
+    def _compile(self, max_rows: int) -> None:
+        self.decoder = self.model.get_decoder()
+        self.attention = _attention_modules(self.model)
+        self.config = self.attention[0].config
+        if self.config._attn_implementation != "sdpa":
+            raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
+        for index, module in enumerate(self.attention):
+            module.register_buffer("genserve_layer", torch.tensor(index), persistent=False)
+        self.compiled = torch.compile(self.decoder.forward, dynamic=True)
+        with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
+            for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
+                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
+                # Free slots at start-up: what these passes write lands where no request's KV lives yet.
+                self._pass(tokens, torch.ones_like(tokens), 2)
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor | None:
@@ -177,5 +166,5 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)
     }
     if sorted(by_layer) != list(range(len(by_layer))) or not by_layer:
-        raise ValueError("--compile: the model's attention modules do not number their layers 0..n-1")
+        raise ValueError("the model's attention modules do not number their layers 0..n-1")
     return [by_layer[index] for index in range(len(by_layer))]

@@ -41,7 +41,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=env_default("compile", "") == "1",
         help="on CPU, run decode steps through torch.compile (inductor), traced once at start-up before health "
-        "turns SERVING (about a minute for SmolLM2 on 2 cores; cached on disk): faster decode steps, whose "
+        "turns SERVING (one to two minutes for SmolLM2 on 2 cores; cached on disk): faster decode steps, whose "
         "numerics differ from generate()'s in the last bits (fused norms), so a greedy near-tie can flip. "
         "Eager decode, the default, is the exact path",
     )
