@@ -91,8 +91,12 @@ class BlockPoolMachine(RuleBasedStateMachine):
         self.pool.attach(seq, [])
         assert self.pool.grow(seq, seq.num_tokens)
         self._apply(self.pool.take_copies())
-        self.pool.share(seq, original, full)
-        assert self.pool.table(seq)[:full] == self.pool.table(original)[:full]
+        free_before = self.pool.num_free
+        copies = self.pool.share(seq, original, full)
+        self._apply(copies)
+        shared = sum(1 for pair in zip(self.pool.table(seq)[:full], self.pool.table(original)) if len(set(pair)) == 1)
+        assert len(copies) + shared == full and self.pool.num_free - free_before == shared
+        assert all(self.pool.references(block) == 1 for _, block in copies)
         self.computed[id(seq)] = full
         self.holders.append(seq)
 
@@ -115,6 +119,26 @@ class BlockPoolMachine(RuleBasedStateMachine):
                 self.content[destination] = snapshot[source]
         for seq, slot, _ in moves:
             self.slots[id(seq)] = slot
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        """A row in a slot trades its shared blocks for copies in its home, while half the pool stays free."""
+        seq = data.draw(st.sampled_from([seq for seq in self.holders if id(seq) in self.slots]))
+        free_before, shared_before = self.pool.num_free, self._shared(seq)
+        copies = self.pool.settle_home(seq)
+        self._apply(self.pool.take_copies())
+        self._apply(copies)
+        home = self.pool.home_blocks * self.slots[id(seq)] + 1
+        assert all(destination - home in range(self.pool.home_blocks) for _, destination in copies)
+        assert free_before - self.pool.num_free == len(copies) == shared_before - self._shared(seq)
+        if free_before - shared_before >= NUM_BLOCKS // 2:  # room for every copy
+            for index, block in enumerate(self.pool.table(seq)[: self.pool.home_blocks]):
+                if self.pool.references(block) > 1:  # still shared: its home block is held
+                    assert self.pool.references(home + index) > 0
+
+    def _shared(self, seq: Sequence) -> int:
+        return sum(1 for block in self.pool.table(seq) if self.pool.references(block) > 1)
 
     @precondition(lambda self: self.holders)
     @rule(data=st.data(), keep_cached=st.booleans())

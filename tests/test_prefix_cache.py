@@ -45,43 +45,50 @@ def test_prefix_cached_outputs_equal_uncached_and_hits_are_counted(tiny) -> None
     assert cached.tokens["r0"] == hf_generate(tiny.model, SYSTEM + [10, 20, 7], params)
 
 
-def test_requests_arriving_together_share_the_prefix_one_of_them_computes(tiny) -> None:
+@pytest.mark.parametrize("blocks", [200, 24], ids=["roomy-pool", "crowded-pool"])
+def test_requests_arriving_together_compute_the_prefix_once(tiny, blocks: int) -> None:
     """Eight questions after one system prompt, all submitted at once: the first computes the prefix, the others
-    wait one step and reference its blocks; at the peak the pool holds the prefix once."""
-    driver = _cached_driver(tiny, max_running=8)
+    wait one step and find its blocks. While half the pool is free, each copies them into its home (every row then
+    reads in place); past that, rows reference them, and the pool holds the prefix once for all of those."""
+    driver = _cached_driver(tiny, blocks=blocks, max_running=8)
     questions = [[3 + i, 40 + i, 80 + 2 * i] for i in range(8)]
     for i, question in enumerate(questions):
         driver.submit(f"q{i}", SYSTEM + question, max_new_tokens=10 + i)
     pool = driver.engine.scheduler.blocks
-    peak_shared = peak_used = 0
+    peak_shared = 0
     while driver.engine.step():
         running = driver.engine.scheduler.running
-        first_blocks = {pool.table(seq)[0] for seq in running}
         if len(running) == 8:
-            assert len(first_blocks) == 1  # one physical copy of the prefix's first block
-            peak_shared = max(peak_shared, pool.references(first_blocks.pop()))
-            own = sum(pool.held(seq) - len(SYSTEM) // 16 for seq in running)
-            peak_used = max(peak_used, pool.num_used)
-            assert pool.num_used == len(SYSTEM) // 16 + own  # shared blocks counted once
-    assert peak_shared == 8 and peak_used > 0
+            tables = [pool.table(seq) for seq in running]
+            held = {block for table in tables for block in table}
+            assert pool.num_used == len(held)  # shared blocks counted once
+            peak_shared = max(peak_shared, *(pool.references(table[0]) for table in tables))
+            at_home = [pool.is_home(seq) for seq in running]
+            assert all(at_home) == (blocks == 200), at_home
     assert driver.engine.runner.counters().prefix_hits == 7 * len(SYSTEM)
+    assert (peak_shared == 1) == (blocks == 200)  # roomy: copied home; crowded: one first block for several rows
     for i, question in enumerate(questions):
         params = driver.engine.make_parameters(max_new_tokens=10 + i)
         assert driver.tokens[f"q{i}"] == hf_generate(tiny.model, SYSTEM + question, params), f"q{i}"
 
 
-def test_identical_prompts_admitted_together_share_their_blocks(tiny) -> None:
-    """n samples of one prompt: one prefill, the others reference its full blocks and copy its last partial one."""
-    driver = _cached_driver(tiny, max_running=4)
+@pytest.mark.parametrize("blocks", [200, 16], ids=["roomy-pool", "crowded-pool"])
+def test_identical_prompts_admitted_together_compute_once(tiny, blocks: int) -> None:
+    """n samples of one prompt: one prefill; the others copy its KV into their own blocks while half the pool is
+    free (each row reads in place), else reference its full blocks and copy its last partial one."""
+    driver = _cached_driver(tiny, blocks=blocks, max_running=4)
     prompt = SYSTEM + [9, 8, 7, 6, 5]  # three full blocks and five tokens
     for i in range(3):
         driver.submit(f"s{i}", prompt, max_new_tokens=20, do_sample=True, seed=i)
     driver.engine.step()
     pool = driver.engine.scheduler.blocks
     tables = [pool.table(seq) for seq in driver.engine.scheduler.running]
-    assert len(tables) == 3 and tables[0][:3] == tables[1][:3] == tables[2][:3]
-    assert len({table[3] for table in tables}) == 3  # the partial block each writes into is its own
-    assert pool.num_used == 3 + 3
+    assert len(tables) == 3 and len({table[3] for table in tables}) == 3  # the partial block each writes is its own
+    if blocks == 200:
+        assert len({block for table in tables for block in table}) == pool.num_used == 3 * 4
+        assert all(pool.is_home(seq) for seq in driver.engine.scheduler.running)
+    else:  # the first twin to share leaves the pool roomy enough for the next to copy: some blocks are shared
+        assert tables[0][0] == tables[1][0] == tables[2][0] and pool.num_used < 3 * 4
     driver.run()
     for i in range(3):
         params = driver.engine.make_parameters(max_new_tokens=20, do_sample=True, seed=i)
@@ -89,6 +96,37 @@ def test_identical_prompts_admitted_together_share_their_blocks(tiny) -> None:
         alone.submit("alone", prompt, **{"max_new_tokens": 20, "do_sample": True, "seed": i})
         alone.run()
         assert driver.tokens[f"s{i}"] == alone.tokens["alone"], params
+
+
+@pytest.mark.parametrize("blocks", [200, 40], ids=["roomy-pool", "crowded-pool"])
+def test_requests_continuing_a_cached_prefix_are_computed_in_one_forward(tiny, blocks: int) -> None:
+    """Six requests find the system prompt cached and arrive together while another decodes, with tails of
+    different lengths (the last too long for the step's token budget, so that its first chunk stops short): one
+    forward computes every tail, each row from its own position, and every output equals generate() alone, greedy
+    and sampled."""
+    driver = _cached_driver(tiny, blocks=blocks, max_running=8, max_num_batched_tokens=27)
+    driver.submit("first", SYSTEM + [3], max_new_tokens=30, ignore_eos=True)
+    driver.engine.step()  # its prefill registers the system prompt's blocks; it decodes on beside the others
+    forwards = []
+    hook = driver.engine.runner.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    tails = [[5 + i] * (4 + i % 2) for i in range(5)] + [list(range(20, 60))]  # 22 tokens, then 5 of the last
+    overrides = [dict(max_new_tokens=8 + i, do_sample=i % 2 == 1, seed=i, top_k=20) for i in range(6)]
+    for i, tail in enumerate(tails):
+        driver.submit(f"c{i}", SYSTEM + tail, **overrides[i])
+    driver.engine.step()
+    hook.remove()
+    assert len(forwards) == 2  # the first request's decode, and every tail
+    assert len(driver.engine.scheduler.running) == 6  # the long one still prefills
+    driver.run()
+    assert driver.engine.runner.counters().prefix_hits == 6 * len(SYSTEM)
+    for i, tail in enumerate(tails):
+        params = driver.engine.make_parameters(**overrides[i])
+        alone = StepDriver(tiny, max_running=1)
+        alone.submit("alone", SYSTEM + tail, **overrides[i])
+        alone.run()
+        assert driver.tokens[f"c{i}"] == alone.tokens["alone"], f"c{i}"
+        if not params.is_sampling:
+            assert driver.tokens[f"c{i}"] == hf_generate(tiny.model, SYSTEM + tail, params), f"c{i}"
 
 
 def test_a_different_cache_salt_never_shares(tiny) -> None:

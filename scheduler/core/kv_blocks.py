@@ -20,6 +20,12 @@ highest unregistered free block (past the homes, then the homes of the highest s
 used cached one. A cached home block is not lost to its row: its KV first moves to the block that would have been
 taken instead (a copy the cache makes before the step writes, listed by `take_copies`). A row that moves to
 another slot has the blocks it holds alone moved to its new home where it can (`place`).
+
+Locality over sharing while memory is plentiful: a row that shares blocks with another running row cannot lie in its
+home, and every step that reads it would gather the rows' blocks (on CPU, a quarter of a decode step at a few
+hundred positions). While at least half the pool is free, such a row copies the shared blocks into its free home
+blocks once (`settle_home`), and twins copy into the blocks they hold (`share`); past that, rows share, and the
+pool holds a shared prefix once.
 """
 
 from __future__ import annotations
@@ -158,14 +164,22 @@ class BlockPool:
                 self._hash[block] = digest
                 self._by_hash[digest] = block
 
-    def share(self, holder: Sequence, twin: Sequence, num_blocks: int) -> None:
-        """`holder` (same tokens as `twin`, computed this step) drops its first `num_blocks` blocks for `twin`'s."""
+    def share(self, holder: Sequence, twin: Sequence, num_blocks: int) -> list[tuple[int, int]]:
+        """`holder` (same tokens as `twin`, computed this step) takes `twin`'s KV for its first `num_blocks` blocks,
+        block by block: while half the pool is free, as a copy into the block it holds (its row keeps reading in
+        place); else it drops its block for `twin`'s. Returns the (twin's, its own) copies for the cache to make."""
         table, twin_table = self._tables[id(holder)], self._tables[id(twin)]
+        copies = []
         for index in range(num_blocks):
-            if table[index] != twin_table[index]:
+            if table[index] == twin_table[index]:
+                continue
+            if self._roomy(spending=0):
+                copies.append((twin_table[index], table[index]))
+            else:
                 self._dereference(table[index])
                 self._reference(twin_table[index])
                 table[index] = twin_table[index]
+        return copies
 
     # Allocation.
     def grow(self, holder: Sequence, num_positions: int) -> bool:
@@ -235,6 +249,26 @@ class BlockPool:
             self._release(block)
         return copies
 
+    def settle_home(self, holder: Sequence) -> list[tuple[int, int]]:
+        """While at least half the pool stays free, `holder` trades each block it shares for a copy in its own free
+        home block (one copy now, instead of a gather on every step that reads the row). Returns the (shared,
+        home) copies, for the cache to make after `take_copies`'s."""
+        slot = self._slots.get(id(holder))
+        table = self._tables.get(id(holder), [])
+        copies = []
+        for index, block in enumerate(table):
+            home = self._home(slot, index)
+            if home is None or home == block or self._refs[block] < 2 or self._refs[home]:
+                continue
+            if not self._roomy(spending=1):
+                break
+            self._take(home)
+            self._reference(home)
+            self._dereference(block)
+            table[index] = home
+            copies.append((block, home))
+        return copies
+
     def take_copies(self) -> list[tuple[int, int]]:
         """The (from, to) block copies that carry cached KV out of homes since the last call, to make in order
         before the next pass writes."""
@@ -249,6 +283,10 @@ class BlockPool:
         )
 
     # Internals.
+    def _roomy(self, spending: int) -> bool:
+        """Whether half the pool stays free after `spending` more blocks: rows then take copies over shares."""
+        return self.num_free - spending >= self.num_blocks // 2
+
     def _home(self, slot: int | None, index: int) -> int | None:
         if slot is None or index >= self.home_blocks:
             return None

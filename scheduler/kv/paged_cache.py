@@ -149,11 +149,12 @@ class PagedKVCache(SlotKVCache):
         else:  # new rows: attention reads what it just computed
             self._view_rows = self._reads = None
 
-    def begin_decode(self, positions: torch.Tensor, read_length: int) -> None:
-        super().begin_decode(positions, read_length)
-        rows = torch.arange(positions.shape[0], device=self.device).unsqueeze(1)
+    def begin_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> None:
+        super().begin_decode(positions, read_length, first_row)
+        num_rows = positions.shape[0]
+        rows = torch.arange(first_row, first_row + num_rows, device=self.device).unsqueeze(1)
         self._writes = self._pool_positions(rows, positions).flatten()
-        self._plan_reads(0, positions.shape[0], read_length)
+        self._plan_reads(first_row, num_rows, read_length)
 
     def write_and_read(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int

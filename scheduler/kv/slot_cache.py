@@ -124,9 +124,11 @@ class SlotKVCache(Cache):
     def begin_prefill(self, first_row: int, num_rows: int, num_queries: int, offset: int = 0) -> None:
         self._pass = _Pass(True, first_row, num_rows, num_queries, offset=offset)
 
-    def begin_decode(self, positions: torch.Tensor, read_length: int) -> None:
+    def begin_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> None:
+        """A pass whose queries stand at `positions` ([rows, queries]) of rows first_row.. (decode steps, and
+        prompt chunks that continue what their rows hold)."""
         num_rows, num_queries = positions.shape
-        self._pass = _Pass(False, 0, num_rows, num_queries, positions=positions, read_length=read_length)
+        self._pass = _Pass(False, first_row, num_rows, num_queries, positions=positions, read_length=read_length)
 
     def _current(self) -> _Pass:
         if self._pass is None:
@@ -160,10 +162,11 @@ class SlotKVCache(Cache):
                 return keys[rows, :, :end], values[rows, :, :end]
             # New rows have no earlier context: attention reads exactly what was just computed.
             return key_states, value_states
-        row_index = torch.arange(current.num_rows, device=self.device).unsqueeze(1)
+        rows = slice(current.first_row, current.first_row + current.num_rows)
+        row_index = torch.arange(rows.start, rows.stop, device=self.device).unsqueeze(1)
         keys[row_index, :, current.positions] = key_states.transpose(1, 2)
         values[row_index, :, current.positions] = value_states.transpose(1, 2)
-        return keys[: current.num_rows, :, : current.read_length], values[: current.num_rows, :, : current.read_length]
+        return keys[rows, :, : current.read_length], values[rows, :, : current.read_length]
 
     def _allocate(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         for layer_caches, states in ((self.keys, key_states), (self.values, value_states)):
@@ -324,7 +327,7 @@ def run_model(
     cache: SlotKVCache,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
-    logits_to_keep: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """One forward of a HF causal LM over the slot cache, in the pass begun on it: logits of the last
     `logits_to_keep` positions (0: all), through the model's own head, so logit scales and soft-capping apply
@@ -369,9 +372,12 @@ def decode_pass(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     read_length: int,
+    first_row: int = 0,
+    logits_to_keep: int | torch.Tensor = 0,
 ) -> torch.Tensor:
-    """Feed the first rows `tokens` ([rows, queries]) at `positions`, attending to what each row has cached; the
-    logits after each query, [rows, queries, vocab]."""
+    """Feed rows first_row.. `tokens` ([rows, queries]) at `positions`, attending to what each row has cached; the
+    logits after each query, [rows, queries, vocab] (or at the query indices `logits_to_keep` picks, as in
+    prefill_pass)."""
     cache.ensure_capacity(read_length)
-    cache.begin_decode(positions, read_length)
-    return run_model(model, cache, tokens, positions)
+    cache.begin_decode(positions, read_length, first_row)
+    return run_model(model, cache, tokens, positions, logits_to_keep=logits_to_keep)

@@ -1,7 +1,7 @@
 """ModelRunner's prompt passes: the plan's prompt chunks computed into their requests' slots. Whole fresh prompts of
-similar lengths run together right-padded; other chunks run one by one after what their slot holds (a cached
-prefix, earlier chunks), or take a twin's KV, prefilled this step. A mixin of ModelRunner: it works on the
-runner's cache, batch state and slots."""
+similar lengths run together right-padded; so do new requests' prompts that continue a cached prefix, each at its
+own positions; other chunks run one by one after what their slot holds (earlier chunks), or take a twin's KV,
+prefilled this step. A mixin of ModelRunner: it works on the runner's cache, batch state and slots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from genserve.scheduler.core.request import Sequence
 from genserve.scheduler.core.step_plan import PrefillChunk
-from genserve.scheduler.kv.slot_cache import prefill_pass
+from genserve.scheduler.kv.slot_cache import decode_pass, prefill_pass
 from genserve.scheduler.model.out_of_memory import is_out_of_memory
 
 
@@ -20,11 +20,12 @@ class PromptPasses:
 
         Whole fresh prompts of similar lengths run together, right-padded in one forward with the plain causal
         kernel: a padded position comes after every real one, so causality hides it, and each real token runs
-        the computation `generate()` runs for it alone (tests compare the tokens). Chunks of longer prompts,
-        requests that continue a cached prefix, repeat a prompt of this step (n samples: its KV shared) or bring a
-        guidance companion go one by one, each after the positions its slot already holds. A failure is
-        attributable: a failed group is retried one by one, and a request whose own prefill raises fails alone
-        (out of memory excepted, which the engine handles for the whole batch)."""
+        the computation `generate()` runs for it alone (tests compare the tokens). New requests that continue a
+        cached prefix run together too, each row's queries at its own positions with its own mask
+        (`_continue_together`). Later chunks of longer prompts, requests that repeat a prompt of this step (n
+        samples: its KV shared) or bring a guidance companion go one by one, each after the positions its slot
+        already holds. A failure is attributable: a failed group is retried one by one, and a request whose own
+        prefill raises fails alone (out of memory excepted, which the engine handles for the whole batch)."""
         last_logits: dict[int, torch.Tensor] = {}  # id(request or companion) -> logits after its last token
         prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]] = {}
         whole: dict[TwinKey, PrefillChunk] = {}
@@ -36,17 +37,28 @@ class PromptPasses:
                 whole[key] = chunk
             else:
                 one_by_one.append(chunk)
-        for group in _padding_groups(list(whole.values())):
-            if len(group) == 1:
-                one_by_one.insert(0, group[0])
-                continue
-            try:
-                last_logits.update(self._prefill_together(group, prefilled))
-            except Exception as error:
-                if is_out_of_memory(error):
-                    raise
-                self.release(chunk.seq for chunk in group)
-                one_by_one[:0] = group  # retried alone, so that only the request at fault fails
+        continuing: dict[TwinKey, PrefillChunk] = {}
+        if not self.cache.layout.padding_mask_only:  # a 2D mask cannot place each row's queries
+            for chunk in one_by_one:
+                key = _twin_key(chunk.seq)
+                if chunk.first and chunk.start and chunk.seq.companion is None and key not in whole:
+                    continuing.setdefault(key, chunk)  # a repeat stays one by one, to take its twin's KV
+        one_by_one = [chunk for chunk in one_by_one if chunk not in continuing.values()]
+        for groups, together in (
+            (_padding_groups(list(whole.values())), self._prefill_together),
+            (_padding_groups(list(continuing.values())), self._continue_together),
+        ):
+            for group in groups:
+                if len(group) == 1:
+                    one_by_one.insert(0, group[0])
+                    continue
+                try:
+                    last_logits.update(together(group, prefilled))
+                except Exception as error:
+                    if is_out_of_memory(error):
+                        raise
+                    self.release(chunk.seq for chunk in group)
+                    one_by_one[:0] = group  # retried alone, so that only the request at fault fails
         for chunk in one_by_one:
             try:
                 last_logits.update(self._prefill_chunk(chunk, prefilled))
@@ -84,6 +96,42 @@ class PromptPasses:
         for row, (chunk, tokens) in enumerate(zip(group, prompts)):
             result[id(chunk.seq)] = logits[row : row + 1, last.index(len(tokens) - 1)]
             prefilled[_twin_key(chunk.seq)] = (chunk.seq, result[id(chunk.seq)])
+        return result
+
+    def _continue_together(
+        self, group: list[PrefillChunk], prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Give each new request of `group` a slot (consecutive) and compute its chunk after the cached prefix its
+        slot holds, all in one forward whose rows stand at their own positions. Rows are left-padded, so that every
+        row's last token is the pass's last query (the head runs once per row); a row's padding queries stand at
+        the position after its chunk, which its next token or chunk writes before anything reads it, so they never
+        overwrite its KV, and its mask (by position) hides them from its real queries."""
+        slots = [self._add_prefilling(chunk.seq) for chunk in group]
+        width = max(chunk.num_tokens for chunk in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        positions = torch.tensor([[chunk.end] * width for chunk in group])
+        for row, chunk in enumerate(group):
+            padding = width - chunk.num_tokens
+            tokens[row, padding:] = torch.tensor(
+                (chunk.seq.prompt_ids + chunk.seq.generated_ids)[chunk.start : chunk.end]
+            )
+            positions[row, padding:] = torch.arange(chunk.start, chunk.end)
+            self.cache.ensure_capacity(chunk.seq.num_tokens + 1)
+        with self.adapters_of([chunk.seq for chunk in group]):
+            logits = decode_pass(
+                self.model,
+                self.cache,
+                tokens.to(self.device),
+                positions.to(self.device),
+                max(chunk.end for chunk in group) + 1,
+                first_row=slots[0],
+                logits_to_keep=1,
+            )
+        result = {}
+        for row, chunk in enumerate(group):
+            if chunk.completes:
+                result[id(chunk.seq)] = logits[row : row + 1, 0]
+                prefilled[_twin_key(chunk.seq)] = (chunk.seq, result[id(chunk.seq)])
         return result
 
     def _prefill_chunk(
@@ -141,14 +189,19 @@ def _twin_key(seq: Sequence) -> TwinKey:
     return seq.options.adapter, tuple(seq.prompt_ids + seq.generated_ids)
 
 
-def _padding_groups(chunks: list[PrefillChunk], max_padding: float = 0.25) -> list[list[PrefillChunk]]:
-    """Whole prompts sorted by length and cut into groups whose padding stays under `max_padding` of their
-    tokens."""
+def _padding_groups(
+    chunks: list[PrefillChunk], max_padding: float = 0.25, pass_tokens: int = 32
+) -> list[list[PrefillChunk]]:
+    """Chunks sorted by length and cut into groups whose padding stays under `max_padding` of their tokens plus
+    `pass_tokens`: what a forward of its own would cost in tokens (on CPU a short prompt's pass costs about as
+    much as 25 more of its tokens)."""
     groups: list[list[PrefillChunk]] = []
     for chunk in sorted(chunks, key=lambda c: c.num_tokens):
         group = groups[-1] if groups else None
-        if group and chunk.num_tokens * (len(group) + 1) <= (1 + max_padding) * (
-            sum(c.num_tokens for c in group) + chunk.num_tokens
+        if (
+            group
+            and chunk.num_tokens * (len(group) + 1)
+            <= (1 + max_padding) * (sum(c.num_tokens for c in group) + chunk.num_tokens) + pass_tokens
         ):
             group.append(chunk)
         else:

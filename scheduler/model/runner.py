@@ -157,6 +157,10 @@ class ModelRunner(PromptPasses):
                 self._sync_row(slot, member)
 
     def _sync_row(self, slot: int, member: Sequence) -> None:
+        """The cache reads `member`'s table in `slot` (its shared blocks copied home first, where the pool can)."""
+        settled = self.blocks.settle_home(member)
+        self.cache.copy_blocks_in_order(self.blocks.take_copies())  # cached KV out of the homes taken, first
+        self.cache.copy_blocks(settled)
         self.cache.set_row(slot, self.blocks.table(member), self.blocks.is_home(member))
 
     def _place(self, moves: list[tuple[Sequence, int, int]]) -> None:
@@ -180,16 +184,17 @@ class ModelRunner(PromptPasses):
         )
 
     def _share(self, seq: Sequence, twin: Sequence, num_tokens: int) -> None:
-        """`seq` has `twin`'s tokens, computed this step: it takes `twin`'s KV, sharing its full blocks (paged) and
-        copying the rest."""
+        """`seq` has `twin`'s tokens, computed this step: it takes `twin`'s KV, sharing its full blocks (paged, while
+        the pool is crowded) and copying the rest."""
         slot = self._slot(seq)
         if self.blocks is None:
             self.cache.copy_prefix(self._slot(twin), slot, num_tokens)
             return
         full = num_tokens // self.blocks.block_size
-        self.blocks.share(seq, twin, full)
+        copies = self.blocks.share(seq, twin, full)
         if num_tokens % self.blocks.block_size:
-            self.cache.copy_blocks([(self.blocks.table(twin)[full], self.blocks.table(seq)[full])])
+            copies.append((self.blocks.table(twin)[full], self.blocks.table(seq)[full]))
+        self.cache.copy_blocks(copies)
         self._sync_row(slot, seq)
 
     def _execute(self, plan: StepPlan) -> ModelOutput:
