@@ -164,8 +164,9 @@ def test_a_12000_token_prompt_decodes_beside_short_ones_in_a_1gib_paged_cache(de
 
 def test_a_shared_system_prompt_is_computed_once_and_every_answer_equals_generate(default_model) -> None:
     """`genserve serve`'s KV defaults (a paged pool of the CPU default size, prefix caching on): a ~700-token system
-    prompt, then eight different questions at once. The first computes the prompt; the others reference its
-    blocks, so the pool holds it once; each greedy answer equals generate() alone; another salt finds nothing."""
+    prompt, then eight different questions at once. The first computes the prompt; the others find its blocks
+    and, the pool being roomy, copy them into their homes, so that every decode step reads all eight rows in
+    place; each greedy answer equals generate() alone; another salt finds nothing."""
     from genserve.scheduler.benchmarks.features import _INSTRUCTIONS
     from genserve.service.cli.flags import AUTO_KV_CACHE_MEMORY
 
@@ -187,7 +188,8 @@ def test_a_shared_system_prompt_is_computed_once_and_every_answer_equals_generat
     while driver.engine.step():
         if len(scheduler.running) == 8 and copies_at_peak is None:
             copies_at_peak = {tuple(pool.table(seq)[:shared_blocks]) for seq in scheduler.running}
-    assert copies_at_peak is not None and len(copies_at_peak) == 1  # the prefix's blocks, once
+            assert all(pool.is_home(seq) for seq in scheduler.running)
+    assert copies_at_peak is not None and len(copies_at_peak) == 8  # one copy of the prefix per row, at home
     assert driver.engine.runner.counters().prefix_hits >= 0.8 * 8 * shared
     params = driver.engine.make_parameters(max_new_tokens=16)
     for i, prompt in enumerate(prompts):
