@@ -78,8 +78,9 @@ def format_profile(results: list[StepProfile], context: int) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.batch_size} | {r.prefill_seconds * 1e3:.0f} ({r.prefill_tokens}) | {r.step_seconds * 1e3:.1f} | "
-            f"{r.linear_seconds * 1e3:.1f} | {r.attention_seconds * 1e3:.1f} | {r.other_op_seconds * 1e3:.1f} | "
-            f"{r.python_seconds * 1e3:.1f} |"
+            # Two decimals: a small model's attention takes under 0.05 ms a step, which one decimal shows as 0.
+            f"| {r.batch_size} | {r.prefill_seconds * 1e3:.0f} ({r.prefill_tokens}) | {r.step_seconds * 1e3:.2f} | "
+            f"{r.linear_seconds * 1e3:.2f} | {r.attention_seconds * 1e3:.2f} | {r.other_op_seconds * 1e3:.2f} | "
+            f"{r.python_seconds * 1e3:.2f} |"
         )
     return "\n".join(lines)
