@@ -7,11 +7,13 @@ import logging
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.cli.flags import engine_config
 from genserve.service.cli.main import build_parser
+from tests.architectures import COMMON
 from tests.conftest import StepDriver, hf_generate, tiny_model
 from tests.references import with_plain_reference
 
@@ -48,6 +50,20 @@ def test_compiled_decode_streams_equal_generate_while_rows_join_and_leave(kernel
     prompts = _staggered_prompts()
     _serve_staggered(driver, prompts, new_tokens=30)
     assert compiled.ready and compiled.passes > 40  # every decode pass ran the compiled graph
+
+
+def test_two_models_of_one_class_each_run_their_own_compiled_graph() -> None:
+    """The compiled step drops dynamo's guards on the model's modules; another model of the same class (here with
+    another layer count and width) compiled in the same process must still get graphs of its own."""
+    wider = LlamaForCausalLM(LlamaConfig(**COMMON | dict(hidden_size=96, num_hidden_layers=3))).eval()
+    drivers = []
+    for model in (tiny_model(), wider):
+        loaded = LoadedModel(model=with_plain_reference(model), tokenizer=None, name="tiny")
+        drivers.append(StepDriver(loaded, max_running=4, kv_cache_memory=PAGED_MEMORY, decode_mode="compiled"))
+    for driver in drivers:  # both compiled before either serves: the second one's trace must not be the first's
+        _serve_staggered(driver, _staggered_prompts()[:4], new_tokens=14)
+        compiled = driver.engine.runner.compiled_decoder
+        assert compiled.ready and compiled.passes > 10
 
 
 def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(

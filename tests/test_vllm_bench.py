@@ -71,3 +71,14 @@ def test_serving_memory_reads_the_server_and_a_libraries_only_process(tmp_path: 
     # The server holds the pool (every byte written) and the libraries on top of what an idle process holds.
     assert memory.rss > memory.libraries_only + pool > 100 * 2**20
     assert "| onednn |" in format_memory([memory])
+
+
+def test_serving_memory_in_compiled_mode_serves_the_compiled_step(tmp_path: Path) -> None:
+    from genserve.service.benchmarks.serving_memory import format_memory, measure
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    log = tmp_path / "serve.log"
+    memory = measure(str(tmp_path / "model"), tmp_path / "model", "onednn", 64 * 2**20, log, compiled=True)
+    assert "decode step compiled" in log.read_text()  # the server traced its decode step before serving
+    assert memory.compiled and memory.rss > memory.libraries_only + memory.kv_pool
+    assert "| onednn, --compile |" in format_memory([memory])

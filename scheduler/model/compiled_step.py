@@ -116,7 +116,8 @@ class CompiledDecoder:
             raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
         for index, module in enumerate(self.attention):
             module.register_buffer("genserve_layer", torch.tensor(index), persistent=False)
-        self.compiled = torch.compile(self.decoder.forward, dynamic=True)
+        options = {"guard_filter_fn": _guards_to_keep}
+        self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options)
         with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
             for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
                 tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
@@ -160,6 +161,16 @@ class CompiledDecoder:
             self.cache.writes_in_attention = False
             self.config._attn_implementation = attention
             _active.cache = None
+
+
+def _guards_to_keep(entries: list) -> list[bool]:
+    """Dynamo's guards on the decoder's submodules, parameters and attributes are dropped: they never change while
+    it serves (the compiled step serves no adapters and no shards), and checking them (6,200 of SmolLM2's 6,700)
+    took 1.1 ms of a 16-row step. The guards on the pass's inputs stay: they choose the one-row graph or the
+    dynamic one, and `fail_on_recompile` sends anything else to eager. Another model of the same class in the
+    process still gets graphs of its own: dynamo matches a graph to the torch.compile call (its backend) that
+    traced it before any guard."""
+    return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,6 +1,7 @@
 """`genserve bench --serving-memory`: a serving process's resident memory next to its parts.
 
-`genserve serve` runs in a process of its own, once per linear kernel, serves a few warm-up requests, and its
+`genserve serve` runs in a process of its own, once per linear kernel (and per decode mode: eager, and with
+`--compile` the compiled step too), serves a few warm-up requests, and its
 resident set (VmRSS) is read from /proc. Its parts: the weights (the model folder's safetensors), the KV pool (the
 `--kv-cache-memory` given, which the pool fills to within one block, every byte written when allocated) and a
 process that imported the same libraries and ran a matmul but loaded no model. What is left over, RSS less the
@@ -35,6 +36,11 @@ class ServingMemory:
     kv_pool: int
     libraries_only: int
     weights: int
+    compiled: bool = False  # served with `--compile`
+
+    @property
+    def mode(self) -> str:
+        return f"{self.linear_kernel}, --compile" if self.compiled else self.linear_kernel
 
     @property
     def model_share(self) -> int:
@@ -59,8 +65,11 @@ def weight_file_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def measure(model: str, folder: Path, linear_kernel: str, kv_pool_bytes: int, log_path: Path) -> ServingMemory:
+def measure(
+    model: str, folder: Path, linear_kernel: str, kv_pool_bytes: int, log_path: Path, compiled: bool = False
+) -> ServingMemory:
     flags = ["--model", model, "--linear-kernel", linear_kernel, "--kv-cache-memory", str(kv_pool_bytes)]
+    flags += ["--compile"] if compiled else []
     with serve_process(flags, log_path) as served:
         request = pb.GenerateRequest(
             input_ids=pb.TokenIds(ids=list(range(10, 74))),
@@ -68,19 +77,19 @@ def measure(model: str, folder: Path, linear_kernel: str, kv_pool_bytes: int, lo
         )
         stream_all(served.grpc_target, [request] * 4)
         rss = resident_bytes(Path(f"/proc/{served.pid}/status").read_text())
-    return ServingMemory(linear_kernel, rss, kv_pool_bytes, libraries_only_rss(), weight_file_bytes(folder))
+    return ServingMemory(linear_kernel, rss, kv_pool_bytes, libraries_only_rss(), weight_file_bytes(folder), compiled)
 
 
 def format_memory(results: list[ServingMemory]) -> str:
     mib = 2**20
     lines = [
         "a `genserve serve` process's resident memory after warm-up, and its parts (MiB)",
-        "| linear kernel | RSS | KV pool | libraries only | RSS - pool - libraries | weights | that / weights |",
+        "| linear kernel, mode | RSS | KV pool | libraries only | RSS - pool - libraries | weights | that / weights |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.linear_kernel} | {r.rss / mib:.0f} | {r.kv_pool / mib:.0f} | {r.libraries_only / mib:.0f} | "
+            f"| {r.mode} | {r.rss / mib:.0f} | {r.kv_pool / mib:.0f} | {r.libraries_only / mib:.0f} | "
             f"{r.model_share / mib:.0f} | {r.weights / mib:.0f} | {r.ratio:.2f}x |"
         )
     return "\n".join(lines)

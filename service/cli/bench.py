@@ -76,7 +76,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kernels = [k for k in args.decode_linear_kernels.split(",") if k] or ["aten", "onednn"]
         print()
         log = Path(tempfile.gettempdir()) / "genserve-serving-memory.log"  # the servers' logs, for a failed start
-        print(format_memory([measure(args.model, folder, kernel, pool, log) for kernel in kernels]))
+        modes = [(kernel, compiled) for compiled in (False, True)[: 1 + args.compile] for kernel in kernels]
+        print(format_memory([measure(args.model, folder, kernel, pool, log, compiled) for kernel, compiled in modes]))
     if args.long_prompt:
         from genserve.scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
 
@@ -484,7 +485,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--serving-memory",
         action="store_true",
         help="`genserve serve`'s resident memory after warm-up against its parts (weights, KV pool, libraries), "
-        "per --decode-linear-kernels (default aten,onednn), with --kv-cache-memory's pool (default 512MiB here)",
+        "per --decode-linear-kernels (default aten,onednn), with --kv-cache-memory's pool (default 512MiB here); "
+        "with --compile, each kernel served with the compiled decode step as well",
     )
     decode = bench.add_argument_group(
         "decode latency", "one engine decode step per batch size against the memory-bandwidth floor"
