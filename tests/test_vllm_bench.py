@@ -53,6 +53,21 @@ def test_report_gives_each_system_its_ratio_to_each_genserve_mode() -> None:
     assert "| w | vLLM, default (HTTP) | 100 | 4.0 | 25.0 | 1.20 s | 2.00x | 2.50x |" in report
 
 
+def test_report_over_rounds_gives_medians_and_the_median_of_each_rounds_ratio() -> None:
+    # Per round, genserve against vLLM: 2 against 4 s (2x), 6 against 6 s on a slow host (1x), 2.5 against 3 s
+    # (1.2x).
+    seconds = {0: (2.0, 4.0), 1: (6.0, 6.0), 2: (2.5, 3.0)}
+    results = []
+    for index, (ours, theirs) in seconds.items():
+        results.append(Result("w", "genserve (gRPC)", StreamedRun(ours, [100], [0.1 * (index + 1)]), index))
+        results.append(Result("w", "vLLM, default (HTTP)", StreamedRun(theirs, [100], [1.0]), index))
+    report = format_comparison(results)
+    assert "; medians of 3 rounds" in report
+    assert "| w | genserve (gRPC) | 100 | 2.5 | 40.0 | 0.20 s | 1.00x |" in report
+    # The ratio is the median of the rounds' own (1.2x), not one median throughput over the other (40 / 25).
+    assert "| w | vLLM, default (HTTP) | 100 | 4.0 | 25.0 | 1.00 s | 1.20x |" in report
+
+
 def test_a_vllm_that_cannot_start_is_a_clear_error_pointing_at_its_log(tmp_path: Path) -> None:
     log = tmp_path / "vllm.log"
     with pytest.raises(RuntimeError, match="vllm.log"):

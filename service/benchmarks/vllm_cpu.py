@@ -13,6 +13,7 @@ the moment all are sent, both seen by the client. vLLM's environment comes from 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ class Result:
     workload: str
     system: str
     run: StreamedRun
+    round: int = 0
 
 
 def vllm_environment(python: Path, bind_every_core: bool, kv_cache_gib: int) -> dict[str, str]:
@@ -106,41 +108,56 @@ def compare(
     prefix_caching: bool,
     log_path: Path,
     progress: Callable[[str], None],
+    rounds: int = 1,
 ) -> list[Result]:
     """Every workload through genserve in each of its modes (name: how to run one workload), then through vLLM in
-    each of VLLM_MODES (one server per mode)."""
+    each of VLLM_MODES (one server per mode); all of that `rounds` times over, so that a shared host's swings
+    (a third within minutes on this project's) fall on every system alike."""
     results = []
-    for mode, run_genserve in genserve_modes.items():
-        for name, workload in workloads.items():
-            progress(f"{mode}: {name}")
-            results.append(Result(name, f"{mode} (gRPC)", run_genserve(workload)))
-    for system, bind_every_core in VLLM_MODES.items():
-        progress(f"{system}: starting (its log: {log_path})")
-        with vllm_server(python, model_folder, max_num_seqs, bind_every_core, prefix_caching, log_path) as url:
+    for round_index in range(rounds):
+        for mode, run_genserve in genserve_modes.items():
             for name, workload in workloads.items():
-                progress(f"{system}: {name}")
-                results.append(Result(name, f"{system} (HTTP)", run_vllm(url, model_folder, workload)))
+                progress(f"round {round_index + 1}/{rounds}, {mode}: {name}")
+                results.append(Result(name, f"{mode} (gRPC)", run_genserve(workload), round_index))
+        for system, bind_every_core in VLLM_MODES.items():
+            progress(f"round {round_index + 1}/{rounds}, {system}: starting (its log: {log_path})")
+            with vllm_server(python, model_folder, max_num_seqs, bind_every_core, prefix_caching, log_path) as url:
+                for name, workload in workloads.items():
+                    progress(f"round {round_index + 1}/{rounds}, {system}: {name}")
+                    run = run_vllm(url, model_folder, workload)
+                    results.append(Result(name, f"{system} (HTTP)", run, round_index))
     return results
 
 
 def format_comparison(results: list[Result]) -> str:
-    """One row per workload and system, with each genserve mode's throughput over that row's."""
+    """One row per workload and system: its median throughput and time to first token over the rounds, and each
+    genserve mode's throughput over that row's, the median of the rounds' ratios (each ratio within one round)."""
     modes = list(dict.fromkeys(result.system for result in results if result.system.startswith("genserve")))
+    rounds = len({result.round for result in results})
     lines = [
         "genserve over gRPC against vLLM's CPU build over its OpenAI API, same run, same prompts (token ids, greedy, "
-        "eos ignored)",
+        + "eos ignored)"
+        + (f"; medians of {rounds} rounds" if rounds > 1 else ""),
         "| workload | system | generated tokens | seconds | tokens/s | mean time to first token | "
         + " | ".join(f"{mode.removesuffix(' (gRPC)')} / system" for mode in modes)
         + " |",
         "|---|---|---:|---:|---:|---:|" + "---:|" * len(modes),
     ]
-    ours = {(result.workload, result.system): result.run for result in results}
+    runs: dict[tuple[str, str], dict[int, StreamedRun]] = {}
     for result in results:
-        run = result.run
-        ratios = [ours[result.workload, mode].tokens_per_second / run.tokens_per_second for mode in modes]
+        runs.setdefault((result.workload, result.system), {})[result.round] = result.run
+    for (workload, system), by_round in runs.items():
+        ratios = [
+            statistics.median(
+                runs[workload, mode][index].tokens_per_second / run.tokens_per_second for index, run in by_round.items()
+            )
+            for mode in modes
+        ]
         lines.append(
-            f"| {result.workload} | {result.system} | {run.generated_tokens} | {run.seconds:.1f} | "
-            f"{run.tokens_per_second:.1f} | {run.mean_first_token_seconds:.2f} s | "
+            f"| {workload} | {system} | {by_round[min(by_round)].generated_tokens} | "
+            f"{statistics.median(run.seconds for run in by_round.values()):.1f} | "
+            f"{statistics.median(run.tokens_per_second for run in by_round.values()):.1f} | "
+            f"{statistics.median(run.mean_first_token_seconds for run in by_round.values()):.2f} s | "
             + " | ".join(f"{ratio:.2f}x" for ratio in ratios)
             + " |"
         )

@@ -290,6 +290,7 @@ def _vllm_report(loaded, args: argparse.Namespace) -> str:  # noqa: ANN001
         args.enable_prefix_caching and args.kv_cache_memory > 0,
         Path(args.vllm_log),
         progress=lambda message: print(message, file=sys.stderr),
+        rounds=args.vllm_rounds,
     )
     return format_comparison(results)
 
@@ -457,6 +458,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     llama.add_argument(
         "--vllm-log", default="vllm-baseline.log", help="where vLLM's (and served genserve's) log is appended"
+    )
+    llama.add_argument(
+        "--vllm-rounds",
+        type=int,
+        default=1,
+        help="run every system on every workload this many times over, in turn, and report medians (a shared "
+        "host's speed swings between runs; about 9 minutes a round for the default model on 2 cores)",
     )
     llama.add_argument(
         "--tensor-parallel-size",
