@@ -49,7 +49,7 @@ test-tools:
 	@command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm >/dev/null; }
 
 test: $(STAMP) $(CLIENTS_STAMP) test-tools
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=25
 
 # Not in CI: the suite against the newest releases that pyproject.toml's ranges admit, built afresh each time, so
 # that an upstream release is noticed by whoever runs this rather than by CI. The clients' environment is rebuilt

@@ -300,6 +300,8 @@ def test_metrics_count_per_adapter_and_list_running_and_waiting_adapters(adapter
         waiting.adapter = second  # one adapter slot: it waits for the first adapter's rows to end
         queued = server.stub.Generate.future(waiting)
         assert wait_for(lambda: server.engine.num_waiting == 1)
+        # The series reads the snapshot the engine publishes after each step, so it may lag the queue by a step.
+        assert wait_for(lambda: _labelled_samples(server, "genserve_lora_requests_info")[0][0]["waiting_lora_adapters"])
         ((labels, when),) = _labelled_samples(server, "genserve_lora_requests_info")
         assert labels == {"running_lora_adapters": first, "waiting_lora_adapters": second, "max_lora": "1"}
         assert abs(when - time.time()) < 60

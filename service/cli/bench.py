@@ -76,7 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kernels = [k for k in args.decode_linear_kernels.split(",") if k] or ["aten", "onednn"]
         print()
         log = Path(tempfile.gettempdir()) / "genserve-serving-memory.log"  # the servers' logs, for a failed start
-        modes = [(kernel, compiled) for compiled in (False, True)[: 1 + args.compile] for kernel in kernels]
+        modes = [(kernel, compiled) for compiled in ([False, True] if args.compile else [False]) for kernel in kernels]
         print(format_memory([measure(args.model, folder, kernel, pool, log, compiled) for kernel, compiled in modes]))
     if args.long_prompt:
         from genserve.scheduler.benchmarks.long_prompt import format_long_prompt_report, run_long_prompt
