@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
 from genserve.scheduler.engine.loop import Engine
+from genserve.scheduler.model import packed_embeddings
 from genserve.scheduler.model.cpu_linear import (
     FusedProjection,
     FusedProjections,
@@ -20,6 +21,7 @@ from genserve.scheduler.model.cpu_linear import (
     with_linear_kernel,
 )
 from genserve.scheduler.model.loader import LoadedModel
+from genserve.scheduler.model.packed_embeddings import PackedRows
 from tests.architectures import COMMON
 from tests.conftest import StepDriver, hf_generate, tiny_model
 from tests.references import with_plain_reference
@@ -60,14 +62,41 @@ def test_packing_replaces_every_linear_in_place_and_lets_their_plain_weights_go(
     assert _linear_layers(model, PrepackedLinear, FusedProjection) == plain
 
 
-def test_a_head_tied_to_the_embeddings_keeps_sharing_them_with_no_packed_copy() -> None:
+@pytest.mark.parametrize("vocab_size", [1000, 1003])  # 1003 rows: the packed layout pads the last block
+def test_a_head_tied_to_the_embeddings_is_packed_once_and_lookups_read_its_rows(vocab_size: int) -> None:
+    config = LlamaConfig(**{**COMMON, "vocab_size": vocab_size}, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    plain_embeddings = model.get_input_embeddings().weight.detach().clone()
+    hidden, input_ids = torch.randn(5, COMMON["hidden_size"]), torch.randint(0, vocab_size, (3, 11))
+    with torch.inference_mode():
+        expected_logits, expected_rows = model.lm_head(hidden), model.get_input_embeddings()(input_ids)
+    prepack_in_place(model, batch_hint=4)
+    lookup = model.get_input_embeddings()
+    assert isinstance(model.lm_head, PrepackedLinear) and isinstance(lookup, PackedRows)
+    assert lookup.packed is model.lm_head.packed_weight  # one copy of the matrix, packed
+    assert not [name for name, _ in model.named_parameters() if "embed" in name or "lm_head" in name]
+    assert lookup.weight.is_meta and lookup.weight.shape == (vocab_size, COMMON["hidden_size"])
+    with torch.inference_mode():
+        assert torch.equal(lookup(input_ids), expected_rows)
+        assert torch.equal(lookup(torch.arange(vocab_size)), plain_embeddings)  # every row, bit for bit
+        torch.testing.assert_close(model.lm_head(hidden), expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_whose_packed_rows_do_not_read_back_stays_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
     model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
     hidden = torch.randn(5, COMMON["hidden_size"])
     with torch.inference_mode():
         expected = model.lm_head(hidden)
+    learn = packed_embeddings._learn_offsets
+
+    def reversed_rows(*arguments: object) -> tuple[torch.Tensor, torch.Tensor]:
+        row_offsets, column_offsets = learn(*arguments)
+        return row_offsets.flip(0), column_offsets  # a layout read wrongly: the read-back check must refuse it
+
+    monkeypatch.setattr(packed_embeddings, "_learn_offsets", reversed_rows)
     prepack_in_place(model, batch_hint=4)
-    assert model.lm_head.weight is model.get_input_embeddings().weight
     assert isinstance(model.lm_head, SharedWeightLinear) and not list(model.lm_head.buffers())
+    assert model.lm_head.weight is model.get_input_embeddings().weight
     with torch.inference_mode():
         torch.testing.assert_close(model.lm_head(hidden), expected, rtol=1e-5, atol=1e-5)
 

@@ -5,8 +5,9 @@ matrices of decode steps (a few rows against a wide weight) poorly: a 16-row ste
 head takes 2.4x longer than oneDNN on a weight reordered once into its blocked layout (what inductor's
 `freezing` does). The engine packs the model it is given in place (`prepack_in_place`): each nn.Linear becomes a
 layer that multiplies with its prepacked weight, and the plain weight is let go, so that the serving process holds
-one copy of the Linear weights (an output head tied to the input embeddings multiplies with the embeddings as they
-are, unpacked: `SharedWeightLinear`). `generate()` still works on the packed model; a plain reference for
+one copy of the Linear weights (an output head tied to the input embeddings is packed too, and the lookups read
+their rows from the packed weight: packed_embeddings.py; where they cannot, the head multiplies with the
+embeddings as they are: `SharedWeightLinear`). `generate()` still works on the packed model; a plain reference for
 comparing against is a second load of the model (the tests keep one).
 
 Sibling projections that read the same input (q/k/v, gate/up: `SIBLING_PROJECTIONS`) multiply as one wider
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
+
+from genserve.scheduler.model.packed_embeddings import pack_with_rows
 
 # The GEMM as one op that compiled graphs call as it is (a Library op: less dispatch overhead per call than
 # torch.library.custom_op's, which a 16-row decode step pays 121 times).
@@ -101,11 +104,11 @@ class PrepackedLinear(_LinearStandIn):
 
 
 class SharedWeightLinear(_LinearStandIn):
-    """A Linear layer whose weight another module owns too (an output head tied to the input embeddings, which
-    lookups need plain): oneDNN multiplies with that weight as it is. A packed copy would hold the vocabulary's
-    weights twice (108 MiB for SmolLM2) to run the head faster (SmolLM2's head, packed against plain, alternating
-    in one process: 6.9 against 7.5 ms at 1 row, 17.7 against 24.9 at 16, 53 against 58.5 at 64; equal bits at 16
-    and 64 rows)."""
+    """A Linear layer whose weight another module owns too, where that module cannot read a packed weight
+    (packed_embeddings.py reads a plain nn.Embedding's rows from one): oneDNN multiplies with that weight as it
+    is. A packed copy would hold the weights twice (108 MiB for SmolLM2's head) to run faster (SmolLM2's head,
+    packed against plain, alternating in one process: 6.9 against 7.5 ms at 1 row, 17.7 against 24.9 at 16, 53
+    against 58.5 at 64; equal bits at 16 and 64 rows)."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return onednn_linear(inputs, self.weight.detach(), self.bias)
@@ -198,9 +201,29 @@ class FusedProjection(_LinearStandIn):
         return self.group.output(self.index, inputs)
 
 
+def _pack_tied_head(model: torch.nn.Module, batch_hint: int) -> None:
+    """An output head tied to plain nn.Embedding input embeddings: packed, and the lookups read the packed copy
+    (packed_embeddings.py), so that the head's GEMM runs packed without a second copy of the matrix."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    plain = type(head) is torch.nn.Linear and type(embedding) is torch.nn.Embedding and embedding.max_norm is None
+    if not plain or head.weight is not embedding.weight:
+        return
+    packed_head = PrepackedLinear(head, batch_hint, shared_weights=set())
+    lookup = pack_with_rows(embedding, packed_head.packed_weight, batch_hint)
+    if lookup is None:
+        return
+    replacements = {id(head): packed_head, id(embedding): lookup}
+    for module in list(model.modules()):
+        module._modules.update(
+            (name, replacements[id(child)]) for name, child in module._modules.items() if id(child) in replacements
+        )
+
+
 def prepack_in_place(model: torch.nn.Module, batch_hint: int) -> None:
     """Replace `model`'s nn.Linear layers with PrepackedLinear, or FusedProjection where siblings of
-    SIBLING_PROJECTIONS share an input; their plain weights are let go unless another module holds them too."""
+    SIBLING_PROJECTIONS share an input; their plain weights are let go unless another module holds them too (an
+    output head tied to the input embeddings is packed where the lookups can read it packed: _pack_tied_head)."""
+    _pack_tied_head(model, batch_hint)
     shared_weights = {
         id(parameter)
         for module in model.modules()
