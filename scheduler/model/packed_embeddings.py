@@ -34,12 +34,11 @@ def _learn_offsets(shape: torch.Size, batch_hint: int) -> tuple[torch.Tensor, to
     two probes hold each element's row + 1 and column + 1 (padding stays 0)."""
     num_rows, num_columns = shape
 
-    def packed_indices(values: torch.Tensor, expanded: tuple[int, int]) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(values.expand(expanded).contiguous(), batch_hint)
+    def packed_indices(values: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(values.expand(num_rows, num_columns).contiguous(), batch_hint)
 
-    one_based = {"dtype": torch.float32}
-    rows = packed_indices(torch.arange(1, num_rows + 1, **one_based).unsqueeze(1), (num_rows, num_columns))
-    columns = packed_indices(torch.arange(1, num_columns + 1, **one_based), (num_rows, num_columns))
+    rows = packed_indices(torch.arange(1, num_rows + 1, dtype=torch.float32).unsqueeze(1))
+    columns = packed_indices(torch.arange(1, num_columns + 1, dtype=torch.float32))
     row_of, column_of = _memory_of(rows), _memory_of(columns)
     column_starts = torch.nonzero(column_of == 1).squeeze(1)  # where each row's first element lies
     row_starts = torch.nonzero(row_of == 1).squeeze(1)  # where row 0's elements lie

@@ -115,15 +115,16 @@ def compare(
     (a third within minutes on this project's) fall on every system alike."""
     results = []
     for round_index in range(rounds):
+        this_round = f"round {round_index + 1}/{rounds}"
         for mode, run_genserve in genserve_modes.items():
             for name, workload in workloads.items():
-                progress(f"round {round_index + 1}/{rounds}, {mode}: {name}")
+                progress(f"{this_round}, {mode}: {name}")
                 results.append(Result(name, f"{mode} (gRPC)", run_genserve(workload), round_index))
         for system, bind_every_core in VLLM_MODES.items():
-            progress(f"round {round_index + 1}/{rounds}, {system}: starting (its log: {log_path})")
+            progress(f"{this_round}, {system}: starting (its log: {log_path})")
             with vllm_server(python, model_folder, max_num_seqs, bind_every_core, prefix_caching, log_path) as url:
                 for name, workload in workloads.items():
-                    progress(f"round {round_index + 1}/{rounds}, {system}: {name}")
+                    progress(f"{this_round}, {system}: {name}")
                     run = run_vllm(url, model_folder, workload)
                     results.append(Result(name, f"{system} (HTTP)", run, round_index))
     return results
@@ -147,6 +148,10 @@ def format_comparison(results: list[Result]) -> str:
     for result in results:
         runs.setdefault((result.workload, result.system), {})[result.round] = result.run
     for (workload, system), by_round in runs.items():
+
+        def median(field: str) -> float:
+            return statistics.median(getattr(run, field) for run in by_round.values())
+
         ratios = [
             statistics.median(
                 runs[workload, mode][index].tokens_per_second / run.tokens_per_second for index, run in by_round.items()
@@ -155,10 +160,7 @@ def format_comparison(results: list[Result]) -> str:
         ]
         lines.append(
             f"| {workload} | {system} | {by_round[min(by_round)].generated_tokens} | "
-            f"{statistics.median(run.seconds for run in by_round.values()):.1f} | "
-            f"{statistics.median(run.tokens_per_second for run in by_round.values()):.1f} | "
-            f"{statistics.median(run.mean_first_token_seconds for run in by_round.values()):.2f} s | "
-            + " | ".join(f"{ratio:.2f}x" for ratio in ratios)
-            + " |"
+            f"{median('seconds'):.1f} | {median('tokens_per_second'):.1f} | "
+            f"{median('mean_first_token_seconds'):.2f} s | " + " | ".join(f"{ratio:.2f}x" for ratio in ratios) + " |"
         )
     return "\n".join(lines)
