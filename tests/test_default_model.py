@@ -141,20 +141,20 @@ def test_a_long_prompt_prefills_in_chunks_while_streams_decode_and_equals_genera
     assert all(rows >= 1 for rows, _ in chunk_steps)  # the streams got tokens while it prefilled
 
 
-def test_a_12000_token_prompt_decodes_beside_short_ones_in_a_1gib_paged_cache(default_model) -> None:
-    """At --max-context 16384 a slot per row holds 16,384 x 46 KB = 755 MB: 1 GiB buys one row. The paged cache
-    serves a 12,010-token prompt next to three chat requests in that budget, all equal to generate() (past the
+def test_a_9000_token_prompt_decodes_beside_short_ones_in_a_768mib_paged_cache(default_model) -> None:
+    """At --max-context 12288 a slot per row holds 12,288 x 46 KB = 566 MB: 768 MiB buys one row. The paged cache
+    serves a 9,000-token prompt next to three chat requests in that budget, all equal to generate() (past the
     model's 8,192 trained positions, where generate() goes as well)."""
     from genserve.scheduler.benchmarks.long_prompt import long_prompt
     from tests.conftest import StepDriver
 
-    driver = StepDriver(default_model, max_running=8, max_context=16384, kv_cache_memory=2**30)
-    prompt = long_prompt(default_model, 12000)
+    driver = StepDriver(default_model, max_running=8, max_context=12288, kv_cache_memory=768 * 2**20)
+    prompt = long_prompt(default_model, 9000)
     streams = {f"s{i}": _chat(default_model, question) for i, question in enumerate(QUESTIONS[:3])}
     schedule = {0: [(name, ids, dict(max_new_tokens=24)) for name, ids in streams.items()]}
     schedule[2] = [("long", prompt, dict(max_new_tokens=16))]
     driver.run(schedule)
-    assert len(prompt) >= 12000 and driver.engine.scheduler.blocks.num_blocks * 16 < 2 * 12000
+    assert len(prompt) >= 9000 and driver.engine.scheduler.blocks.num_blocks * 16 < 2 * 9000
     for name, ids in {**streams, "long": prompt}.items():
         budget = 16 if name == "long" else 24
         assert driver.tokens[name] == hf_generate(
