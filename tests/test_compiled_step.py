@@ -4,16 +4,17 @@ generate() while requests join and leave, and eager wherever it cannot run."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from genserve.scheduler.core.config import EngineConfig
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.cli.flags import engine_config
 from genserve.service.cli.main import build_parser
-from tests.architectures import COMMON
+from tests.architectures import COMMON, SERVED, tiny_config
 from tests.conftest import StepDriver, hf_generate, tiny_model
 from tests.references import with_plain_reference
 
@@ -66,15 +67,31 @@ def test_two_models_of_one_class_each_run_their_own_compiled_graph() -> None:
         assert compiled.ready and compiled.passes > 10
 
 
-def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def _llama_with_eager_attention() -> torch.nn.Module:
     model = tiny_model()
     model.set_attn_implementation("eager")
-    tiny = LoadedModel(model=with_plain_reference(model), tokenizer=None, name="tiny")
+    return model
+
+
+def _bloom() -> torch.nn.Module:
+    case = next(case for case in SERVED if case.model_type == "bloom")
+    return AutoModelForCausalLM.from_config(tiny_config(case)).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [(_llama_with_eager_attention, "eager attention"), (_bloom, "attention interface")],
+    ids=["eager-attention", "own-attention"],
+)
+def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
+    build: Callable[[], torch.nn.Module], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attention the compiled step's op cannot stand in for: eager attention (soft-capping, sinks), or a model
+    whose attention does not run through transformers' attention interface (Bloom's ALiBi)."""
+    tiny = LoadedModel(model=with_plain_reference(build()), tokenizer=None, name="tiny")
     with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
         driver = StepDriver(tiny, max_running=4, decode_mode="compiled")
-    assert "eager attention" in caplog.text and "decoding eagerly" in caplog.text
+    assert reason in caplog.text and "decoding eagerly" in caplog.text
     prompts = _staggered_prompts()[:3]
     _serve_staggered(driver, prompts, new_tokens=12)
     assert driver.engine.runner.compiled_decoder.passes == 0

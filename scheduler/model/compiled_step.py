@@ -111,7 +111,9 @@ class CompiledDecoder:
     def _compile(self, max_rows: int) -> None:
         self.decoder = self.model.get_decoder()
         self.attention = _attention_modules(self.model)
-        self.config = self.attention[0].config
+        self.config = getattr(self.attention[0], "config", None)
+        if self.config is None:  # transformers' attention interface reads the implementation from the config
+            raise ValueError("the model's attention does not run through transformers' attention interface")
         if self.config._attn_implementation != "sdpa":
             raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
         for index, module in enumerate(self.attention):
