@@ -3,6 +3,7 @@ generate() while requests join and leave, and eager wherever it cannot run."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -78,16 +79,30 @@ def _bloom() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(tiny_config(case)).eval()
 
 
+def _llama_with_a_layer_past_the_interface() -> torch.nn.Module:
+    """One layer on a config of its own keeps calling SDPA itself when the step swaps the implementation in the
+    shared config: its keys are then the new token's alone, while its mask spans the cached positions."""
+    model = tiny_model()
+    attention = model.model.layers[1].self_attn
+    attention.config = copy.copy(attention.config)
+    return model
+
+
 @pytest.mark.parametrize(
     ("build", "reason"),
-    [(_llama_with_eager_attention, "eager attention"), (_bloom, "attention interface")],
-    ids=["eager-attention", "own-attention"],
+    [
+        (_llama_with_eager_attention, "eager attention"),
+        (_bloom, "attention interface"),
+        (_llama_with_a_layer_past_the_interface, "compiling the decode step failed"),
+    ],
+    ids=["eager-attention", "own-attention", "a-layer-past-the-interface"],
 )
 def test_a_model_the_compiled_step_cannot_take_decodes_eagerly_with_a_log_line(
     build: Callable[[], torch.nn.Module], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Attention the compiled step's op cannot stand in for: eager attention (soft-capping, sinks), or a model
-    whose attention does not run through transformers' attention interface (Bloom's ALiBi)."""
+    """Attention the compiled step's op cannot stand in for: eager attention (soft-capping, sinks), a model whose
+    attention does not run through transformers' attention interface (Bloom's ALiBi), or one layer that goes
+    past it (which fails the start-up trace)."""
     tiny = LoadedModel(model=with_plain_reference(build()), tokenizer=None, name="tiny")
     with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
         driver = StepDriver(tiny, max_running=4, decode_mode="compiled")
