@@ -7,7 +7,9 @@ stay opaque to the compiler, called as they are from the compiled graph:
 - the GEMMs (`genserve::onednn_linear`, cpu_linear.py), already the fastest kernels there are for them;
 - attention with its KV cache (`genserve::cached_attention`): the cache decides per pass which rows it reads in
   place and which it gathers; traced, those decisions would become guards that recompile the graph as rows come
-  and go. Inside the op the pass writes and reads the cache, and calls HF's SDPA attention, as an eager pass does.
+  and go. Inside the op the pass writes and reads the cache and calls SDPA as transformers' SDPA attention does
+  in an eager pass; for a decode query it makes that call itself (`one_query_attention`: the same call, bit for
+  bit, without transformers' Python around it and with the boolean mask made additive once per pass, not per layer).
 
 Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-row and a two-row
 pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready; inductor's
@@ -23,6 +25,7 @@ and attention are the same calls as in eager mode. The default, eager, decode is
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import torch
@@ -38,18 +41,30 @@ ATTENTION_NAME = "genserve_compiled"  # the attention implementation compiled pa
 
 _LIBRARY = torch.library.Library("genserve", "FRAGMENT")
 _LIBRARY.define(
-    "cached_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, Tensor layer, float? scaling) -> Tensor"
+    "cached_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int layer, float? scaling) -> Tensor"
 )
 
 
 class _ActivePass(threading.local):
-    """The cache and attention modules of the compiled pass this thread runs (engines may share a process)."""
+    """The cache and attention modules of the compiled pass this thread runs (engines may share a process), and
+    its attention mask as SDPA's CPU kernel takes it (`_additive`)."""
 
     cache: SlotKVCache | None = None
     attention: list[torch.nn.Module] = []
+    mask: torch.Tensor | None = None
+    additive_mask: torch.Tensor | None = None
 
 
 _active = _ActivePass()
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0 where attended and -inf where not: what SDPA's CPU kernel turns a boolean mask into on
+    every call (the same attention, bit for bit), made once per pass here rather than once per layer."""
+    if mask is not _active.mask:  # a pass hands every layer the same mask (one per layer type)
+        _active.mask = mask
+        _active.additive_mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+    return _active.additive_mask
 
 
 def _cached_attention(
@@ -57,12 +72,27 @@ def _cached_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    layer: torch.Tensor,
+    layer: int,
     scaling: float | None,
 ) -> torch.Tensor:
-    index = int(layer)
-    keys, values = _active.cache.write_and_read(key, value, index)
-    return sdpa_attention_forward(_active.attention[index], query, keys, values, mask, scaling=scaling)[0]
+    keys, values = _active.cache.write_and_read(key, value, layer)
+    if query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1:
+        return one_query_attention(query, keys, values, mask, scaling)
+    return sdpa_attention_forward(_active.attention[layer], query, keys, values, mask, scaling=scaling)[0]
+
+
+def one_query_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """A decode pass's attention (one query per row, a boolean mask shared by the heads) as transformers' SDPA
+    attention computes it, bit for bit, without its Python around the call: the query heads that share a key head
+    packed into the query axis, SDPA, and the output as [rows, 1, heads, head_dim]."""
+    rows, heads, _, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    packed = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+    attn_mask = _additive(mask, query.dtype)
+    output = torch.nn.functional.scaled_dot_product_attention(packed, keys, values, attn_mask=attn_mask, scale=scaling)
+    return output.reshape(rows, heads, 1, head_dim).transpose(1, 2).contiguous()
 
 
 def _cached_attention_shape(query: torch.Tensor, *others: object) -> torch.Tensor:
@@ -85,7 +115,7 @@ def _attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """HF's attention-interface signature, for the compiled passes: the layer's new keys and values go to the op."""
-    output = torch.ops.genserve.cached_attention(query, key, value, attention_mask, module.genserve_layer, scaling)
+    output = torch.ops.genserve.cached_attention(query, key, value, attention_mask, module.layer_idx, scaling)
     return output, None
 
 
@@ -116,8 +146,6 @@ class CompiledDecoder:
             raise ValueError("the model's attention does not run through transformers' attention interface")
         if self.config._attn_implementation != "sdpa":
             raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
-        for index, module in enumerate(self.attention):
-            module.register_buffer("genserve_layer", torch.tensor(index), persistent=False)
         options = {"guard_filter_fn": _guards_to_keep}
         self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options)
         with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
@@ -162,7 +190,7 @@ class CompiledDecoder:
                 self.decoder.forward = own_forward
             self.cache.writes_in_attention = False
             self.config._attn_implementation = attention
-            _active.cache = None
+            _active.cache = _active.mask = _active.additive_mask = None
 
 
 def _guards_to_keep(entries: list) -> list[bool]:
