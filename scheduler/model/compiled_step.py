@@ -61,7 +61,9 @@ _active = _ActivePass()
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as 0 where attended and -inf where not: what SDPA's CPU kernel turns a boolean mask into on
     every call (the same attention, bit for bit), made once per pass here rather than once per layer."""
-    if mask is not _active.mask:  # a pass hands every layer the same mask (one per layer type)
+    # A pass hands every layer the same mask; a model whose layer types alternate (sliding and full) has one
+    # per type, and then each layer makes its own anew: correct, no cheaper.
+    if mask is not _active.mask:
         _active.mask = mask
         _active.additive_mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
     return _active.additive_mask
