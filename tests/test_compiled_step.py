@@ -140,18 +140,65 @@ def test_a_failing_compiled_pass_falls_back_to_eager_for_good_and_loses_no_token
     traced = compiled.compiled
     calls = []
 
-    def fails_on_the_fifth_pass(*args: object, **kwargs: object) -> object:
+    def fails_on_the_fourth_pass(*args: object, **kwargs: object) -> object:
         calls.append(1)
-        if len(calls) == 5:  # what a pass that would compile again raises under the fail_on_recompile stance
+        if len(calls) == 4:  # what a pass that would compile again raises under the fail_on_recompile stance
             raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
         return traced(*args, **kwargs)
 
-    compiled.compiled = fails_on_the_fifth_pass
+    compiled.compiled = fails_on_the_fourth_pass
     prompts = _staggered_prompts()[:3]
     with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
-        _serve_staggered(driver, prompts, new_tokens=16)
+        _serve_staggered(driver, prompts, new_tokens=16)  # the third request's prompt rides in the failing pass
     assert "would compile again or failed" in caplog.text
-    assert not compiled.ready and compiled.passes == 4 and len(calls) == 5
+    assert not compiled.ready and compiled.passes == 3 and len(calls) == 4
+    assert compiled.riders == 1  # the second request's prompt rode; the third's was prefilled eagerly instead
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [  # paged: the long prompt's first chunk stops at the token budget; slot: it waits for the next step's
+        dict(kv_cache_memory=PAGED_MEMORY, prefix_caching=True, max_num_batched_tokens=40),
+        dict(kv_cache_memory=0.0, max_num_batched_tokens=200),
+    ],
+    ids=["paged-prefix-cached", "slot-cache"],
+)
+def test_prompts_ride_in_the_compiled_decode_pass_and_equal_generate(cache: dict) -> None:
+    """While a request decodes, new requests arrive together: tails after a cached system prompt (paged), a fresh
+    prompt, a repeat of another's prompt and a prompt too long for the step's token budget. One forward decodes
+    the running row and computes every prompt chunk but the repeat's (it takes its twin's KV); the long prompt's
+    later chunk rides in a later pass; every output equals generate() on its request alone."""
+    tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
+    driver = StepDriver(tiny, max_running=8, decode_mode="compiled", **cache)
+    runner = driver.engine.runner
+    system = list(range(100, 148))
+    driver.submit("first", system + [3], max_new_tokens=30, ignore_eos=True)
+    driver.engine.step()  # prefilled alone (nothing decodes yet); paged, the system prompt's blocks are cached
+    prompts = {
+        "tail-a": system + [5, 6, 7, 8],
+        "tail-b": system + [9] * 7,
+        "fresh": list(range(3, 14)),
+        "repeat": system + [5, 6, 7, 8],
+        "long": system + list(range(20, 60)),
+    }
+    for name, prompt in prompts.items():
+        driver.submit(name, prompt, max_new_tokens=12)
+    planned = []  # every prompt chunk, each while "first" decodes
+    execute = runner.execute
+    runner.execute = lambda plan: planned.extend(plan.prefills) or execute(plan)
+    forwards = []
+    hook = runner.model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    driver.engine.step()
+    hook.remove()
+    assert len(forwards) == 1 and runner.compiled_decoder.riders == len(planned) - 1 >= 3
+    driver.run()
+    assert not driver.errors and runner.compiled_decoder.ready
+    assert runner.compiled_decoder.riders == len(planned) - 1  # all but the repeat, the long prompt's last too
+    params = driver.engine.make_parameters(max_new_tokens=30, ignore_eos=True)
+    assert driver.tokens["first"] == hf_generate(tiny.model, system + [3], params)
+    for name, prompt in prompts.items():
+        expected = hf_generate(tiny.model, prompt, driver.engine.make_parameters(max_new_tokens=12))
+        assert driver.tokens[name] == expected, name
 
 
 def test_compile_flag_and_what_it_refuses() -> None:

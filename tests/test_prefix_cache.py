@@ -115,7 +115,8 @@ def test_requests_continuing_a_cached_prefix_are_computed_in_one_forward(tiny, b
         driver.submit(f"c{i}", SYSTEM + tail, **overrides[i])
     driver.engine.step()
     hook.remove()
-    assert len(forwards) == 2  # the first request's decode, and every tail
+    # The first request's decode, and every tail; the compiled step computes the tails in its decode pass.
+    assert len(forwards) == (1 if driver.engine.runner.compiled_decoder is not None else 2)
     assert len(driver.engine.scheduler.running) == 6  # the long one still prefills
     driver.run()
     assert driver.engine.runner.counters().prefix_hits == 6 * len(SYSTEM)

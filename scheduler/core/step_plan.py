@@ -40,6 +40,10 @@ class PrefillChunk:
         return self.end - self.start
 
     @property
+    def tokens(self) -> list[int]:
+        return (self.seq.prompt_ids + self.seq.generated_ids)[self.start : self.end]
+
+    @property
     def completes(self) -> bool:
         """The last chunk: the request decodes from the next step on, and gets its next token now."""
         return self.end == self.seq.num_tokens

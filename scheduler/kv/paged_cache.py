@@ -24,7 +24,7 @@ import torch
 
 from genserve.scheduler.core.kv_blocks import BLOCK_SIZE
 from genserve.scheduler.kv.attention_masks import AttentionLayout
-from genserve.scheduler.kv.slot_cache import SlotKVCache
+from genserve.scheduler.kv.slot_cache import PassPlan, SlotKVCache
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,6 @@ class PagedKVCache(SlotKVCache):
         self.always_gather = False  # set for captured (CUDA graph) passes, which cannot choose their reads
         self._away: set[int] = set()  # slots holding a block outside their home
         self._gathered: list[torch.Tensor | None] = [None, None]  # see _gather_buffer
-        self._writes: torch.Tensor | None = None  # this pass's write positions in the flattened pool
-        self._reads: torch.Tensor | None = None  # the blocks this pass reads, [rows, blocks] (None: nothing)
-        self._view_rows: slice | None = None  # the rows whose homes this pass reads in place
 
     @classmethod
     def for_model(  # type: ignore[override]
@@ -129,52 +126,53 @@ class PagedKVCache(SlotKVCache):
         blocks = self.block_table[rows, torch.div(positions, self.block_size, rounding_mode="floor")]
         return blocks * self.block_size + positions % self.block_size
 
-    def _plan_reads(self, first_row: int, num_rows: int, length: int) -> None:
-        """Read rows first_row.. in place when they all lie in their homes, else gather their blocks."""
+    def _plan_reads(self, part: PassPlan, length: int) -> None:
+        """Read the pass's rows in place when they all lie in their homes, else gather their blocks."""
+        first_row, num_rows = part.first_row, part.num_rows
         at_home = not self.always_gather and not any(first_row <= row < first_row + num_rows for row in self._away)
         if at_home and length <= self.home_blocks * self.block_size:
-            self._view_rows, self._reads = slice(first_row, first_row + num_rows), None
+            part.view_rows = slice(first_row, first_row + num_rows)
         else:
             read_blocks = -(-length // self.block_size)
-            self._view_rows = None
-            self._reads = self.block_table[first_row : first_row + num_rows, :read_blocks]
+            part.reads = self.block_table[first_row : first_row + num_rows, :read_blocks]
+
+    def _plan_writes(self, part: PassPlan, positions: torch.Tensor) -> None:
+        rows = torch.arange(part.first_row, part.first_row + part.num_rows, device=self.device).unsqueeze(1)
+        part.writes = self._pool_positions(rows, positions).flatten()
 
     def begin_prefill(self, first_row: int, num_rows: int, num_queries: int, offset: int = 0) -> None:
         super().begin_prefill(first_row, num_rows, num_queries, offset)
-        rows = torch.arange(first_row, first_row + num_rows, device=self.device).unsqueeze(1)
         positions = torch.arange(offset, offset + num_queries, device=self.device).expand(num_rows, num_queries)
-        self._writes = self._pool_positions(rows, positions).flatten()
-        if offset:
-            self._plan_reads(first_row, num_rows, offset + num_queries)
-        else:  # new rows: attention reads what it just computed
-            self._view_rows = self._reads = None
+        self._plan_writes(self._pass, positions)
+        if offset:  # new rows (no offset) read only what the pass just computed
+            self._plan_reads(self._pass, offset + num_queries)
 
-    def begin_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> None:
-        super().begin_decode(positions, read_length, first_row)
-        num_rows = positions.shape[0]
-        rows = torch.arange(first_row, first_row + num_rows, device=self.device).unsqueeze(1)
-        self._writes = self._pool_positions(rows, positions).flatten()
-        self._plan_reads(first_row, num_rows, read_length)
+    def plan_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> PassPlan:
+        part = super().plan_decode(positions, read_length, first_row)
+        self._plan_writes(part, positions)
+        self._plan_reads(part, read_length)
+        return part
 
     def write_and_read(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, part: PassPlan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this pass's keys/values into their blocks; return what attention reads: the new ones alone for
-        new rows, else every position each row reads, [rows, heads, length, head_dim]."""
-        current = self._current()
+        """Write this pass's (or this planned `part`'s) keys/values into their blocks; return what attention
+        reads: the new ones alone for new rows, else every position each row reads, [rows, heads, length,
+        head_dim]."""
+        current = part or self._current()
         read = []
         for side, (pool, states) in enumerate(
             ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states))
         ):
             rows, heads, queries, head_dim = states.shape
             flat = pool.view(heads, -1, head_dim)
-            flat.index_copy_(1, self._writes, states.transpose(0, 1).reshape(heads, -1, head_dim))
+            flat.index_copy_(1, current.writes, states.transpose(0, 1).reshape(heads, -1, head_dim))
             length = current.offset + queries if current.is_prefill else current.read_length
-            if self._view_rows is not None:
+            if current.view_rows is not None:
                 homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
-                read.append(homes[:, self._view_rows, :length].transpose(0, 1))
-            elif self._reads is not None:
-                blocks = self._reads.flatten()
+                read.append(homes[:, current.view_rows, :length].transpose(0, 1))
+            elif current.reads is not None:
+                blocks = current.reads.flatten()
                 gathered = self._gather_buffer(side, (heads, blocks.numel(), *pool.shape[2:]), pool.dtype)
                 torch.index_select(pool, 1, blocks, out=gathered)
                 gathered = gathered.view(heads, rows, -1, head_dim)

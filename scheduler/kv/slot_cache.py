@@ -24,8 +24,9 @@ from genserve.scheduler.kv.attention_masks import AttentionLayout
 
 
 @dataclass
-class _Pass:
-    """Where the current forward pass writes: prefill of rows [first_row, first_row+n), or decode of rows [0, n)."""
+class PassPlan:
+    """Where a forward pass (or a part of one) writes and what it reads: a prefill of rows [first_row,
+    first_row+n), or queries at their own positions of rows first_row.. (decode)."""
 
     is_prefill: bool
     first_row: int
@@ -34,6 +35,10 @@ class _Pass:
     offset: int = 0  # prefill: positions already in the slot (a cached prefix) that attention also reads
     positions: torch.Tensor | None = None  # decode: [rows, queries] write positions
     read_length: int = 0  # decode: how many positions attention reads
+    # The paged cache's plan (paged_cache.py): where the pass writes in the flattened pool, and what it reads.
+    writes: torch.Tensor | None = None
+    reads: torch.Tensor | None = None  # the blocks it gathers, [rows, blocks] (None: nothing, or in place)
+    view_rows: slice | None = None  # the rows whose homes it reads in place
 
 
 class SlotKVCache(Cache):
@@ -60,7 +65,7 @@ class SlotKVCache(Cache):
         # Per layer, allocated by its first update: [max_rows, heads, capacity, head_dim].
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
-        self._pass: _Pass | None = None
+        self._pass: PassPlan | None = None
         self.writes_in_attention = False  # see update()
 
     @classmethod
@@ -122,15 +127,24 @@ class SlotKVCache(Cache):
         self.capacity = new_capacity
 
     def begin_prefill(self, first_row: int, num_rows: int, num_queries: int, offset: int = 0) -> None:
-        self._pass = _Pass(True, first_row, num_rows, num_queries, offset=offset)
+        self._pass = PassPlan(True, first_row, num_rows, num_queries, offset=offset)
 
     def begin_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> None:
         """A pass whose queries stand at `positions` ([rows, queries]) of rows first_row.. (decode steps, and
         prompt chunks that continue what their rows hold)."""
-        num_rows, num_queries = positions.shape
-        self._pass = _Pass(False, first_row, num_rows, num_queries, positions=positions, read_length=read_length)
+        self.begin(self.plan_decode(positions, read_length, first_row))
 
-    def _current(self) -> _Pass:
+    def begin(self, plan: PassPlan) -> None:
+        """Start a pass planned beforehand (plan_decode())."""
+        self._pass = plan
+
+    def plan_decode(self, positions: torch.Tensor, read_length: int, first_row: int = 0) -> PassPlan:
+        """What begin_decode() begins, planned on its own: a compiled pass runs several such parts at once
+        (compiled_step.py), each written and read through write_and_read(..., part)."""
+        num_rows, num_queries = positions.shape
+        return PassPlan(False, first_row, num_rows, num_queries, positions=positions, read_length=read_length)
+
+    def _current(self) -> PassPlan:
         if self._pass is None:
             raise RuntimeError("the slot cache is used outside a pass started by begin_prefill() or begin_decode()")
         return self._pass
@@ -146,10 +160,11 @@ class SlotKVCache(Cache):
         return self.write_and_read(key_states, value_states, layer_idx)
 
     def write_and_read(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, part: PassPlan | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values where the pass writes; return what attention reads."""
-        current = self._current()
+        """Store this layer's new keys/values where the pass (or this planned `part` of it) writes; return what
+        attention reads."""
+        current = part or self._current()
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -328,15 +343,17 @@ def run_model(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     logits_to_keep: int | torch.Tensor = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One forward of a HF causal LM over the slot cache, in the pass begun on it: logits of the last
     `logits_to_keep` positions (0: all), through the model's own head, so logit scales and soft-capping apply
     exactly as in `generate()`. A prefill of new rows leaves the mask to HF (causal, or sliding, as `generate()`
-    builds it)."""
+    builds it); `mask`, where given, stands in for the pass's own (a compiled pass's attention masks itself)."""
     current = cache._current()
     fresh_rows = current.is_prefill and not current.offset
     read_length = current.offset + input_ids.shape[1] if current.is_prefill else current.read_length
-    mask = None if fresh_rows else cache.layout.masks(position_ids, read_length)
+    if mask is None and not fresh_rows:
+        mask = cache.layout.masks(position_ids, read_length)
     output = model(
         input_ids=input_ids,
         position_ids=position_ids,

@@ -11,15 +11,25 @@ stay opaque to the compiler, called as they are from the compiled graph:
   in an eager pass; for a decode query it makes that call itself (`one_query_attention`: the same call, bit for
   bit, without transformers' Python around it and with the boolean mask made additive once per pass, not per layer).
 
-Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-row and a two-row
-pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready; inductor's
-cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a restart quicker. After that, compilation never happens on a
-serving step: a pass that would compile again, or any failure, runs eagerly, and so does every pass after it,
-with a log line saying so. Prefill and speculative passes stay eager (their GEMMs dominate them).
+Flat passes, as vLLM packs a step: every query of a pass stands in one sequence ([1, queries]), the decoding
+rows' tokens first, then the prompt chunks that ride along (`Rider`: a new request's prompt after its cached
+prefix, a fresh prompt, a long prompt's next chunk). A step that admits requests then reads the weights once, not
+once for its decode pass and again for its prompts, and pads nothing. The op splits the queries into parts: the
+decoding rows attend one query each; each rider writes its slot and attends to what its slot holds and to
+itself, causally, with the mask the eager pass would give it.
+
+Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-query and a
+two-query pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready;
+inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a restart quicker. After that, compilation never happens
+on a serving step: a pass that would compile again, or any failure, runs eagerly, and so does every pass after
+it, with a log line saying so (its riders are then prefilled eagerly, as without the compiled step). Steps
+without decoding rows, prompts of requests with a guidance companion and speculative passes stay eager.
 
 Numerics: the fused loops reduce in another order than eager torch does (RMSNorm's mean of squares), so hidden
 states differ from `generate()`'s in the last bits (about 1e-6 in fp32) and a greedy near-tie can flip. The GEMMs
-and attention are the same calls as in eager mode. The default, eager, decode is the exact path (README).
+and attention are the same calls as in eager mode; a riding prompt's rows go through GEMMs of another shape than
+its eager prefill's (with the decoding rows), whose blocking may sum in another order too. The default, eager,
+decode is the exact path (README).
 """
 
 from __future__ import annotations
@@ -27,30 +37,52 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
+from genserve.scheduler.kv.slot_cache import PassPlan, SlotKVCache, run_model
 from genserve.scheduler.model.out_of_memory import is_out_of_memory
 
 log = logging.getLogger(__name__)
 ATTENTION_NAME = "genserve_compiled"  # the attention implementation compiled passes run, in HF's registry
 
 _LIBRARY = torch.library.Library("genserve", "FRAGMENT")
-_LIBRARY.define(
-    "cached_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, int layer, float? scaling) -> Tensor"
-)
+_LIBRARY.define("cached_attention(Tensor query, Tensor key, Tensor value, int layer, float? scaling) -> Tensor")
+
+
+@dataclass(frozen=True)
+class Rider:
+    """A prompt chunk that rides in a compiled decode pass: `tokens` of the request in `slot`, from position `start`
+    on, after what its slot already holds (a cached prefix, or earlier chunks)."""
+
+    slot: int
+    tokens: list[int]
+    start: int
+    completes: bool  # its last token is the prompt's: the pass returns the logits after it
+
+
+@dataclass
+class _Part:
+    """A part of a flat pass: `rows` rows of equally many queries each, at `queries` of the pass, written and read
+    in the cache as `plan` says, masked by `masks` (one, or one per layer type)."""
+
+    queries: slice
+    rows: int
+    plan: PassPlan
+    masks: torch.Tensor | dict[str, torch.Tensor]
 
 
 class _ActivePass(threading.local):
-    """The cache and attention modules of the compiled pass this thread runs (engines may share a process), and
-    its attention mask as SDPA's CPU kernel takes it (`_additive`)."""
+    """The compiled pass this thread runs (engines may share a process): its cache, attention modules and parts,
+    and the decode part's mask as SDPA's CPU kernel takes it (`_additive`)."""
 
     cache: SlotKVCache | None = None
     attention: list[torch.nn.Module] = []
+    parts: list[_Part] = []
     mask: torch.Tensor | None = None
     additive_mask: torch.Tensor | None = None
 
@@ -70,17 +102,30 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _cached_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    layer: int,
-    scaling: float | None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float | None
 ) -> torch.Tensor:
-    keys, values = _active.cache.write_and_read(key, value, layer)
-    if query.shape[2] == 1 and mask is not None and mask.dtype == torch.bool and mask.shape[1] == 1:
-        return one_query_attention(query, keys, values, mask, scaling)
-    return sdpa_attention_forward(_active.attention[layer], query, keys, values, mask, scaling=scaling)[0]
+    """Attention of a flat pass ([1, heads, queries, head_dim] each): every part writes its keys and values into
+    its rows and attends over what its rows hold, with its own mask."""
+    cache = _active.cache
+    heads, value_dim = query.shape[1], value.shape[3]
+    output = query.new_empty(query.shape[2], heads, value_dim)
+    layer_type = cache.layout.layer_types[layer]
+    for part in _active.parts:
+        keys, values = cache.write_and_read(_by_row(key, part), _by_row(value, part), layer, part.plan)
+        queries = _by_row(query, part)
+        mask = part.masks if isinstance(part.masks, torch.Tensor) else part.masks[layer_type]
+        if queries.shape[2] == 1 and mask.dtype == torch.bool and mask.shape[1] == 1:
+            attended = one_query_attention(queries, keys, values, mask, scaling)
+        else:
+            attended = sdpa_attention_forward(_active.attention[layer], queries, keys, values, mask, scaling=scaling)[0]
+        output[part.queries] = attended.reshape(-1, heads, value_dim)
+    return output.unsqueeze(0)
+
+
+def _by_row(states: torch.Tensor, part: _Part) -> torch.Tensor:
+    """A part's share of a flat pass's states [1, heads, queries, head_dim], as [rows, heads, queries, head_dim]."""
+    heads, head_dim = states.shape[1], states.shape[3]
+    return states[0, :, part.queries].view(heads, part.rows, -1, head_dim).transpose(0, 1)
 
 
 def one_query_attention(
@@ -94,12 +139,14 @@ def one_query_attention(
     packed = query.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     attn_mask = _additive(mask, query.dtype)
     output = torch.nn.functional.scaled_dot_product_attention(packed, keys, values, attn_mask=attn_mask, scale=scaling)
-    return output.reshape(rows, heads, 1, head_dim).transpose(1, 2).contiguous()
+    return output.reshape(rows, heads, 1, -1).transpose(1, 2).contiguous()
 
 
-def _cached_attention_shape(query: torch.Tensor, *others: object) -> torch.Tensor:
-    rows, heads, queries, head_dim = query.shape
-    return query.new_empty((rows, queries, heads, head_dim))  # HF attention's output layout
+def _cached_attention_shape(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *others: object
+) -> torch.Tensor:
+    rows, heads, queries, _ = query.shape
+    return query.new_empty((rows, queries, heads, value.shape[3]))  # HF attention's output layout
 
 
 _LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd")
@@ -116,8 +163,9 @@ def _attention(
     scaling: float | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """HF's attention-interface signature, for the compiled passes: the layer's new keys and values go to the op."""
-    output = torch.ops.genserve.cached_attention(query, key, value, attention_mask, module.layer_idx, scaling)
+    """HF's attention-interface signature, for the compiled passes: the layer's new keys and values go to the op,
+    which masks each part of the pass itself (`attention_mask` is the pass's placeholder)."""
+    output = torch.ops.genserve.cached_attention(query, key, value, module.layer_idx, scaling)
     return output, None
 
 
@@ -132,13 +180,14 @@ class CompiledDecoder:
         self.cache = cache
         self.ready = False
         self.passes = 0  # decode passes served by the compiled graph
+        self.riders = 0  # prompt chunks computed in them
         try:
             self._compile(max_rows)
         except Exception as error:  # noqa: BLE001 - a model the compiler cannot take: serve it eagerly
             log.warning("--compile: compiling the decode step failed (%s); decoding eagerly", error)
             return
         self.ready = True
-        log.info("--compile: decode step compiled (rows 1 and 2+, dynamic shapes)")
+        log.info("--compile: decode step compiled (flat passes of 1 and 2+ queries, dynamic shapes)")
 
     def _compile(self, max_rows: int) -> None:
         self.decoder = self.model.get_decoder()
@@ -148,51 +197,92 @@ class CompiledDecoder:
             raise ValueError("the model's attention does not run through transformers' attention interface")
         if self.config._attn_implementation != "sdpa":
             raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
+        if self.cache.layout.padding_mask_only:
+            raise ValueError("the model takes a 2D padding mask (ALiBi), which the compiled step's attention cannot")
         options = {"guard_filter_fn": _guards_to_keep}
         self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options)
+        # The graph's attention mask: a placeholder, which ends HF's mask building (the op masks each part itself).
+        # It spans no key, so that a layer calling attention past the op fails the trace rather than attend wrongly.
+        self.placeholder_mask = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.cache.device)
         with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
             for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
                 tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
                 # Free slots at start-up: what these passes write lands where no request's KV lives yet.
-                self._pass(tokens, torch.ones_like(tokens), 2)
+                self._pass(tokens, torch.ones_like(tokens), 2, [])
 
     @torch.inference_mode()
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor | None:
-        """Next-token logits [rows, 1, vocab] after each row's token at its position; None where this pass must
-        run eagerly (compilation failed, or this pass would compile again)."""
+    def logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int, riders: list[Rider]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Next-token logits [rows, 1, vocab] after each row's token at its position, and [riders that complete,
+        vocab] after each of those riders' last token; None where this pass must run eagerly (compilation failed,
+        or this pass would compile again)."""
         if not self.ready:
             return None
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                logits = self._pass(tokens, positions, read_length)
+                logits = self._pass(tokens, positions, read_length, riders)
             self.passes += 1
-            return logits
+            self.riders += len(riders)
         except Exception as error:
             if is_out_of_memory(error):
                 raise
             self.ready = False
             log.warning("--compile: a decode pass would compile again or failed (%s); decoding eagerly", error)
             return None
+        rows = tokens.shape[0]
+        return logits[:rows].unsqueeze(1), logits[rows:]
 
-    def _pass(self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int) -> torch.Tensor:
-        """One decode pass with the compiled decoder standing in for the model's own (HF's causal-LM forward
-        calls it, then its head as usual)."""
-        _active.cache, _active.attention = self.cache, self.attention
+    def _pass(
+        self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int, riders: list[Rider]
+    ) -> torch.Tensor:
+        """One flat pass (every query in one sequence, [1, queries]): the decoding rows' tokens, then each rider's,
+        with the compiled decoder standing in for the model's own (HF's causal-LM forward calls it, then its head
+        as usual). The logits after each decoding row's token and each completing rider's last one."""
+        cache, device = self.cache, self.cache.device
+        cache.ensure_capacity(read_length)
+        rows = tokens.shape[0]
+        decode = cache.plan_decode(positions, read_length)
+        parts = [_Part(slice(0, rows), rows, decode, cache.layout.masks(positions, read_length))]
+        flat_tokens, flat_positions, kept = [tokens.view(-1)], [positions.view(-1)], list(range(rows))
+        first = rows
+        for rider in riders:
+            end = rider.start + len(rider.tokens)
+            cache.ensure_capacity(end + 1)
+            at = torch.arange(rider.start, end, device=device).unsqueeze(0)
+            queries = slice(first, first + len(rider.tokens))
+            parts.append(_Part(queries, 1, cache.plan_decode(at, end, rider.slot), cache.layout.masks(at, end)))
+            flat_tokens.append(torch.tensor(rider.tokens, device=device))
+            flat_positions.append(at[0])
+            first = queries.stop
+            if rider.completes:
+                kept.append(first - 1)
+        _active.cache, _active.attention, _active.parts = cache, self.attention, parts
         attention = self.config._attn_implementation
         self.config._attn_implementation = ATTENTION_NAME
-        self.cache.writes_in_attention = True
+        cache.writes_in_attention = True
         own_forward = self.decoder.__dict__.get("forward")  # one installed on the instance (a test's wrapper) stays
         self.decoder.forward = self.compiled
         try:
-            return decode_pass(self.model, self.cache, tokens, positions, read_length)
+            cache.begin(decode)  # what HF asks the cache (sizes, offsets) it answers for the decoding rows
+            logits = run_model(
+                self.model,
+                cache,
+                torch.cat(flat_tokens).unsqueeze(0),
+                torch.cat(flat_positions).unsqueeze(0),
+                logits_to_keep=torch.tensor(kept, device=device) if riders else 0,
+                mask=self.placeholder_mask,
+            )
+            return logits[0]
         finally:
             if own_forward is None:
                 del self.decoder.forward
             else:
                 self.decoder.forward = own_forward
-            self.cache.writes_in_attention = False
+            cache.writes_in_attention = False
             self.config._attn_implementation = attention
             _active.cache = _active.mask = _active.additive_mask = None
+            _active.parts = []
 
 
 def _guards_to_keep(entries: list) -> list[bool]:

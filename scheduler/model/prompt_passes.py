@@ -14,9 +14,28 @@ from genserve.scheduler.model.out_of_memory import is_out_of_memory
 
 
 class PromptPasses:
-    def _prefill(self, chunks: tuple[PrefillChunk, ...], errors: dict[str, str]) -> torch.Tensor | None:
-        """Compute the plan's prompt chunks. Requests whose prompt is now complete join the decoding rows, in plan
-        order; returns the logits after each one's last token, in that order.
+    def _board(self, chunks: tuple[PrefillChunk, ...]) -> list[PrefillChunk]:
+        """The plan's prompt chunks that ride in this step's compiled decode pass (compiled_step.py): all but those
+        of requests with a guidance companion and repeats of a prompt another chunk computes this step (which take
+        its KV in _prefill). New requests among them take their slots now."""
+        boarding: list[PrefillChunk] = []
+        prompts: set[TwinKey] = set()
+        for chunk in chunks:
+            key = _twin_key(chunk.seq)
+            if chunk.seq.companion is not None or (chunk.first and key in prompts):
+                continue
+            if chunk.first:
+                prompts.add(key)
+                self._add_prefilling(chunk.seq)
+            boarding.append(chunk)
+        return boarding
+
+    def _prefill(
+        self, chunks: tuple[PrefillChunk, ...], errors: dict[str, str], rode: dict[int, torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """Compute the plan's prompt chunks, but those that rode in the decode pass (`rode`: by id(request), the
+        logits after the last token of those that completed). Requests whose prompt is now complete join the
+        decoding rows, in plan order; returns the logits after each one's last token, in that order.
 
         Whole fresh prompts of similar lengths run together, right-padded in one forward with the plain causal
         kernel: a padded position comes after every real one, so causality hides it, and each real token runs
@@ -26,13 +45,22 @@ class PromptPasses:
         samples: its KV shared) or bring a guidance companion go one by one, each after the positions its slot
         already holds. A failure is attributable: a failed group is retried one by one, and a request whose own
         prefill raises fails alone (out of memory excepted, which the engine handles for the whole batch)."""
-        last_logits: dict[int, torch.Tensor] = {}  # id(request or companion) -> logits after its last token
+        # id(request or companion) -> logits after its last token
+        last_logits = {seq: logits for seq, logits in rode.items() if logits is not None}
         prefilled: dict[TwinKey, tuple[Sequence, torch.Tensor]] = {}
+        rode_prompts: set[TwinKey] = set()  # a repeat of one of these takes its KV
+        for chunk in chunks:
+            if id(chunk.seq) in rode and chunk.first:
+                rode_prompts.add(_twin_key(chunk.seq))
+                if chunk.completes:
+                    prefilled[_twin_key(chunk.seq)] = (chunk.seq, last_logits[id(chunk.seq)])
         whole: dict[TwinKey, PrefillChunk] = {}
         one_by_one: list[PrefillChunk] = []
         for chunk in chunks:
+            if id(chunk.seq) in rode:
+                continue
             key = _twin_key(chunk.seq)
-            alone = chunk.seq.companion is not None or key in whole
+            alone = chunk.seq.companion is not None or key in whole or key in rode_prompts
             if chunk.first and chunk.start == 0 and chunk.completes and not alone:
                 whole[key] = chunk
             else:
@@ -41,7 +69,13 @@ class PromptPasses:
         if not self.cache.layout.padding_mask_only:  # a 2D mask cannot place each row's queries
             for chunk in one_by_one:
                 key = _twin_key(chunk.seq)
-                if chunk.first and chunk.start and chunk.seq.companion is None and key not in whole:
+                if (
+                    chunk.first
+                    and chunk.start
+                    and chunk.seq.companion is None
+                    and key not in whole
+                    and key not in rode_prompts
+                ):
                     continuing.setdefault(key, chunk)  # a repeat stays one by one, to take its twin's KV
         one_by_one = [chunk for chunk in one_by_one if chunk not in continuing.values()]
         for groups, together in (
@@ -112,9 +146,7 @@ class PromptPasses:
         positions = torch.tensor([[chunk.end] * width for chunk in group])
         for row, chunk in enumerate(group):
             padding = width - chunk.num_tokens
-            tokens[row, padding:] = torch.tensor(
-                (chunk.seq.prompt_ids + chunk.seq.generated_ids)[chunk.start : chunk.end]
-            )
+            tokens[row, padding:] = torch.tensor(chunk.tokens)
             positions[row, padding:] = torch.arange(chunk.start, chunk.end)
             self.cache.ensure_capacity(chunk.seq.num_tokens + 1)
         with self.adapters_of([chunk.seq for chunk in group]):

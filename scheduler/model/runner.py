@@ -22,7 +22,7 @@ from genserve.scheduler.core.kv_blocks import BlockPool
 from genserve.scheduler.core.params import MAX_SPECULATIVE
 from genserve.scheduler.core.request import Sequence
 from genserve.scheduler.core.snapshot import TokenCounters
-from genserve.scheduler.core.step_plan import ModelOutput, StepPlan, StopCode
+from genserve.scheduler.core.step_plan import ModelOutput, PrefillChunk, StepPlan, StopCode
 from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.logits_feature import LogitsStep
 from genserve.scheduler.features.logits_processing import process_logits
@@ -31,7 +31,7 @@ from genserve.scheduler.features.sampling import select_tokens
 from genserve.scheduler.features.speculation import Drafts
 from genserve.scheduler.kv.paged_cache import PagedKVCache, pool_bytes
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass
-from genserve.scheduler.model.compiled_step import CompiledDecoder
+from genserve.scheduler.model.compiled_step import CompiledDecoder, Rider
 from genserve.scheduler.model.cpu_linear import with_linear_kernel
 from genserve.scheduler.model.decode_graphs import StaticDecoder
 from genserve.scheduler.model.draft_model import DraftModel
@@ -202,12 +202,13 @@ class ModelRunner(PromptPasses):
         logits = []
         speculates = plan.speculate and self.can_speculate and num_decoding
         drafts = propose(self.state, self.draft, num_decoding) if speculates else None
+        rode: dict[int, torch.Tensor | None] = {}  # see _decode
         if num_decoding:
-            decode_logits = self._decode(num_decoding, drafts)
+            decode_logits, rode = self._decode(num_decoding, drafts, plan.prefills)
             logits.append(decode_logits[:, 0])
         errors: dict[str, str] = {}
         if plan.prefills:
-            prefill_logits = self._prefill(plan.prefills, errors)
+            prefill_logits = self._prefill(plan.prefills, errors, rode)
             if prefill_logits is not None:
                 logits.append(prefill_logits)
             self.state.refresh_composition()
@@ -286,8 +287,12 @@ class ModelRunner(PromptPasses):
         if rows:
             self.state.refresh_composition()
 
-    def _decode(self, num_rows: int, drafts: Drafts | None) -> torch.Tensor:
-        """Logits [rows, 1 + proposals, vocab]: after each row's newest token, and after each of its proposals."""
+    def _decode(
+        self, num_rows: int, drafts: Drafts | None, chunks: tuple[PrefillChunk, ...]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]]:
+        """Logits [rows, 1 + proposals, vocab]: after each row's newest token, and after each of its proposals. A
+        compiled pass also computes the prompt chunks that can ride in it; they are returned by id(request), with
+        the logits after their last token where it completes the prompt (else None)."""
         state = self.state
         width = 1 + (drafts.width if drafts is not None else 0)
         read_length = max(seq.num_tokens for seq in self.state.rows[:num_rows]) + width - 1
@@ -298,15 +303,32 @@ class ModelRunner(PromptPasses):
         rows = self.state.rows[:num_rows]
         if drafts is None and self.static_decoder is not None:
             adapters = [seq.options.adapter for seq in rows] if self.lora is not None else None
-            return self.static_decoder.logits(tokens, positions, read_length, adapters).unsqueeze(1)
-        if drafts is None and self.compiled_decoder is not None:
-            logits = self.compiled_decoder.logits(tokens, positions, read_length)
-            if logits is not None:
-                return logits
+            return self.static_decoder.logits(tokens, positions, read_length, adapters).unsqueeze(1), {}
+        if drafts is None and self.compiled_decoder is not None and self.compiled_decoder.ready:
+            compiled = self._decode_compiled(tokens, positions, read_length, chunks)
+            if compiled is not None:
+                return compiled
         if drafts is not None:
             tokens = torch.cat([tokens, drafts.tokens], dim=1)
         with self.adapters_of(rows):
-            return decode_pass(self.model, self.cache, tokens, positions, read_length)
+            return decode_pass(self.model, self.cache, tokens, positions, read_length), {}
+
+    def _decode_compiled(
+        self, tokens: torch.Tensor, positions: torch.Tensor, read_length: int, chunks: tuple[PrefillChunk, ...]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor | None]] | None:
+        """The compiled decode pass, with the plan's prompt chunks that can ride in it (None: run it eagerly; the
+        riders then prefill as usual)."""
+        boarding = self._board(chunks)
+        riders = [Rider(self._slot(chunk.seq), chunk.tokens, chunk.start, chunk.completes) for chunk in boarding]
+        result = self.compiled_decoder.logits(tokens, positions, read_length, riders)
+        if result is None:
+            self.release(chunk.seq for chunk in boarding if chunk.first)  # they take their slots again
+            return None
+        decode_logits, rider_logits = result
+        rode: dict[int, torch.Tensor | None] = {id(chunk.seq): None for chunk in boarding}
+        completing = [chunk for chunk in boarding if chunk.completes]
+        rode.update((id(chunk.seq), rider_logits[row : row + 1]) for row, chunk in enumerate(completing))
+        return decode_logits, rode
 
     def adapters_of(self, rows: list[Sequence]) -> AbstractContextManager[None]:
         """Forward passes inside run each of these rows (the pass's, in order) with its LoRA adapter."""
