@@ -140,19 +140,19 @@ def test_a_failing_compiled_pass_falls_back_to_eager_for_good_and_loses_no_token
     traced = compiled.compiled
     calls = []
 
-    def fails_on_the_fourth_pass(*args: object, **kwargs: object) -> object:
+    def fails_on_the_fifth_pass(*args: object, **kwargs: object) -> object:
         calls.append(1)
-        if len(calls) == 4:  # what a pass that would compile again raises under the fail_on_recompile stance
+        if len(calls) == 5:  # what a pass that would compile again raises under the fail_on_recompile stance
             raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
         return traced(*args, **kwargs)
 
-    compiled.compiled = fails_on_the_fourth_pass
+    compiled.compiled = fails_on_the_fifth_pass
     prompts = _staggered_prompts()[:3]
     with caplog.at_level(logging.WARNING, logger="genserve.scheduler.model.compiled_step"):
         _serve_staggered(driver, prompts, new_tokens=16)  # the third request's prompt rides in the failing pass
     assert "would compile again or failed" in caplog.text
-    assert not compiled.ready and compiled.passes == 3 and len(calls) == 4
-    assert compiled.riders == 1  # the second request's prompt rode; the third's was prefilled eagerly instead
+    assert not compiled.ready and compiled.passes == 4 and len(calls) == 5
+    assert compiled.riders == 2  # the first two requests' prompts rode; the third's was prefilled eagerly instead
 
 
 @pytest.mark.parametrize(
@@ -171,9 +171,13 @@ def test_prompts_ride_in_the_compiled_decode_pass_and_equal_generate(cache: dict
     tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
     driver = StepDriver(tiny, max_running=8, decode_mode="compiled", **cache)
     runner = driver.engine.runner
+    planned = []  # every prompt chunk, all but the first's while "first" decodes
+    execute = runner.execute
+    runner.execute = lambda plan: planned.extend(plan.prefills) or execute(plan)
     system = list(range(100, 148))
     driver.submit("first", system + [3], max_new_tokens=30, ignore_eos=True)
-    driver.engine.step()  # prefilled alone (nothing decodes yet); paged, the system prompt's blocks are cached
+    driver.engine.step()  # a flat pass of its prompt alone; paged, the system prompt's blocks are then cached
+    assert runner.compiled_decoder.riders == 1
     prompts = {
         "tail-a": system + [5, 6, 7, 8],
         "tail-b": system + [9] * 7,
@@ -183,9 +187,6 @@ def test_prompts_ride_in_the_compiled_decode_pass_and_equal_generate(cache: dict
     }
     for name, prompt in prompts.items():
         driver.submit(name, prompt, max_new_tokens=12)
-    planned = []  # every prompt chunk, each while "first" decodes
-    execute = runner.execute
-    runner.execute = lambda plan: planned.extend(plan.prefills) or execute(plan)
     forwards = []
     hook = runner.model.register_forward_hook(lambda module, args, output: forwards.append(1))
     driver.engine.step()

@@ -233,11 +233,11 @@ def test_out_of_memory_is_survived(tiny, monkeypatch) -> None:
     original = runner._decode
     injected = threading.Event()
 
-    def decode(num_rows: int, drafts: object) -> torch.Tensor:
+    def decode(num_rows: int, *args: object) -> tuple[torch.Tensor, dict]:
         if num_rows >= 4 and not injected.is_set():
             injected.set()
             raise torch.OutOfMemoryError("injected: out of memory")
-        return original(num_rows, drafts)
+        return original(num_rows, *args)
 
     monkeypatch.setattr(runner, "_decode", decode)
     try:

@@ -22,8 +22,9 @@ Traced once, before serving: the decoder is compiled with dynamic shapes at star
 two-query pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready;
 inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a restart quicker. After that, compilation never happens
 on a serving step: a pass that would compile again, or any failure, runs eagerly, and so does every pass after
-it, with a log line saying so (its riders are then prefilled eagerly, as without the compiled step). Steps
-without decoding rows, prompts of requests with a guidance companion and speculative passes stay eager.
+it, with a log line saying so (its riders are then prefilled eagerly, as without the compiled step). A step
+without decoding rows runs its prompts as a flat pass too. Prompts of requests with a guidance companion, repeats
+of a prompt computed in the same step (they take its KV) and speculative passes stay eager.
 
 Numerics: the fused loops reduce in another order than eager torch does (RMSNorm's mean of squares), so hidden
 states differ from `generate()`'s in the last bits (about 1e-6 in fp32) and a greedy near-tie can flip. The GEMMs
@@ -200,7 +201,7 @@ class CompiledDecoder:
         if self.cache.layout.padding_mask_only:
             raise ValueError("the model takes a 2D padding mask (ALiBi), which the compiled step's attention cannot")
         options = {"guard_filter_fn": _guards_to_keep}
-        self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options)
+        self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options, isolate_recompiles=True)
         # The graph's attention mask: a placeholder, which ends HF's mask building (the op masks each part itself).
         # It spans no key, so that a layer calling attention past the op fails the trace rather than attend wrongly.
         self.placeholder_mask = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.cache.device)
@@ -242,8 +243,10 @@ class CompiledDecoder:
         cache, device = self.cache, self.cache.device
         cache.ensure_capacity(read_length)
         rows = tokens.shape[0]
-        decode = cache.plan_decode(positions, read_length)
-        parts = [_Part(slice(0, rows), rows, decode, cache.layout.masks(positions, read_length))]
+        parts = []
+        if rows:
+            decode = cache.plan_decode(positions, read_length)
+            parts.append(_Part(slice(0, rows), rows, decode, cache.layout.masks(positions, read_length)))
         flat_tokens, flat_positions, kept = [tokens.view(-1)], [positions.view(-1)], list(range(rows))
         first = rows
         for rider in riders:
@@ -264,7 +267,7 @@ class CompiledDecoder:
         own_forward = self.decoder.__dict__.get("forward")  # one installed on the instance (a test's wrapper) stays
         self.decoder.forward = self.compiled
         try:
-            cache.begin(decode)  # what HF asks the cache (sizes, offsets) it answers for the decoding rows
+            cache.begin(parts[0].plan)  # what HF asks the cache (sizes, offsets) it answers for the first part
             logits = run_model(
                 self.model,
                 cache,
@@ -290,8 +293,10 @@ def _guards_to_keep(entries: list) -> list[bool]:
     it serves (the compiled step serves no adapters and no shards), and checking them (6,200 of SmolLM2's 6,700)
     took 1.1 ms of a 16-row step. The guards on the pass's inputs stay: they choose the one-row graph or the
     dynamic one, and `fail_on_recompile` sends anything else to eager. Another model of the same class in the
-    process still gets graphs of its own: dynamo matches a graph to the torch.compile call (its backend) that
-    traced it before any guard."""
+    process still gets graphs of its own, since every compiled decoder's torch.compile call keeps its graphs apart
+    (`isolate_recompiles`). Without that, calls with equal options share the graphs kept on the class's forward,
+    and one traced on one model would run on another, reading its weights by the first one's layout (a test
+    suite's models of one class found each other's graphs)."""
     return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 

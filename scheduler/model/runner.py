@@ -206,6 +206,10 @@ class ModelRunner(PromptPasses):
         if num_decoding:
             decode_logits, rode = self._decode(num_decoding, drafts, plan.prefills)
             logits.append(decode_logits[:, 0])
+        elif plan.prefills and self.compiled_decoder is not None and self.compiled_decoder.ready:
+            nothing = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # no row decodes: prompts alone
+            compiled = self._decode_compiled(nothing, nothing, 0, plan.prefills)
+            rode = compiled[1] if compiled is not None else {}
         errors: dict[str, str] = {}
         if plan.prefills:
             prefill_logits = self._prefill(plan.prefills, errors, rode)
@@ -319,6 +323,8 @@ class ModelRunner(PromptPasses):
         """The compiled decode pass, with the plan's prompt chunks that can ride in it (None: run it eagerly; the
         riders then prefill as usual)."""
         boarding = self._board(chunks)
+        if not boarding and not tokens.shape[0]:
+            return None
         riders = [Rider(self._slot(chunk.seq), chunk.tokens, chunk.start, chunk.completes) for chunk in boarding]
         result = self.compiled_decoder.logits(tokens, positions, read_length, riders)
         if result is None:
