@@ -170,8 +170,9 @@ def test_rows_leaving_and_joining_reuse_slots(tiny) -> None:
 
 
 def test_prompts_admitted_together_prefill_in_one_padded_pass_and_equal_generate(tiny, monkeypatch) -> None:
-    """Similar lengths share one right-padded forward; a much longer prompt gets its own; tokens stay exact."""
-    driver = StepDriver(tiny, max_running=8)
+    """Similar lengths share one right-padded forward; a much longer prompt gets its own; tokens stay exact. (The
+    eager step's prefill: the compiled one computes prompts in one flat pass, test_compiled_step.py.)"""
+    driver = StepDriver(tiny, max_running=8, decode_mode="auto")
     decoder = driver.engine.runner.model.get_decoder()
     original, prefill_shapes = decoder.forward, []
 
