@@ -56,6 +56,22 @@ def test_compiled_decode_streams_equal_generate_while_rows_join_and_leave(kernel
     assert compiled.ready and compiled.passes > 40  # every decode pass ran the compiled graph
 
 
+@pytest.mark.parametrize("kv_cache_memory", [PAGED_MEMORY, 0.0], ids=["paged", "slot"])
+def test_a_one_row_server_runs_its_prompts_and_decodes_compiled(kv_cache_memory: float) -> None:
+    """With one row, no pass ever decodes two rows; the prompts' flat passes still find a traced graph, so the
+    step stays compiled (it used to trace the one-query graph alone, and the first prompt sent it to eager)."""
+    tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
+    driver = StepDriver(tiny, max_running=1, kv_cache_memory=kv_cache_memory, decode_mode="compiled")
+    compiled = driver.engine.runner.compiled_decoder
+    prompts = _staggered_prompts()[:3]
+    budget = {"max_new_tokens": 6, "ignore_eos": True}
+    driver.run({0: [(f"r{index}", prompt, budget) for index, prompt in enumerate(prompts)]})
+    # Each request: its prompt's pass (the first token), then five decode passes.
+    assert compiled.ready and compiled.riders == len(prompts) and compiled.passes == 6 * len(prompts)
+    for index, prompt in enumerate(prompts):
+        assert driver.tokens[f"r{index}"] == hf_generate(tiny.model, prompt, driver.engine.make_parameters(**budget))
+
+
 def test_decode_attention_is_transformers_sdpa_attention_bit_for_bit() -> None:
     """The compiled step's decode attention calls SDPA without transformers' Python around it, with the boolean mask
     made additive once per pass: its output must be transformers' own, bit for bit, for rows of different lengths

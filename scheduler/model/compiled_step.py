@@ -18,13 +18,14 @@ once for its decode pass and again for its prompts, and pads nothing. The op spl
 decoding rows attend one query each; each rider writes its slot and attends to what its slot holds and to
 itself, causally, with the mask the eager pass would give it.
 
-Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-query and a
-two-query pass (torch specializes a size of 1), so the server's health turns SERVING only once it is ready;
-inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a restart quicker. After that, compilation never happens
-on a serving step: a pass that would compile again, or any failure, runs eagerly, and so does every pass after
-it, with a log line saying so (its riders are then prefilled eagerly, as without the compiled step). A step
-without decoding rows runs its prompts as a flat pass too. Prompts of requests with a guidance companion, repeats
-of a prompt computed in the same step (they take its KV) and speculative passes stay eager.
+Traced once, before serving: the decoder is compiled with dynamic shapes at start-up, on a one-query and a two-query
+pass (torch specializes a size of 1; the second is a two-token prompt, which a one-row server has too), so the
+server's health turns SERVING only once it is ready; inductor's cache on disk (TORCHINDUCTOR_CACHE_DIR) makes a
+restart quicker. After that, compilation never happens on a serving step: a pass that would compile again, or any
+failure, runs eagerly, and so does every pass after it, with a log line saying so (its riders are then prefilled
+eagerly, as without the compiled step). A step without decoding rows runs its prompts as a flat pass too. Prompts of
+requests with a guidance companion, repeats of a prompt computed in the same step (they take its KV) and speculative
+passes stay eager.
 
 Numerics: the fused loops reduce in another order than eager torch does (RMSNorm's mean of squares), so hidden
 states differ from `generate()`'s in the last bits (about 1e-6 in fp32) and a greedy near-tie can flip. The GEMMs
@@ -175,7 +176,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 class CompiledDecoder:
-    def __init__(self, model: torch.nn.Module, cache: SlotKVCache, max_rows: int) -> None:
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache) -> None:
         """Compile `model`'s decoder and trace it on warm-up passes; on failure, `ready` stays False (logged)."""
         self.model = model
         self.cache = cache
@@ -183,14 +184,14 @@ class CompiledDecoder:
         self.passes = 0  # decode passes served by the compiled graph
         self.riders = 0  # prompt chunks computed in them
         try:
-            self._compile(max_rows)
+            self._compile()
         except Exception as error:  # noqa: BLE001 - a model the compiler cannot take: serve it eagerly
             log.warning("--compile: compiling the decode step failed (%s); decoding eagerly", error)
             return
         self.ready = True
         log.info("--compile: decode step compiled (flat passes of 1 and 2+ queries, dynamic shapes)")
 
-    def _compile(self, max_rows: int) -> None:
+    def _compile(self) -> None:
         self.decoder = self.model.get_decoder()
         self.attention = _attention_modules(self.model)
         self.config = getattr(self.attention[0], "config", None)
@@ -206,10 +207,12 @@ class CompiledDecoder:
         # It spans no key, so that a layer calling attention past the op fails the trace rather than attend wrongly.
         self.placeholder_mask = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.cache.device)
         with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
-            for rows in sorted({1, min(2, max_rows)}):  # a size of 1 is traced apart from the others
-                tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.cache.device)
-                # Free slots at start-up: what these passes write lands where no request's KV lives yet.
-                self._pass(tokens, torch.ones_like(tokens), 2, [])
+            # One query (torch specializes a size of 1), then two, which traces the graph every longer pass runs:
+            # a two-token prompt in slot 0, so that a server of one row traces it too. Slot 0 is free at
+            # start-up: what these passes write lands where no request's KV lives yet.
+            token = torch.zeros(1, 1, dtype=torch.long, device=self.cache.device)
+            self._pass(token, torch.ones_like(token), 2, [])
+            self._pass(token[:0], token[:0], 0, [Rider(slot=0, tokens=[0, 0], start=0, completes=True)])
 
     @torch.inference_mode()
     def logits(

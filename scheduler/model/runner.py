@@ -94,7 +94,7 @@ class ModelRunner(PromptPasses):
         if mode == "compiled":
             if self.device.type != "cpu":
                 raise ValueError("the compiled decode step (--compile) is for CPU; on CUDA, decode replays CUDA graphs")
-            self.compiled_decoder = CompiledDecoder(model, self.cache, max_rows)
+            self.compiled_decoder = CompiledDecoder(model, self.cache)
         if static and self.device.type == "cuda" and isinstance(self.cache, PagedKVCache):
             self.cache.always_gather = True  # a captured pass cannot choose between reading homes and gathering
         self.shared_generator = torch.Generator(device=self.device)
