@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch._inductor.lowering as inductor_lowering
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -47,15 +46,11 @@ def _serve_staggered(driver: StepDriver, prompts: list[list[int]], new_tokens: i
 @pytest.mark.parametrize(("kernel", "kv_cache_memory"), [("onednn", PAGED_MEMORY), ("aten", 0.0)])
 def test_compiled_decode_streams_equal_generate_while_rows_join_and_leave(kernel: str, kv_cache_memory: float) -> None:
     tiny = LoadedModel(model=with_plain_reference(tiny_model()), tokenizer=None, name="tiny")
-    onednn_linear = torch.ops.mkldnn._linear_pointwise.default
-    inductors_lowering = inductor_lowering.lowerings.get(onednn_linear)
     driver = StepDriver(
         tiny, max_running=4, linear_kernel=kernel, kv_cache_memory=kv_cache_memory, decode_mode="compiled"
     )
     compiled = driver.engine.runner.compiled_decoder
     assert compiled.ready  # traced while the engine was built, before any request
-    # The compile called oneDNN's linear as it is; inductor's own lowering of it is back for other compiles.
-    assert inductor_lowering.lowerings.get(onednn_linear) is inductors_lowering
     prompts = _staggered_prompts()
     _serve_staggered(driver, prompts, new_tokens=30)
     assert compiled.ready and compiled.passes > 40  # every decode pass ran the compiled graph

@@ -4,9 +4,7 @@ Decode passes run the model's decoder through torch.compile (inductor's C++ back
 the norms, rotary embeddings, activations and residual adds between the GEMMs become fused loops, and the Python
 of HF's modules, which a small model's decode step spends as much time in as in those ops, is gone. Two things
 stay opaque to the compiler, called as they are from the compiled graph:
-- the GEMMs (oneDNN's linear on the weights the layers packed, cpu_linear.py), called from the graph as they
-  are, already the fastest kernels there are for them (inductor's own lowering of that op would pack a second
-  copy of the weights: `_onednn_linear_called_as_it_is`);
+- the GEMMs (`genserve::onednn_linear`, cpu_linear.py), already the fastest kernels there are for them;
 - attention with its KV cache (`genserve::cached_attention`): the cache decides per pass which rows it reads in
   place and which it gathers; traced, those decisions would become guards that recompile the graph as rows come
   and go. Inside the op the pass writes and reads the cache and calls SDPA as transformers' SDPA attention does
@@ -38,15 +36,12 @@ decode is the exact path (README).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch._inductor.lowering as inductor_lowering
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -206,14 +201,12 @@ class CompiledDecoder:
             raise ValueError(f"the model runs {self.config._attn_implementation} attention, the compiled step SDPA")
         if self.cache.layout.padding_mask_only:
             raise ValueError("the model takes a 2D padding mask (ALiBi), which the compiled step's attention cannot")
-        # No pattern matching: its oneDNN fusions would fold the residual adds into the GEMMs as an op that
-        # fake tensors cannot trace (mkldnn._linear_pointwise.binary), and the graph holds no other GEMM.
-        options = {"guard_filter_fn": _guards_to_keep, "pattern_matcher": False}
+        options = {"guard_filter_fn": _guards_to_keep}
         self.compiled = torch.compile(self.decoder.forward, dynamic=True, options=options, isolate_recompiles=True)
         # The graph's attention mask: a placeholder, which ends HF's mask building (the op masks each part itself).
         # It spans no key, so that a layer calling attention past the op fails the trace rather than attend wrongly.
         self.placeholder_mask = torch.ones(1, 1, 1, 0, dtype=torch.bool, device=self.cache.device)
-        with torch.inference_mode(), _onednn_linear_called_as_it_is():  # inference mode: as passes run
+        with torch.inference_mode():  # as the engine's passes run: the graphs are traced for that mode
             # One query (torch specializes a size of 1), then two, which traces the graph every longer pass runs:
             # a two-token prompt in slot 0, so that a server of one row traces it too. Slot 0 is free at
             # start-up: what these passes write lands where no request's KV lives yet.
@@ -296,27 +289,6 @@ class CompiledDecoder:
             self.config._attn_implementation = attention
             _active.cache = _active.mask = _active.additive_mask = None
             _active.parts = []
-
-
-_ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default  # as the packed layers call it (cpu_linear.py)
-
-
-@contextlib.contextmanager
-def _onednn_linear_called_as_it_is() -> Iterator[None]:
-    """While the decoder compiles, inductor calls oneDNN's linear from the graph as it is, on the weights the
-    layers packed: its own lowering of that op takes only weights it froze (and packed) itself, which would be a
-    second copy. Lowerings are looked up at compile time only, so the change ends with the compile."""
-    kept = inductor_lowering.lowerings.get(_ONEDNN_LINEAR)
-    inductor_lowering.lowerings[_ONEDNN_LINEAR] = inductor_lowering.fallback_handler(
-        _ONEDNN_LINEAR, add_to_fallback_set=False
-    )
-    try:
-        yield
-    finally:
-        if kept is None:
-            del inductor_lowering.lowerings[_ONEDNN_LINEAR]
-        else:
-            inductor_lowering.lowerings[_ONEDNN_LINEAR] = kept
 
 
 def _guards_to_keep(entries: list) -> list[bool]:
