@@ -6,7 +6,9 @@ resident set (VmRSS) is read from /proc. Its parts: the weights (the model folde
 `--kv-cache-memory` given, which the pool fills to within one block, every byte written when allocated) and a
 process that imported the same libraries and ran a matmul but loaded no model. What is left over, RSS less the
 pool and less that process, is what the model costs in memory; with one copy of the weights it is close to the
-weights' size.
+weights' size. With `--compile` that process also imports the compiler and compiles one small function (inductor's
+C++ toolchain and runtime), since the server imports and runs those too: what the step's own graphs and code cost
+stays in the model's share.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ import torch, transformers, grpc, fastapi, uvicorn
 import genserve.service.cli.serve, genserve.service.server, genserve.scheduler.engine.async_engine
 import transformers.models.llama.modeling_llama
 torch.nn.functional.linear(torch.ones(16, 64), torch.ones(64, 64))
+"""
+# What `genserve serve --compile` imports and runs besides: dynamo and inductor, which build and load a C++ kernel.
+COMPILER_TOO = """
+torch.compile(lambda x: x * 2 + 1, dynamic=True)(torch.ones(16))
+"""
+READ_STATUS = """
 print(open("/proc/self/status").read())
 """
 
@@ -57,8 +65,11 @@ def resident_bytes(status: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def libraries_only_rss() -> int:
-    return resident_bytes(subprocess.run([sys.executable, "-c", LIBRARIES_ONLY], capture_output=True, text=True).stdout)
+def libraries_only_rss(compiled: bool = False) -> int:
+    """The RSS of a process that imports what the server imports (and with `compiled`, compiles as it does), but
+    loads no model."""
+    program = LIBRARIES_ONLY + (COMPILER_TOO if compiled else "") + READ_STATUS
+    return resident_bytes(subprocess.run([sys.executable, "-c", program], capture_output=True, text=True).stdout)
 
 
 def weight_file_bytes(folder: Path) -> int:
@@ -77,7 +88,9 @@ def measure(
         )
         stream_all(served.grpc_target, [request] * 4)
         rss = resident_bytes(Path(f"/proc/{served.pid}/status").read_text())
-    return ServingMemory(linear_kernel, rss, kv_pool_bytes, libraries_only_rss(), weight_file_bytes(folder), compiled)
+    return ServingMemory(
+        linear_kernel, rss, kv_pool_bytes, libraries_only_rss(compiled), weight_file_bytes(folder), compiled
+    )
 
 
 def format_memory(results: list[ServingMemory]) -> str:
