@@ -13,6 +13,7 @@ from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.generate_processors import NoRepeatNgram
 from genserve.scheduler.features.logits_feature import LogitsStep
 from genserve.scheduler.features.logits_processing import process_logits
+from genserve.scheduler.features.sampling import select_tokens
 from genserve.scheduler.features.warpers import warp_for_sampling
 from tests.architectures import COMMON
 
@@ -140,3 +141,18 @@ def test_presence_frequency_penalties_and_logit_bias_follow_openai_semantics() -
     expected[1, 9] += 5.0
     expected[1, 10] -= 100.0
     torch.testing.assert_close(processed, expected, atol=1e-6, rtol=0)  # token 4 and 5 (prompt only): untouched
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima_as_argmax_does() -> None:
+    """Greedy picks are argmax's, as `generate()`'s: ties go to the lowest token id and a NaN counts as the largest
+    (scores of few distinct values tie often; one row holds NaNs, one is all -inf)."""
+    state = BatchState(max_rows=8, vocab_size=VOCAB, capacity=32, device=torch.device("cpu"))
+    for index in range(8):
+        state.add_row(Sequence(str(index), [4, 5], GenerationParameters(), generated_ids=[6]))
+    state.refresh_composition()
+    scores = torch.randint(0, 3, (8, VOCAB)).float()
+    scores[2, [7, 11]] = float("nan")
+    scores[5] = float("-inf")
+    next_tokens, _ = select_tokens(scores, state, torch.Generator().manual_seed(0))
+    assert next_tokens.tolist() == torch.argmax(scores, dim=-1).tolist()
+    assert next_tokens[2] == 7 and next_tokens[5] == 0
