@@ -12,13 +12,18 @@ from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.warpers import warp_for_sampling
 
 
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """The highest-scoring token along the last axis, as argmax picks it (`generate()`'s greedy choice)."""
+    # max's indices are argmax's (the first of tied maxima, NaN counted as the largest), and torch's CPU kernel for
+    # them is about three times faster (16 rows of a 49k vocabulary: 0.21 against 0.60 ms).
+    return scores.max(dim=-1).indices
+
+
 def select_tokens(
     scores: torch.Tensor, state: BatchState, shared_generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of every row, and the scores they were drawn from (the sampling rows' after the warpers)."""
-    # max's indices are argmax's (the first of tied maxima, NaN counted as the largest), and torch's CPU kernel for
-    # them is about three times faster (16 rows of a 49k vocabulary: 0.21 against 0.60 ms).
-    next_tokens = scores.max(dim=-1).indices
+    next_tokens = greedy_tokens(scores)
     if not state.sampling_rows:
         return next_tokens, scores
     rows = state.sampling_index

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.logits_processing import process_later_positions
+from genserve.scheduler.features.sampling import greedy_tokens
 from genserve.scheduler.features.speculation import Drafts
 from genserve.scheduler.kv.slot_cache import SlotKVCache, decode_pass, prefill_pass
 from genserve.scheduler.model.loader import LoadedModel
@@ -50,12 +51,12 @@ class DraftModel:
         tokens = state.history[:num_rows].gather(1, positions)
         logits = self._logits(state, tokens, positions, max(starts) + catch_up)
         last = torch.tensor([length - 1 - start for start, length in zip(starts, lengths)], device=self.device)
-        proposal = logits[torch.arange(num_rows, device=self.device), last].argmax(-1)
+        proposal = greedy_tokens(logits[torch.arange(num_rows, device=self.device), last])
         proposals = [proposal]
         newest = torch.tensor(lengths, device=self.device) - 1
         for offset in range(1, width):
             position = (newest + offset).unsqueeze(1)
-            proposal = self._logits(state, proposal.unsqueeze(1), position, max(lengths) + offset)[:, 0].argmax(-1)
+            proposal = greedy_tokens(self._logits(state, proposal.unsqueeze(1), position, max(lengths) + offset)[:, 0])
             proposals.append(proposal)
         # Consumed: each row's newest token and its first width - 1 proposals (valid as far as they are accepted).
         self.valid_until[:num_rows] = [length + width - 1 for length in lengths]

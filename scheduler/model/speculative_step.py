@@ -7,6 +7,7 @@ import torch
 
 from genserve.scheduler.features.batch_state import BatchState
 from genserve.scheduler.features.logits_processing import process_later_positions
+from genserve.scheduler.features.sampling import greedy_tokens
 from genserve.scheduler.features.speculation import Drafts, accepted_counts, merge_drafts, prompt_lookup
 from genserve.scheduler.model.draft_model import DraftModel
 
@@ -36,7 +37,7 @@ def verify(
     with plus one. Rows past the decoding ones (prefilled this step) keep their single pick."""
     later = decode_logits[:, 1:].float()
     num_decoding = later.shape[0]
-    picks = torch.cat([next_tokens[:num_decoding, None], process_later_positions(later, state).argmax(-1)], 1)
+    picks = torch.cat([next_tokens[:num_decoding, None], greedy_tokens(process_later_positions(later, state))], 1)
     accepted = accepted_counts(drafts, picks)
     emitted = next_tokens.unsqueeze(1).repeat(1, picks.shape[1])
     emitted[:num_decoding] = picks
