@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +28,16 @@ from genserve.scheduler.kv.attention_masks import AttentionLayout
 from genserve.scheduler.kv.slot_cache import PassPlan, SlotKVCache
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TracedDecode:
+    """A compiled decode pass whose rows all read their homes in place, so that the traced graph writes and reads
+    the pool itself (compiled_step.py): `writes` as PassPlan's, and the pass's mask, whose last axis is how many
+    positions each row reads."""
+
+    writes: torch.Tensor
+    mask: torch.Tensor
 
 
 class PagedKVCache(SlotKVCache):
@@ -58,6 +69,7 @@ class PagedKVCache(SlotKVCache):
         self.always_gather = False  # set for captured (CUDA graph) passes, which cannot choose their reads
         self._away: set[int] = set()  # slots holding a block outside their home
         self._gathered: list[torch.Tensor | None] = [None, None]  # see _gather_buffer
+        self.traced_decode: TracedDecode | None = None  # set for the compiled decode passes that read in place
 
     @classmethod
     def for_model(  # type: ignore[override]
@@ -178,6 +190,29 @@ class PagedKVCache(SlotKVCache):
                 gathered = gathered.view(heads, rows, -1, head_dim)
                 read.append(gathered[:, :, :length].transpose(0, 1))
         return (read[0], read[1]) if read else (key_states, value_states)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.traced_decode is not None:
+            return self._write_and_read_homes(key_states, value_states, layer_idx, self.traced_decode)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _write_and_read_homes(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, decode: TracedDecode
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What write_and_read() does for a decode pass of one query per row ([1, heads, rows, head_dim], flat),
+        every row read at home, in torch ops that a traced graph takes in: shapes from the tensors rather than
+        the plan's ints, so that one graph serves every row count and length (inductor fuses the write into the
+        kernel that computes the keys, and the reads are views of the pool, as in the eager pass)."""
+        rows, length = key_states.shape[2], decode.mask.shape[-1]
+        read = []
+        for pool, states in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            heads, head_dim = pool.shape[0], pool.shape[-1]
+            pool.view(heads, -1, head_dim).index_copy_(1, decode.writes, states[0])
+            homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
+            read.append(homes[:, :rows, :length].transpose(0, 1))
+        return read[0], read[1]
 
     def _gather_buffer(self, side: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Where a layer's keys (side 0) or values (1) are gathered: one buffer per side, reused by every layer

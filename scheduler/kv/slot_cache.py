@@ -344,11 +344,13 @@ def run_model(
     position_ids: torch.Tensor,
     logits_to_keep: int | torch.Tensor = 0,
     mask: torch.Tensor | None = None,
+    **attention_kwargs: torch.Tensor,
 ) -> torch.Tensor:
     """One forward of a HF causal LM over the slot cache, in the pass begun on it: logits of the last
     `logits_to_keep` positions (0: all), through the model's own head, so logit scales and soft-capping apply
     exactly as in `generate()`. A prefill of new rows leaves the mask to HF (causal, or sliding, as `generate()`
-    builds it); `mask`, where given, stands in for the pass's own (a compiled pass's attention masks itself)."""
+    builds it); `mask`, where given, stands in for the pass's own (a compiled pass's attention masks itself).
+    `attention_kwargs` reach the attention function of every layer (HF hands a forward's extra keywords on)."""
     current = cache._current()
     fresh_rows = current.is_prefill and not current.offset
     read_length = current.offset + input_ids.shape[1] if current.is_prefill else current.read_length
@@ -361,6 +363,7 @@ def run_model(
         cache=cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
+        **attention_kwargs,
     )
     return output.logits
 
