@@ -18,6 +18,7 @@ from genserve.scheduler import (
     Engine,
     RequestOptions,
 )
+from genserve.service.ops.heap import release_free_heap
 from genserve.service.ops.load_report import OOB_SERVICE, RequestRates, out_of_band_handler
 from genserve.service.ops.metrics import Metrics
 from genserve.service.ops.security import AuthInterceptor, TLSConfig
@@ -148,6 +149,7 @@ class GenerationServer:
         await self.server.start()
         self.async_engine.start()
         await self._warm_up()
+        release_free_heap()
         if self.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.metrics_port, self.options.host)
             log.info("metrics on port %d at /metrics", self.metrics_port)
