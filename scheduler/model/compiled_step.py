@@ -341,12 +341,12 @@ class CompiledDecoder:
 def _guards_to_keep(entries: list) -> list[bool]:
     """Dynamo's guards on the decoder's submodules, parameters and attributes are dropped: they never change while
     it serves (the compiled step serves no adapters and no shards), and checking them (6,200 of SmolLM2's 6,700)
-    took 1.1 ms of a 16-row step. The guards on the pass's inputs stay: they choose the one-row graph or the
-    dynamic one, and `fail_on_recompile` sends anything else to eager. Another model of the same class in the
-    process still gets graphs of its own, since every compiled decoder's torch.compile call keeps its graphs apart
-    (`isolate_recompiles`). Without that, calls with equal options share the graphs kept on the class's forward,
-    and one traced on one model would run on another, reading its weights by the first one's layout (a test
-    suite's models of one class found each other's graphs)."""
+    took 1.1 ms of a 16-row step. The guards on the pass's inputs stay: they choose among the one-query graph, the
+    graph that attends in itself and the one that calls the op, and `fail_on_recompile` sends anything else to
+    eager. Another model of the same class in the process still gets graphs of its own, since every compiled
+    decoder's torch.compile call keeps its graphs apart (`isolate_recompiles`). Without that, calls with equal
+    options share the graphs kept on the class's forward, and one traced on one model would run on another, reading
+    its weights by the first one's layout (a test suite's models of one class found each other's graphs)."""
     return [not entry.orig_guard.source.is_unspecialized_nn_module() for entry in entries]
 
 
