@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from genserve.scheduler.core.config import EngineConfig
-from genserve.scheduler.model.compiled_step import additive_mask, one_query_attention
+from genserve.scheduler.model.compiled_step import additive_mask_of_pass, one_query_attention
 from genserve.scheduler.model.loader import LoadedModel
 from genserve.service.cli.flags import engine_config
 from genserve.service.cli.main import build_parser
@@ -76,8 +76,8 @@ def test_a_one_row_server_runs_its_prompts_and_decodes_compiled(kv_cache_memory:
 
 def test_decode_attention_is_transformers_sdpa_attention_bit_for_bit() -> None:
     """The compiled step's decode attention calls SDPA without transformers' Python around it, with the boolean mask
-    made additive: its output must be transformers' own, bit for bit, for rows of different lengths with grouped
-    key heads."""
+    made additive once per pass: its output must be transformers' own, bit for bit, for rows of different lengths
+    with grouped key heads, on every layer of a pass and after the mask changes with the next pass."""
     module = LlamaForCausalLM(LlamaConfig(**COMMON)).model.layers[0].self_attn
     heads, kv_heads, head_dim = COMMON["num_attention_heads"], COMMON["num_key_value_heads"], module.head_dim
     generator = torch.Generator().manual_seed(3)
@@ -87,8 +87,10 @@ def test_decode_attention_is_transformers_sdpa_attention_bit_for_bit() -> None:
         keys, values = (torch.randn(rows, kv_heads, length, head_dim, generator=generator) for _ in range(2))
         mask = (torch.arange(length) < torch.tensor(lengths).unsqueeze(1)).view(rows, 1, 1, length)
         expected = sdpa_attention_forward(module, query, keys, values, mask, scaling=module.scaling)[0]
-        attended = one_query_attention(query, keys, values, additive_mask(mask, query.dtype), module.scaling)
-        assert torch.equal(attended, expected)
+        for _layer in range(2):
+            additive = additive_mask_of_pass(mask, query.dtype)
+            attended = one_query_attention(query, keys, values, additive, module.scaling)
+            assert torch.equal(attended, expected)
 
 
 def test_two_models_of_one_class_each_run_their_own_compiled_graph() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from genserve.service.benchmarks.serving_memory import resident_bytes
 from genserve.service.ops.heap import release_free_heap
 
 
 def _resident_mib() -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+    return resident_bytes(Path("/proc/self/status").read_text()) / 2**20
 
 
 def test_freed_heap_between_live_blocks_is_returned() -> None:

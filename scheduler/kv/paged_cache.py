@@ -181,8 +181,7 @@ class PagedKVCache(SlotKVCache):
             flat.index_copy_(1, current.writes, states.transpose(0, 1).reshape(heads, -1, head_dim))
             length = current.offset + queries if current.is_prefill else current.read_length
             if current.view_rows is not None:
-                homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
-                read.append(homes[:, current.view_rows, :length].transpose(0, 1))
+                read.append(self._homes(pool)[:, current.view_rows, :length].transpose(0, 1))
             elif current.reads is not None:
                 blocks = current.reads.flatten()
                 gathered = self._gather_buffer(side, (heads, blocks.numel(), *pool.shape[2:]), pool.dtype)
@@ -210,9 +209,13 @@ class PagedKVCache(SlotKVCache):
         for pool, states in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
             heads, head_dim = pool.shape[0], pool.shape[-1]
             pool.view(heads, -1, head_dim).index_copy_(1, decode.writes, states[0])
-            homes = pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
-            read.append(homes[:, :rows, :length].transpose(0, 1))
+            read.append(self._homes(pool)[:, :rows, :length].transpose(0, 1))
         return read[0], read[1]
+
+    def _homes(self, pool: torch.Tensor) -> torch.Tensor:
+        """A layer's pool as the slots' homes, [heads, slots, home positions, head_dim] (a view)."""
+        heads, head_dim = pool.shape[0], pool.shape[-1]
+        return pool[:, 1 : 1 + self.max_rows * self.home_blocks].view(heads, self.max_rows, -1, head_dim)
 
     def _gather_buffer(self, side: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Where a layer's keys (side 0) or values (1) are gathered: one buffer per side, reused by every layer

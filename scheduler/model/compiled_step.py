@@ -88,7 +88,7 @@ class _Part:
 
 class _ActivePass(threading.local):
     """The compiled pass this thread runs (engines may share a process): its cache, attention modules and parts,
-    and the decode part's mask as SDPA's CPU kernel takes it (`_additive`)."""
+    and the decode part's mask as SDPA's CPU kernel takes it (`additive_mask_of_pass`)."""
 
     cache: SlotKVCache | None = None
     attention: list[torch.nn.Module] = []
@@ -106,7 +106,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask_of_pass(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """additive_mask(), made once per pass rather than once per layer."""
     # A pass hands every layer the same mask; a model whose layer types alternate (sliding and full) has one
     # per type, and then each layer makes its own anew: correct, no cheaper.
@@ -130,7 +130,7 @@ def _cached_attention(
         queries = _by_row(query, part)
         mask = part.masks if isinstance(part.masks, torch.Tensor) else part.masks[layer_type]
         if queries.shape[2] == 1 and mask.dtype == torch.bool and mask.shape[1] == 1:
-            attended = one_query_attention(queries, keys, values, _additive(mask, queries.dtype), scaling)
+            attended = one_query_attention(queries, keys, values, additive_mask_of_pass(mask, queries.dtype), scaling)
         else:
             attended = sdpa_attention_forward(_active.attention[layer], queries, keys, values, mask, scaling=scaling)[0]
         output[part.queries] = attended.reshape(-1, heads, value_dim)
